@@ -1,0 +1,86 @@
+"""The ``bluegreen`` command: one console script, one sub-command per verb (see DESIGN.md, "CLI")."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from models.build import DEFAULT_REPOSITORY
+
+
+def _cmd_build_models(args: argparse.Namespace) -> int:
+    from models.build import build_all
+
+    for line in build_all(args.repo, only=set(args.only) or None, force=args.force):
+        print(line)
+    return 0
+
+
+def _cmd_serve_model(args: argparse.Namespace) -> int:
+    from serving.app import serve
+    from serving.settings import ServingSettings
+
+    overrides = {k: v for k, v in {
+        "repo": args.repo, "models": args.model, "host": args.host, "port": args.port, "device": args.device,
+        "threads": args.threads, "max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
+        "max_queue_size": args.max_queue_size, "fault_latency_ms": args.fault_latency_ms,
+        "fault_error_rate": args.fault_error_rate,
+    }.items() if v is not None}
+    try:
+        settings = ServingSettings(**overrides)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from loadtests.bench import main as bench_main
+
+    code: int = bench_main(args.suites or ["serving"], duration_s=args.duration, out_dir=args.out, repo=args.repo)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bluegreen", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("build-models", help="build every bundled model (skips what is current)")
+    p.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--only", action="append", default=[], metavar="NAME[:VERSION]")
+    p.add_argument("--force", action="store_true", help="rebuild even what is current")
+    p.set_defaults(func=_cmd_build_models)
+
+    p = sub.add_parser("serve-model", help="run one V2 model server")
+    p.add_argument("--repo", type=Path)
+    p.add_argument("--model", action="append", metavar="NAME[:VERSION]", help="repeat to serve several")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: usable cores)")
+    p.add_argument("--max-batch-size", type=int, help="rows per batched run; 1 turns batching off (default 64)")
+    p.add_argument("--max-queue-delay-ms", type=float, help="longest wait for a batch to fill (default 2)")
+    p.add_argument("--max-queue-size", type=int, help="queued requests beyond which 503 (default 1024)")
+    p.add_argument("--fault-latency-ms", type=float, help="drills: latency added to every inference")
+    p.add_argument("--fault-error-rate", type=float, help="drills: fraction of inferences answered 500")
+    p.set_defaults(func=_cmd_serve_model)
+
+    p = sub.add_parser("bench", help="run benchmarks and write docs/benchmarks.md")
+    p.add_argument("suites", nargs="*", choices=["serving", "gateway", "cache", "telemetry"])
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per measured wrk run")
+    p.add_argument("--out", type=Path, default=None, help="where to write JSON + markdown (default docs/)")
+    p.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY)
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

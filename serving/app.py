@@ -1,0 +1,248 @@
+"""The V2 model server's REST layer: thin handlers over :class:`ModelServer` (the data plane).
+
+Endpoints (Open Inference Protocol, REST)::
+
+    GET  /v2/health/live  /v2/health/ready  /v2
+    GET  /v2/models/{m}[/versions/{v}]            metadata
+    GET  /v2/models/{m}[/versions/{v}]/ready
+    GET  /v2/models/{m}[/versions/{v}]/stats      executions and batch sizes (Triton-style)
+    POST /v2/models/{m}[/versions/{v}]/infer      JSON tensors or the binary tensor extension
+
+The process is live as soon as it listens and ready once every model is loaded and warmed up; models load
+on a worker thread after start-up so liveness probes answer meanwhile. A model that fails to load stops the
+server with a non-zero exit status rather than leaving a half-ready process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from serving import protocol
+from serving.batching import QueueFull
+from serving.errors import InferenceFailed, NotFound, ServingError, Unavailable, error_response, render
+from serving.lifecycle import GracefulServer
+from serving.limits import BodyLimitMiddleware
+from serving.model import Model
+from serving.repository import ModelRef, Repository
+from serving.settings import ServingSettings
+
+log = logging.getLogger("bluegreen.serving")
+
+SERVER_NAME = "bluegreen"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data"]
+
+
+def _json(doc: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(doc), status_code=status, media_type="application/json")
+
+
+class ModelServer:
+    """The data plane: the loaded models, readiness and inference, independent of HTTP."""
+
+    def __init__(self, settings: ServingSettings) -> None:
+        self.settings = settings
+        repo = Repository(settings.repo)
+        self.models: dict[tuple[str, str], Model] = {}
+        self.latest: dict[str, str] = {}
+        for text in settings.models:
+            name, version, folder = repo.resolve(ModelRef.parse(text))
+            self.models[(name, version)] = Model(
+                name, version, folder, device=settings.device, threads=settings.threads,
+                max_batch_size=settings.max_batch_size, max_queue_delay_ms=settings.max_queue_delay_ms,
+                max_queue_size=settings.max_queue_size, warmup_runs=settings.warmup_runs)
+        for name, version in sorted(self.models, key=lambda k: (k[0], int(k[1]) if k[1].isdigit() else -1)):
+            self.latest[name] = version
+        self.load_error: str | None = None
+        self._rng = random.Random()
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.models) and all(m.ready for m in self.models.values())
+
+    async def load_all(self) -> None:
+        for model in self.models.values():
+            await asyncio.to_thread(model.load)
+            model.start()
+
+    async def unload_all(self) -> None:
+        for model in self.models.values():
+            await model.unload()
+
+    def versions(self, name: str) -> list[str]:
+        return [v for (n, v) in self.models if n == name]
+
+    def get(self, name: str, version: str | None) -> Model:
+        if version is None:
+            version = self.latest.get(name)
+            if version is None:
+                raise NotFound(f"unknown model {name!r}; served: {', '.join(sorted(self.latest)) or 'none'}")
+        model = self.models.get((name, version))
+        if model is None:
+            if name not in self.latest:
+                raise NotFound(f"unknown model {name!r}; served: {', '.join(sorted(self.latest))}")
+            raise NotFound(f"model {name!r} has no version {version!r}; served: {', '.join(self.versions(name))}")
+        return model
+
+    async def infer(self, model: Model, body: bytes, header_length: str | None) -> tuple[bytes, int | None]:
+        if not model.ready:
+            raise Unavailable(f"model {model.name}:{model.version} is not ready")
+        header, binary = protocol.split_body(body, header_length)
+        request = protocol.check_request(header, len(binary), model.signature, self.settings.max_request_rows)
+        inputs = protocol.decode_inputs(request, binary)
+        s = self.settings
+        if s.fault_latency_ms:
+            await asyncio.sleep(s.fault_latency_ms / 1000.0)
+        if s.fault_error_rate and self._rng.random() < s.fault_error_rate:
+            raise InferenceFailed("injected fault (--fault-error-rate)")
+        try:
+            outputs = await model.predict(inputs, request.batch_size)
+        except QueueFull as exc:
+            raise Unavailable(str(exc)) from None
+        except ServingError:
+            raise
+        except Exception as exc:  # onnxruntime's errors: a bad value the shape checks could not see
+            log.warning("inference failed for %s:%s: %s", model.name, model.version, exc)
+            raise InferenceFailed(f"inference failed: {exc}") from None
+        return protocol.encode_response(model.name, model.version, request, outputs, model.signature.outputs)
+
+
+def create_app(settings: ServingSettings, server: ModelServer | None = None,
+               on_load_failure: Any = None) -> Starlette:
+    core = server or ModelServer(settings)
+
+    async def live(request: Request) -> Response:
+        return _json({"live": True})
+
+    async def ready(request: Request) -> Response:
+        ok = core.ready
+        return _json({"ready": ok}, 200 if ok else 503)
+
+    async def server_metadata(request: Request) -> Response:
+        return _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+
+    def _model(request: Request) -> Model:
+        return core.get(request.path_params["model"], request.path_params.get("version"))
+
+    async def model_metadata(request: Request) -> Response:
+        model = _model(request)
+        if model.session is None:
+            raise Unavailable(f"model {model.name}:{model.version} is still loading")
+        return _json(model.metadata_json(core.versions(model.name)))
+
+    async def model_ready(request: Request) -> Response:
+        model = _model(request)
+        return _json({"name": model.name, "version": model.version, "ready": model.ready},
+                     200 if model.ready else 503)
+
+    async def model_stats(request: Request) -> Response:
+        """Triton-style statistics: how many inferences ran and in batches of which sizes."""
+        model = _model(request)
+        stats = model.batcher.stats if model.batcher is not None else None
+        doc = {"name": model.name, "version": model.version,
+               "inference_count": stats.rows if stats else 0, "execution_count": stats.batches if stats else 0,
+               "queue_depth": model.batcher.queue_depth if model.batcher else 0,
+               "batch_stats": [{"batch_size": size, "compute_infer": {"count": count}}
+                               for size, count in sorted(stats.sizes.items())] if stats else []}
+        return _json({"model_stats": [doc]})
+
+    async def infer(request: Request) -> Response:
+        model = _model(request)
+        body = await request.body()
+        payload, json_length = await core.infer(model, body, request.headers.get(protocol.HEADER_LENGTH))
+        if json_length is None:
+            return Response(payload, media_type="application/json")
+        return Response(payload, media_type="application/octet-stream",
+                        headers={"inference-header-content-length": str(json_length)})
+
+    async def serving_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServingError)
+        return render(exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        message = {404: f"no route for {request.method} {request.url.path}",
+                   405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+        return error_response(exc.status_code, message, exc.headers)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async def load() -> None:
+            try:
+                await core.load_all()
+                log.info("ready: %s", ", ".join(f"{n}:{v}" for n, v in core.models))
+            except Exception as exc:
+                core.load_error = f"{type(exc).__name__}: {exc}"
+                log.error("model load failed: %s", core.load_error)
+                if on_load_failure is not None:
+                    on_load_failure()
+
+        task = asyncio.create_task(load())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await core.unload_all()
+
+    routes = [
+        Route("/v2/health/live", live, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/models/{model}", model_metadata, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version}", model_metadata, methods=["GET"]),
+        Route("/v2/models/{model}/ready", model_ready, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version}/ready", model_ready, methods=["GET"]),
+        Route("/v2/models/{model}/stats", model_stats, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version}/stats", model_stats, methods=["GET"]),
+        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    middleware=[Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)],
+                    exception_handlers={ServingError: serving_error, HTTPException: http_error})
+    app.state.core = core
+    return app
+
+
+def serve(settings: ServingSettings) -> int:
+    """Run one model-server process until SIGTERM/SIGINT; in-flight requests finish first. Returns the exit code."""
+    failed = False
+    holder: dict[str, GracefulServer] = {}
+
+    def on_load_failure() -> None:
+        nonlocal failed
+        failed = True
+        holder["server"].should_exit = True
+
+    try:
+        core = ModelServer(settings)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(settings, core, on_load_failure)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+                            lifespan="on", access_log=False, log_level="warning",
+                            timeout_graceful_shutdown=int(settings.graceful_shutdown_s), backlog=4096)
+    server = GracefulServer(config)
+    holder["server"] = server
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.info("model server on http://%s:%d (%s)", settings.host, settings.port, ", ".join(settings.models))
+    server.run()
+    return 1 if failed else 0

@@ -1,0 +1,66 @@
+"""Process lifecycle shared by the model server and the gateway: graceful stop on SIGTERM/SIGINT, exit 0.
+
+uvicorn stops accepting and lets in-flight requests finish on SIGTERM, but then re-raises the signal so the
+process dies *by* it (status -15). Kubernetes and ``bluegreen up`` read a clean drain as exit 0, so the
+signal is handled here and not re-raised. Several uvicorn servers (the gateway's data and admin listeners)
+share one loop and stop together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import threading
+from collections.abc import Generator, Sequence
+
+import uvicorn
+
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class GracefulServer(uvicorn.Server):
+    """A uvicorn server whose signal handling ends in a normal return instead of a re-raised signal.
+
+    With ``manage_signals=False`` it installs no handlers at all: :func:`serve_together` owns them.
+    """
+
+    def __init__(self, config: uvicorn.Config, *, manage_signals: bool = True) -> None:
+        super().__init__(config)
+        self.manage_signals = manage_signals
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if not self.manage_signals or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+async def serve_together(servers: Sequence[GracefulServer]) -> None:
+    """Run several servers (built with ``manage_signals=False``) on this loop until a signal or until any
+    one of them stops; then all of them drain and stop."""
+    loop = asyncio.get_running_loop()
+
+    def stop_all(sig: int) -> None:
+        for s in servers:
+            s.handle_exit(sig, None)
+
+    for sig in HANDLED_SIGNALS:
+        loop.add_signal_handler(sig, stop_all, sig)
+    try:
+        tasks = [asyncio.create_task(s.serve()) for s in servers]
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for s in servers:
+            s.should_exit = True
+        await asyncio.gather(*pending, return_exceptions=True)
+        for t in done:
+            t.result()
+    finally:
+        for sig in HANDLED_SIGNALS:
+            loop.remove_signal_handler(sig)

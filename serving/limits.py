@@ -1,0 +1,51 @@
+"""Pure ASGI middleware that caps request bodies while they stream in.
+
+A declared ``Content-Length`` over the limit is refused before any byte is read; a chunked body (no length)
+is counted as it arrives and refused the moment it passes the limit, so memory stays bounded either way.
+Used by the model server and the gateway alike.
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.errors import PayloadTooLarge, error_response
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be positive")
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared < 0 or declared > limit:
+                    message = (f"request body of {declared} bytes exceeds the limit of {limit} bytes" if declared >= 0
+                               else "invalid Content-Length")
+                    status = 413 if declared >= 0 else 400
+                    await error_response(status, message, {"connection": "close"})(scope, receive, send)
+                    return
+                break
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)

@@ -1,0 +1,42 @@
+"""Model-server settings: ``BLUEGREEN_SERVING_*`` environment variables, overridden by command-line flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.build import DEFAULT_REPOSITORY
+
+
+class ServingSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BLUEGREEN_SERVING_", extra="forbid")
+
+    repo: Path = DEFAULT_REPOSITORY
+    """Model repository root (``<repo>/<name>/<version>/model.onnx``)."""
+    models: list[str] = Field(default_factory=lambda: ["digits"])
+    """Models to serve, ``NAME`` (newest version) or ``NAME:VERSION``; several versions may be served at once."""
+    host: str = "127.0.0.1"
+    port: int = Field(8001, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto`` takes CUDA when the installed onnxruntime offers it, else the CPU."""
+    threads: int = Field(0, ge=0)
+    """ONNX Runtime intra-op threads; 0 sizes them to the cores this process may use."""
+    max_batch_size: int = Field(64, ge=1)
+    """Most rows combined into one run; 1 turns dynamic batching off."""
+    max_queue_delay_ms: float = Field(2.0, ge=0)
+    """How long the oldest queued request may wait for a batch to fill."""
+    max_queue_size: int = Field(1024, ge=1)
+    """Requests waiting per model beyond which new ones get 503 + Retry-After."""
+    max_request_rows: int = Field(1024, ge=1)
+    """Largest batch dimension one request may carry (larger requests run alone, beyond this they get 400)."""
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """Request bodies larger than this get 413, checked while the body streams in (chunked bodies too)."""
+    warmup_runs: int = Field(3, ge=0)
+    fault_latency_ms: float = Field(0.0, ge=0)
+    """Drills only: latency added to every inference."""
+    fault_error_rate: float = Field(0.0, ge=0, le=1)
+    """Drills only: this fraction of inference requests is answered 500."""
+    graceful_shutdown_s: float = Field(30.0, gt=0)

@@ -1,0 +1,287 @@
+"""``bluegreen serve-model`` as a real process on loopback, driven by tritonclient (a real V2 client) and httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import orjson
+import pytest
+import tritonclient.http as triton
+
+from tests.procs import start_model_server, wait_until
+
+pytestmark = pytest.mark.usefixtures("model_repo")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, model_repo: Path):  # type: ignore[no-untyped-def]
+    proc, url = start_model_server(
+        tmp_path_factory.mktemp("serve"), ["digits:1", "digits:2", "wide:1"],
+        extra=["--max-batch-size", "16", "--max-queue-delay-ms", "20"],
+        env={"BLUEGREEN_SERVING_MAX_BODY_BYTES": str(1 << 20), "BLUEGREEN_SERVING_MAX_REQUEST_ROWS": "256"})
+    yield url
+    assert proc.stop() == 0, proc.log()
+
+
+@pytest.fixture(scope="module")
+def client(server: str):  # type: ignore[no-untyped-def]
+    c = triton.InferenceServerClient(url=server.removeprefix("http://"))
+    yield c
+    c.close()
+
+
+def reference(model_repo: Path, name: str, version: str, x: np.ndarray) -> dict[str, np.ndarray]:
+    sess = ort.InferenceSession(str(model_repo / name / version / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, {"input": x}), strict=True))
+
+
+def digits_rows(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 17, size=(n, 64)).astype(np.float32)
+
+
+def healthy(url: str) -> None:
+    assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}
+    assert httpx.post(f"{url}/v2/models/digits/infer", json=body).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------ tritonclient
+
+
+def test_health_and_metadata_with_tritonclient(client: triton.InferenceServerClient) -> None:
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("digits", "1") and client.is_model_ready("digits", "2")
+    meta = client.get_server_metadata()
+    assert "binary_tensor_data" in meta["extensions"]
+    model = client.get_model_metadata("digits", "2")
+    assert model["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
+    assert {o["name"]: (o["datatype"], o["shape"]) for o in model["outputs"]} == {
+        "label": ("INT64", [-1]), "probabilities": ("FP32", [-1, 10])}
+    wide = client.get_model_metadata("wide")
+    assert wide["inputs"][0]["shape"] == [-1, 512] and wide["outputs"][0]["name"] == "logits"
+
+
+@pytest.mark.parametrize("binary_in", [False, True])
+@pytest.mark.parametrize("binary_out", [False, True])
+def test_inference_matches_onnxruntime(client: triton.InferenceServerClient, model_repo: Path,
+                                       binary_in: bool, binary_out: bool) -> None:
+    x = digits_rows(5, seed=int(binary_in) * 2 + int(binary_out))
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary_in)
+    outs = [triton.InferRequestedOutput("label", binary_data=binary_out),
+            triton.InferRequestedOutput("probabilities", binary_data=binary_out)]
+    for version in ("1", "2"):
+        result = client.infer("digits", [inp], model_version=version, outputs=outs, request_id=f"req-{version}")
+        want = reference(model_repo, "digits", version, x)
+        assert result.get_response()["id"] == f"req-{version}"
+        assert result.get_response()["model_version"] == version
+        np.testing.assert_array_equal(result.as_numpy("label"), want["label"])
+        np.testing.assert_allclose(result.as_numpy("probabilities"), want["probabilities"], rtol=1e-5, atol=1e-6)
+
+
+def test_default_outputs_and_wide_model(client: triton.InferenceServerClient, model_repo: Path) -> None:
+    x = np.random.default_rng(7).standard_normal((3, 512)).astype(np.float32)
+    inp = triton.InferInput("input", [3, 512], "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    result = client.infer("wide", [inp])  # no outputs named: every output comes back
+    np.testing.assert_allclose(result.as_numpy("logits"), reference(model_repo, "wide", "1", x)["logits"],
+                               rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ batching
+
+
+async def test_concurrent_mixed_batches_each_get_their_own_rows(server: str, model_repo: Path) -> None:
+    rng = np.random.default_rng(11)
+    sizes = [int(s) for s in rng.integers(1, 8, size=60)]
+    inputs = [digits_rows(n, seed=100 + i) for i, n in enumerate(sizes)]
+    async with httpx.AsyncClient(base_url=server, limits=httpx.Limits(max_connections=64)) as c:
+        before = (await c.get("/v2/models/digits/versions/2/stats")).json()["model_stats"][0]
+        async def one(i: int, x: np.ndarray) -> dict:  # type: ignore[type-arg]
+            body = {"id": str(i), "inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                              "data": x.ravel().tolist()}]}
+            r = await c.post("/v2/models/digits/versions/2/infer", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()  # type: ignore[no-any-return]
+
+        results = await asyncio.gather(*(one(i, x) for i, x in enumerate(inputs)))
+        after = (await c.get("/v2/models/digits/versions/2/stats")).json()["model_stats"][0]
+    for i, (x, res) in enumerate(zip(inputs, results, strict=True)):
+        assert res["id"] == str(i)
+        out = {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in res["outputs"]}
+        want = reference(model_repo, "digits", "2", x)
+        assert out["label"].shape == (len(x),)
+        np.testing.assert_array_equal(out["label"], want["label"])
+        np.testing.assert_allclose(out["probabilities"], want["probabilities"], rtol=1e-5, atol=1e-6)
+    assert after["inference_count"] - before["inference_count"] == sum(sizes)
+    # 60 concurrent requests with a 20 ms queue delay must have been combined into fewer runs.
+    assert after["execution_count"] - before["execution_count"] < len(sizes)
+    assert max(b["batch_size"] for b in after["batch_stats"]) <= 16 or max(sizes) > 16
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+GOOD = {"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}
+
+
+def _with(**changes: object) -> dict:  # type: ignore[type-arg]
+    return {"inputs": [{**GOOD, **changes}]}
+
+
+@pytest.mark.parametrize(("body", "status", "needle"), [
+    (b"{not json", 400, "malformed JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (orjson.dumps({"inputs": []}), 400, "non-empty"),
+    (orjson.dumps(_with(name="pixels")), 400, "unknown input 'pixels'"),
+    (orjson.dumps(_with(datatype="FP64")), 400, "datatype 'FP64'"),
+    (orjson.dumps(_with(datatype="BYTES")), 400, "datatype 'BYTES'"),
+    (orjson.dumps(_with(shape=[64])), 400, "rank 1"),
+    (orjson.dumps(_with(shape=[1, 32])), 400, "dimension 1 is 32"),
+    (orjson.dumps(_with(shape=[2, 64])), 400, "64 elements"),
+    (orjson.dumps(_with(data=["a"] * 64)), 400, "not valid FP32"),
+    (orjson.dumps(_with(data=[[0.0] * 32, [0.0] * 31 + [[1.0]]])), 400, ""),
+    (orjson.dumps(_with(shape=[300, 64], data=[0.0] * 300 * 64)), 400, "batch size 300 exceeds"),
+    (orjson.dumps({"inputs": [GOOD], "outputs": [{"name": "nope"}]}), 400, "unknown output 'nope'"),
+    (orjson.dumps({"inputs": [GOOD, GOOD]}), 400, "given twice"),
+    (orjson.dumps({"inputs": [{**GOOD, "data": None, "parameters": {"binary_data_size": 256}}]}), 400, ""),
+])
+def test_bad_requests_are_refused_clearly(server: str, body: bytes, status: int, needle: str) -> None:
+    r = httpx.post(f"{server}/v2/models/digits/infer", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]
+    healthy(server)
+
+
+def test_binary_length_mismatches(server: str) -> None:
+    header = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                       "parameters": {"binary_data_size": 256}}]})
+    data = np.zeros(64, np.float32).tobytes()
+    url = f"{server}/v2/models/digits/infer"
+    hl = {"inference-header-content-length": str(len(header))}
+    ok = httpx.post(url, content=header + data, headers=hl)
+    assert ok.status_code == 200, ok.text
+    short = httpx.post(url, content=header + data[:100], headers=hl)
+    assert short.status_code == 400 and "past the end" in short.json()["error"]
+    extra = httpx.post(url, content=header + data + b"xx", headers=hl)
+    assert extra.status_code == 400 and "binary data" in extra.json()["error"]
+    bad = httpx.post(url, content=header + data, headers={"inference-header-content-length": "99999"})
+    assert bad.status_code == 400 and "outside the body" in bad.json()["error"]
+    healthy(server)
+
+
+def test_unknown_model_version_and_route(server: str) -> None:
+    r = httpx.post(f"{server}/v2/models/nope/infer", json=_with())
+    assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"]
+    r = httpx.post(f"{server}/v2/models/digits/versions/9/infer", json=_with())
+    assert r.status_code == 404 and "no version '9'" in r.json()["error"]
+    r = httpx.get(f"{server}/v2/models/digits/versions/9/ready")
+    assert r.status_code == 404
+    r = httpx.get(f"{server}/v2/nothing/here")
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(f"{server}/v2/models/digits/infer")
+    assert r.status_code == 405 and "error" in r.json()
+    healthy(server)
+
+
+def test_oversized_bodies_get_413_declared_or_chunked(server: str) -> None:
+    big = b"[" + b"0," * (600 * 1024) + b"0]"  # 1.2 MB > the 1 MiB limit
+    r = httpx.post(f"{server}/v2/models/digits/infer", content=big)
+    assert r.status_code == 413 and "exceeds" in r.json()["error"]
+
+    def chunks():  # no Content-Length: httpx sends Transfer-Encoding: chunked
+        for _ in range(40):
+            yield b"0" * 65536
+
+    r = httpx.post(f"{server}/v2/models/digits/infer", content=chunks())
+    assert r.status_code == 413 and "exceeds" in r.json()["error"]
+    healthy(server)
+
+
+# ------------------------------------------------------------------------------------------ lifecycle and faults
+
+
+def test_queue_full_is_503_with_retry_after(tmp_path: Path) -> None:
+    proc, url = start_model_server(tmp_path, ["wide:1"], extra=["--max-batch-size", "1", "--max-queue-size", "2"])
+    try:
+        x = np.zeros((1, 512), np.float32).ravel().tolist()
+        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 512], "data": x}]}
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=200), timeout=30) as c:
+                return await asyncio.gather(*(c.post("/v2/models/wide/infer", json=body) for _ in range(150)))
+
+        responses = asyncio.run(burst())
+        codes = {r.status_code for r in responses}
+        assert codes <= {200, 503}, codes
+        refused = [r for r in responses if r.status_code == 503]
+        assert refused, "a queue of 2 must overflow under 150 concurrent requests"
+        assert refused[0].headers["retry-after"] == "1" and "queue is full" in refused[0].json()["error"]
+        assert any(r.status_code == 200 for r in responses)
+    finally:
+        assert proc.stop() == 0
+
+
+def test_fault_flags_inject_latency_and_errors(tmp_path: Path) -> None:
+    proc, url = start_model_server(tmp_path, ["digits:1"],
+                                   extra=["--fault-latency-ms", "150", "--fault-error-rate", "0.5"])
+    try:
+        codes = []
+        started = time.monotonic()
+        for _ in range(20):
+            r = httpx.post(f"{url}/v2/models/digits/infer", json=_with())
+            codes.append(r.status_code)
+            if r.status_code == 500:
+                assert "injected fault" in r.json()["error"]
+        assert time.monotonic() - started >= 20 * 0.15
+        assert set(codes) == {200, 500}  # P(all 20 alike) = 2 * 0.5**20
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+    finally:
+        assert proc.stop() == 0
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_zero(tmp_path: Path) -> None:
+    proc, url = start_model_server(tmp_path, ["digits:1"], extra=["--fault-latency-ms", "600"])
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        try:
+            code = httpx.post(f"{url}/v2/models/digits/infer", json=_with(), timeout=10).status_code
+        except httpx.HTTPError as exc:
+            code = -1
+            print("client error", exc)
+        with lock:
+            results.append(code)
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: httpx.get(f"{url}/v2/models/digits/stats").status_code == 200, 5)
+    time.sleep(0.2)  # the 8 requests are now inside the 600 ms injected latency
+    proc.signal(signal.SIGTERM)
+    for t in threads:
+        t.join(15)
+    assert results == [200] * 8
+    assert proc.wait(15) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/v2/health/live", timeout=2)
+    proc.stop()
+
+
+def test_unknown_model_on_the_command_line_fails_fast(tmp_path: Path) -> None:
+    from tests.procs import BLUEGREEN, Proc, free_port
+
+    proc = Proc([*BLUEGREEN, "serve-model", "--model", "nope:1", "--port", str(free_port())], tmp_path / "x.log")
+    assert proc.wait(30) == 2
+    assert "not found" in proc.log()
+    proc.stop()

@@ -1,0 +1,101 @@
+"""One helper to start real processes on free loopback ports and always clean them up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BLUEGREEN = [sys.executable, "-m", "gateway.cli"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Proc:
+    """A child process with its log captured to a file; stopped (then killed) on :meth:`stop`."""
+
+    def __init__(self, args: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.args = list(args)
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.popen = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                      env={**os.environ, **(env or {})}, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+        self._log.close()
+        return self.popen.returncode
+
+
+def wait_ready(proc: Proc, url: str, timeout: float = 60.0) -> None:
+    def ready() -> bool:
+        if proc.popen.poll() is not None:
+            raise AssertionError(f"{proc.args} exited with {proc.popen.returncode}:\n{proc.log()[-3000:]}")
+        try:
+            return httpx.get(url, timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(ready, timeout, interval=0.05, what=f"{url} to be ready")
+
+
+def start_model_server(tmp_path: Path, models: Sequence[str], *, port: int | None = None,
+                       extra: Sequence[str] = (), env: dict[str, str] | None = None) -> tuple[Proc, str]:
+    """Start ``bluegreen serve-model`` on a free loopback port; return the process and its base URL."""
+    port = port or free_port()
+    args = [*BLUEGREEN, "serve-model", "--host", "127.0.0.1", "--port", str(port)]
+    for m in models:
+        args += ["--model", m]
+    args += list(extra)
+    proc = Proc(args, tmp_path / f"serve-{port}.log", env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, f"{url}/v2/health/ready")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, url
