@@ -36,6 +36,33 @@ def _cmd_serve_model(args: argparse.Namespace) -> int:
     return serve(settings)
 
 
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.app import run
+    from gateway.settings import GatewaySettings
+
+    try:
+        settings = GatewaySettings(**({"config": args.config} if args.config else {}))
+        settings.routing()  # fail fast, before binding anything
+        settings.tokens()
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run(settings)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from gateway.stack import Stack, StackOptions
+
+    opts = StackOptions(blue=args.blue, green=args.green, repo=args.repo, blue_port=args.blue_port,
+                        green_port=args.green_port, port=args.port, admin_port=args.admin_port,
+                        state_dir=args.state_dir, device=args.device)
+    try:
+        return Stack(opts).run()
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from loadtests.bench import main as bench_main
 
@@ -66,6 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault-latency-ms", type=float, help="drills: latency added to every inference")
     p.add_argument("--fault-error-rate", type=float, help="drills: fraction of inferences answered 500")
     p.set_defaults(func=_cmd_serve_model)
+
+    p = sub.add_parser("gateway", help="run the gateway (data and admin listeners)")
+    p.add_argument("--config", type=Path, help="the YAML routing file (default: $BLUEGREEN_CONFIG)")
+    p.set_defaults(func=_cmd_gateway)
+
+    p = sub.add_parser("up", help="run the whole local stack: blue, green and the gateway")
+    p.add_argument("--blue", default="digits:1", metavar="NAME:VERSION")
+    p.add_argument("--green", default="digits:2", metavar="NAME:VERSION")
+    p.add_argument("--repo", type=Path, default=None)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--port", type=int, default=8080, help="gateway data port")
+    p.add_argument("--admin-port", type=int, default=8081)
+    p.add_argument("--blue-port", type=int, default=8001)
+    p.add_argument("--green-port", type=int, default=8002)
+    p.add_argument("--state-dir", type=Path, default=Path(".bluegreen"), help="routing file, state, logs")
+    p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("bench", help="run benchmarks and write docs/benchmarks.md")
     p.add_argument("suites", nargs="*", choices=["serving", "gateway", "cache", "telemetry"])

@@ -1,0 +1,244 @@
+"""The admin listener: ``/admin/v1`` behind named bearer tokens.
+
+Authentication: tokens are compared in constant time against every configured token (no early exit on the
+first match). An address with ``auth_max_failures`` failed attempts in the last ``auth_window_s`` gets 429 for
+every admin request until the oldest failure ages out — it cannot keep guessing — while other addresses,
+valid tokens or not, are judged on their own. Every write is compare-and-set (If-Match) and audited with the
+token's name; a refused request changes nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.dataplane import DataPlane
+from gateway.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    ServingError,
+    TooManyRequests,
+    Unauthorized,
+    error_response,
+    render,
+)
+from gateway.settings import COLORS, ColorConfig, GatewaySettings, check_weights
+from gateway.state import ColorState, MemoryStateStore, ModelState
+from serving.limits import BodyLimitMiddleware
+
+ADMIN_BODY_LIMIT = 64 * 1024
+_TRACKED_ADDRESSES = 10_000
+
+
+class Authenticator:
+    def __init__(self, tokens: dict[str, str], max_failures: int, window_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._tokens = [(t.encode(), name) for t, name in tokens.items()]
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._clock = clock
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._tokens)
+
+    def authenticate(self, client: str, authorization: str | None) -> str:
+        """The token's name, or Unauthorized / TooManyRequests."""
+        now = self._clock()
+        recent = self._failures.get(client)
+        if recent is not None:
+            while recent and now - recent[0] >= self.window_s:
+                recent.popleft()
+            if len(recent) >= self.max_failures:
+                raise TooManyRequests(f"too many failed authentications from {client}; try again later",
+                                      math.ceil(self.window_s - (now - recent[0])))
+        if not self._tokens:
+            raise Unauthorized("the admin API is disabled: no admin tokens are configured")
+        scheme, _, presented = (authorization or "").partition(" ")
+        name: str | None = None
+        if scheme.lower() == "bearer" and presented:
+            candidate = presented.strip().encode()
+            for token, token_name in self._tokens:  # compare with all of them: time does not tell which matched
+                if hmac.compare_digest(token, candidate):
+                    name = token_name
+        if name is None:
+            self._fail(client, now)
+            raise Unauthorized("missing or invalid bearer token" if presented else "missing bearer token")
+        return name
+
+    def _fail(self, client: str, now: float) -> None:
+        recent = self._failures.get(client)
+        if recent is None:
+            recent = self._failures[client] = deque()
+            while len(self._failures) > _TRACKED_ADDRESSES:
+                self._failures.popitem(last=False)
+        recent.append(now)
+
+
+def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(doc), status_code=status, media_type="application/json", headers=headers)
+
+
+def _if_match(request: Request) -> int | None:
+    """The revision an If-Match header names; None when absent or ``*`` (unconditional write)."""
+    value = request.headers.get("if-match")
+    if value is None or value.strip() == "*":
+        return None
+    tag = value.strip().removeprefix("W/").strip('"')
+    try:
+        return int(tag)
+    except ValueError:
+        return -1  # matches no revision: 412
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("the body must be a JSON object")
+    return doc
+
+
+def _reason(doc: dict[str, Any]) -> str | None:
+    reason = doc.pop("reason", None)
+    if reason is not None and (not isinstance(reason, str) or len(reason) > 500):
+        raise BadRequest("'reason' must be a string of at most 500 characters")
+    return reason
+
+
+def create_admin_app(settings: GatewaySettings, store: MemoryStateStore, plane: DataPlane,
+                     auth: Authenticator) -> Starlette:
+    def who(request: Request) -> str:
+        client = request.client.host if request.client else "unknown"
+        return auth.authenticate(client, request.headers.get("authorization"))
+
+    def model_json(state: ModelState) -> dict[str, Any]:
+        doc = state.as_json()
+        for color in COLORS:
+            doc["colors"][color]["backends"] = [b.as_json() for b in plane.pools[(state.name, color)].backends]
+        doc["etag"] = state.etag
+        doc["canary"] = {"phase": "idle"}
+        return doc
+
+    async def list_models(request: Request) -> Response:
+        who(request)
+        return _json({"models": [model_json(s) for s in store.models.values()]})
+
+    async def get_split(request: Request) -> Response:
+        who(request)
+        state = store.get(request.path_params["model"])
+        return _json(dict(state.weights), headers={"etag": state.etag})
+
+    async def put_split(request: Request) -> Response:
+        name = who(request)
+        model = request.path_params["model"]
+        store.get(model)
+        doc = await _body(request)
+        reason = _reason(doc)
+        try:
+            weights = check_weights(doc)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+
+        def change(s: ModelState) -> ModelState:
+            return _replace(s, weights=weights)
+
+        state = store.update(model, _if_match(request), change, who=name, action="set_weights", reason=reason)
+        return _json(dict(state.weights), headers={"etag": state.etag})
+
+    async def put_color(request: Request) -> Response:
+        name = who(request)
+        model = request.path_params["model"]
+        color = request.path_params["color"]
+        current = store.get(model)
+        if color not in COLORS:
+            raise NotFound(f"unknown color {color!r}: blue or green")
+        doc = await _body(request)
+        reason = _reason(doc)
+        force = doc.pop("force", False)
+        if not isinstance(force, bool):
+            raise BadRequest("'force' must be true or false")
+        try:
+            cfg = ColorConfig.model_validate(doc)
+        except ValidationError as exc:
+            raise BadRequest(f"invalid color: {_first_error(exc)}") from None
+        if current.weights[color] > 0 and not force:
+            raise Conflict(f"{color} carries {current.weights[color]}% of {model!r}; move its traffic away "
+                           f"first or send \"force\": true")
+        new_color = ColorState(cfg.version, tuple(cfg.backends))
+
+        def change(s: ModelState) -> ModelState:
+            return _replace(s, colors={**s.colors, color: new_color})
+
+        state = store.update(model, _if_match(request), change, who=name,
+                             action="set_color_forced" if force else "set_color", reason=reason)
+        return _json(model_json(state), headers={"etag": state.etag})
+
+    async def stats(request: Request) -> Response:
+        who(request)
+        state = store.get(request.path_params["model"])
+        colors = {c: {"version": state.colors[c].version, "weight": state.weights[c],
+                      **plane.windows[(state.name, c)].snapshot().as_json()} for c in COLORS}
+        return _json({"model": state.name, "colors": colors})
+
+    async def audit(request: Request) -> Response:
+        who(request)
+        try:
+            limit = int(request.query_params.get("limit", "100"))
+        except ValueError:
+            raise BadRequest("limit must be an integer") from None
+        if not 1 <= limit <= 10_000:
+            raise BadRequest("limit must be 1-10000")
+        return _json({"entries": [e.as_json() for e in store.audit(limit)]})
+
+    async def serving_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServingError)
+        return render(exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        message = {404: f"no route for {request.method} {request.url.path}",
+                   405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+        return error_response(exc.status_code, message, exc.headers)
+
+    prefix = "/admin/v1"
+    routes = [
+        Route(f"{prefix}/models", list_models, methods=["GET"]),
+        Route(f"{prefix}/models/{{model}}/split", get_split, methods=["GET"]),
+        Route(f"{prefix}/models/{{model}}/split", put_split, methods=["PUT"]),
+        Route(f"{prefix}/models/{{model}}/colors/{{color}}", put_color, methods=["PUT"]),
+        Route(f"{prefix}/models/{{model}}/stats", stats, methods=["GET"]),
+        Route(f"{prefix}/audit", audit, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, middleware=[Middleware(BodyLimitMiddleware, max_bytes=ADMIN_BODY_LIMIT)],
+                     exception_handlers={ServingError: serving_error, HTTPException: http_error})
+
+
+def _replace(state: ModelState, **changes: Any) -> ModelState:
+    import dataclasses
+
+    return dataclasses.replace(state, **changes)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ()))
+    return f"{where}: {err.get('msg')}" if where else str(err.get("msg"))

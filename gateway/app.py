@@ -1,0 +1,230 @@
+"""The gateway process: a data listener (V2 endpoints for client apps) and an admin listener, one event loop.
+
+The data app is plain ASGI — no framework routing on the hot path — wrapped in pure ASGI middleware
+(outermost first): request id → load shedding → body-size limit. The admin app is Starlette. Both share one
+:class:`Gateway`, which owns the state store and the data plane; :func:`run` starts both listeners and, on
+SIGTERM, stops accepting, lets in-flight requests finish, closes the upstream pool and exits 0.
+
+The gateway's own ``/v2/health/ready`` means *the gateway* can serve (config loaded, listeners up), not that
+backends are healthy: a gateway with both colors down still answers clients with clear 503s (or, with the
+cache, stale answers). ``/v2/models/{m}/ready`` reflects the backends.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.admin import Authenticator, create_admin_app
+from gateway.dataplane import DataPlane, InferRequest, Reply
+from gateway.errors import MethodNotAllowed, NotFound, ServingError, Unavailable
+from gateway.middleware import BodyLimitMiddleware
+from gateway.middleware.concurrency import ConcurrencyLimitMiddleware
+from gateway.middleware.request_id import RequestIdMiddleware
+from gateway.settings import COLORS, GatewaySettings
+from gateway.state import MemoryStateStore
+from serving.lifecycle import GracefulServer, serve_together
+
+log = logging.getLogger("bluegreen.gateway")
+
+VERSION = "0.1.0"
+_JSON = [(b"content-type", b"application/json")]
+_REQUEST_HEADERS = {b"inference-header-content-length": "header_length", b"x-bluegreen-key": "key",
+                    b"x-bluegreen-color": "forced_color", b"x-bluegreen-timeout-ms": "timeout_ms",
+                    b"content-type": "content_type", b"traceparent": "traceparent", b"tracestate": "tracestate"}
+
+
+@dataclass
+class Gateway:
+    settings: GatewaySettings
+    store: MemoryStateStore
+    plane: DataPlane
+    auth: Authenticator
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings) -> Gateway:
+        store = MemoryStateStore.from_routing(settings.routing(), settings.state_file)
+        plane = DataPlane(settings, store)
+        auth = Authenticator(settings.tokens(), settings.auth_max_failures, settings.auth_window_s)
+        return cls(settings, store, plane, auth)
+
+    async def start(self) -> None:
+        await self.plane.start()
+
+    async def close(self) -> None:
+        await self.plane.close()
+        self.store.close()
+
+    def data_app(self) -> ASGIApp:
+        app: ASGIApp = DataApp(self.plane)
+        app = BodyLimitMiddleware(app, self.settings.max_body_bytes)
+        app = ConcurrencyLimitMiddleware(app, self.settings.max_concurrency)
+        return RequestIdMiddleware(app)
+
+    def admin_app(self) -> ASGIApp:
+        return create_admin_app(self.settings, self.store, self.plane, self.auth)
+
+
+async def _send(send: Send, reply: Reply) -> None:
+    headers = [*reply.headers, (b"content-length", str(len(reply.body)).encode())]
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body})
+
+
+def _json_reply(doc: object, status: int = 200) -> Reply:
+    return Reply(status, orjson.dumps(doc), list(_JSON))
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its body arrived: nothing to answer."""
+
+
+class DataApp:
+    """Routes the V2 paths by hand: ``/v2/models/{m}[/versions/{v}][/infer|/ready]`` and the health checks."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            reply = await self._route(scope, receive)
+        except _ClientGone:
+            return
+        except ServingError as exc:
+            headers = [*_JSON, *((k.encode(), v.encode()) for k, v in exc.headers.items())]
+            if isinstance(exc, Unavailable):
+                headers.append((b"x-bluegreen-degraded", b"unavailable"))
+            reply = Reply(exc.status, orjson.dumps({"error": exc.message}), headers)
+        await _send(send, reply)
+
+    async def _route(self, scope: Scope, receive: Receive) -> Reply:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        parts = path.strip("/").split("/")
+        if parts[0] != "v2":
+            raise NotFound(f"no route for {method} {path}")
+        if len(parts) >= 3 and parts[1] == "models":
+            model = parts[2]
+            rest = parts[3:]
+            version = None
+            if len(rest) >= 2 and rest[0] == "versions":
+                version = rest[1]
+                rest = rest[2:]
+            action = rest[0] if rest else ""
+            if len(rest) > 1:
+                raise NotFound(f"no route for {method} {path}")
+            if action == "infer":
+                if method != "POST":
+                    raise MethodNotAllowed(f"method {method} not allowed on {path}")
+                return await self._infer(scope, receive, model, version)
+            if method != "GET":
+                raise MethodNotAllowed(f"method {method} not allowed on {path}")
+            if action == "ready":
+                return await self._model_ready(model, version)
+            if action == "":
+                return self._model_metadata(model, version)
+            raise NotFound(f"no route for {method} {path}")
+        if method != "GET":
+            raise MethodNotAllowed(f"method {method} not allowed on {path}")
+        if parts == ["v2"]:
+            return _json_reply({"name": "bluegreen-gateway", "version": VERSION, "extensions": ["binary_tensor_data"]})
+        if parts == ["v2", "health", "live"]:
+            return _json_reply({"live": True})
+        if parts == ["v2", "health", "ready"]:
+            return _json_reply({"ready": True})
+        raise NotFound(f"no route for {method} {path}")
+
+    async def _infer(self, scope: Scope, receive: Receive, model: str, version: str | None) -> Reply:
+        self.plane.store.get(model)  # 404 before reading a body for a model that does not exist
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        req = InferRequest(model, b"".join(chunks), version=version,
+                           request_id=scope.get("state", {}).get("request_id"))
+        for key, value in scope["headers"]:
+            field = _REQUEST_HEADERS.get(key)
+            if field is not None:
+                setattr(req, field, value if field == "key" else value.decode("latin-1"))
+        return await self.plane.infer(req)
+
+    async def _model_ready(self, model: str, version: str | None) -> Reply:
+        state = self.plane.store.get(model)
+        ready = await self.plane.model_ready(model)
+        if version is not None:
+            color = state.color_of_version(version)
+            if color is None:
+                raise NotFound(f"no color of model {model!r} serves version {version!r}")
+            ok = ready.get(color, False)
+        else:
+            ok = any(ready.values())
+        return _json_reply({"name": model, "ready": ok, "colors": ready}, 200 if ok else 503)
+
+    def _model_metadata(self, model: str, version: str | None) -> Reply:
+        state = self.plane.store.get(model)
+        color = state.stable
+        if version is not None:
+            found = state.color_of_version(version)
+            if found is None:
+                raise NotFound(f"no color of model {model!r} serves version {version!r}")
+            color = found
+        sig = self.plane.signature(state, color)
+        if sig is None:
+            raise Unavailable(f"metadata of {model!r} is not known yet: no backend has answered")
+        versions = sorted({state.colors[c].version for c in COLORS})
+        return _json_reply({"name": model, "versions": versions, "platform": "onnxruntime_onnx",
+                            "inputs": [s.as_json() for s in sig.inputs],
+                            "outputs": [s.as_json() for s in sig.outputs]})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def run_gateway(settings: GatewaySettings) -> None:
+    gateway = Gateway.from_settings(settings)
+    if not gateway.auth.enabled:
+        log.warning("no admin tokens configured: the admin API refuses every request")
+    await gateway.start()
+    common: dict[str, Any] = {"loop": "none", "http": "httptools", "lifespan": "off", "access_log": False,
+                              "log_level": "warning", "backlog": 4096, "server_header": False,
+                              "timeout_graceful_shutdown": int(settings.graceful_shutdown_s)}
+    data = GracefulServer(uvicorn.Config(gateway.data_app(), host=settings.data.host, port=settings.data.port,
+                                         **common), manage_signals=False)
+    admin = GracefulServer(uvicorn.Config(gateway.admin_app(), host=settings.admin.host, port=settings.admin.port,
+                                          **common), manage_signals=False)
+    log.info("gateway data on http://%s:%d, admin on http://%s:%d", settings.data.host, settings.data.port,
+             settings.admin.host, settings.admin.port)
+    try:
+        await serve_together([data, admin])
+    finally:
+        await gateway.close()
+
+
+def run(settings: GatewaySettings) -> int:
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvloop.run(run_gateway(settings))
+    return 0
+

@@ -1,0 +1,69 @@
+"""Errors the gateway answers with, each carrying its HTTP status; one renderer writes ``{"error": ...}``.
+
+::
+
+    ServingError (500)                    shared with the model server (serving/errors.py)
+    ├── BadRequest (400)                  malformed body, input mismatch, invalid admin body
+    ├── Unauthorized (401)                missing or wrong admin token
+    ├── NotFound (404)                    unknown model, version, color or route
+    ├── MethodNotAllowed (405)
+    ├── Conflict (409)                    re-pointing a color that carries traffic without "force"
+    ├── PreconditionFailed (412)          stale If-Match on an admin write
+    ├── PayloadTooLarge (413)
+    ├── TooManyRequests (429)             an address that failed authentication too often
+    └── Unavailable (503)                 both colors down, load shed; carries Retry-After
+
+aiohttp's exceptions never leave ``upstream.py``: they become :class:`UpstreamFailure` there, which the
+request path turns into a retry on the other color or, at the end, an :class:`Unavailable`.
+"""
+
+from __future__ import annotations
+
+from serving.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ServingError,
+    Unavailable,
+    error_response,
+    render,
+)
+
+__all__ = [
+    "BadRequest", "Conflict", "MethodNotAllowed", "NotFound", "PayloadTooLarge", "PreconditionFailed",
+    "ServingError", "TooManyRequests", "Unauthorized", "Unavailable", "UpstreamFailure", "error_response", "render",
+]
+
+
+class Unauthorized(ServingError):
+    status = 401
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"www-authenticate": 'Bearer realm="bluegreen-admin"'})
+
+
+class Conflict(ServingError):
+    status = 409
+
+
+class PreconditionFailed(ServingError):
+    status = 412
+
+
+class TooManyRequests(ServingError):
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"retry-after": str(max(1, retry_after_s))})
+
+
+class UpstreamFailure(Exception):
+    """One upstream attempt failed. ``sent`` says whether the backend may have seen the request: a connection
+    that could not be opened (``sent=False``) is always safe to retry elsewhere."""
+
+    def __init__(self, reason: str, *, sent: bool, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.sent = sent
+        self.status = status

@@ -1,0 +1,183 @@
+"""Gateway settings: one object, built once at start-up and passed through constructors.
+
+Process settings come from ``BLUEGREEN_*`` environment variables (nested ones with ``__``, e.g.
+``BLUEGREEN_BREAKER__OPEN_S=2``); routing — models, colors, backends, weights — comes from the YAML routing
+file named by ``--config`` / ``BLUEGREEN_CONFIG`` (see DESIGN.md, "Settings").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Color = Literal["blue", "green"]
+COLORS: tuple[Color, Color] = ("blue", "green")
+
+
+def other(color: Color) -> Color:
+    return "green" if color == "blue" else "blue"
+
+
+class Listener(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: str = "127.0.0.1"
+    port: int = Field(ge=0, le=65535)
+
+
+class BreakerSettings(BaseModel):
+    """Per-backend circuit breaker, resilience4j semantics (count-based sliding window)."""
+
+    model_config = ConfigDict(extra="forbid")
+    window_size: int = Field(50, ge=1)
+    """Calls in the sliding window the failure and slow-call rates are computed over."""
+    minimum_calls: int = Field(20, ge=1)
+    """No verdict before this many calls are in the window."""
+    failure_rate_threshold: float = Field(0.2, gt=0, le=1)
+    """Open when at least this fraction of the window failed (5xx, reset, timeout, cancellation)."""
+    slow_call_duration_s: float = Field(1.0, gt=0)
+    slow_call_rate_threshold: float = Field(1.0, gt=0, le=1)
+    """Open when at least this fraction of the window was slower than ``slow_call_duration_s`` (1.0: only if all)."""
+    open_s: float = Field(5.0, gt=0)
+    """How long an open breaker refuses calls before letting probes through."""
+    half_open_probes: int = Field(3, ge=1)
+    """Calls let through at once while half-open; the rest go to the other color."""
+
+
+class UpstreamSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    deadline_s: float = Field(2.0, gt=0)
+    """Whole-request deadline across attempts; a client's ``x-bluegreen-timeout-ms`` can only shorten it."""
+    attempt_timeout_s: float = Field(1.0, gt=0)
+    """Deadline of one upstream attempt, so that a hanging color leaves time to retry on the other."""
+    connect_timeout_s: float = Field(0.5, gt=0)
+    pool_size: int = Field(512, ge=1)
+    """Most open connections to all backends together (aiohttp connector limit)."""
+    keepalive_s: float = Field(30.0, gt=0)
+    retry_budget_ratio: float = Field(0.2, ge=0, le=1)
+    retry_budget_min: int = Field(10, ge=0)
+    """Retries after a sent request are allowed while retries in flight < max(ratio × in flight, min)."""
+
+
+class ColorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str = Field(min_length=1, max_length=64)
+    backends: list[str] = Field(min_length=1, max_length=64)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) else v
+
+    @field_validator("backends")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not url.startswith(("http://", "https://")) or len(url) > 512:
+                raise ValueError(f"backend must be an http(s) URL: {url[:80]!r}")
+        return [u.rstrip("/") for u in v]
+
+
+def check_weights(weights: dict[str, Any]) -> dict[Color, int]:
+    """Weights are integers 0-100 for exactly blue and green, summing to 100."""
+    if set(weights) != set(COLORS):
+        raise ValueError(f"weights must name exactly 'blue' and 'green', got {sorted(weights)}")
+    for color, w in weights.items():
+        if type(w) is not int or not 0 <= w <= 100:
+            raise ValueError(f"weight of {color} must be an integer 0-100, got {w!r}")
+    if weights["blue"] + weights["green"] != 100:
+        raise ValueError(f"weights must sum to 100, got {weights['blue'] + weights['green']}")
+    return {"blue": weights["blue"], "green": weights["green"]}
+
+
+def _default_weights() -> dict[Color, int]:
+    return {"blue": 100, "green": 0}
+
+
+class ModelRoute(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    colors: dict[Color, ColorConfig]
+    weights: dict[Color, int] = Field(default_factory=_default_weights)
+    candidate: Color | None = None
+    """The color a release goes to; default: the color at 0% (green when both carry traffic)."""
+    shadow_percent: int = Field(0, ge=0, le=100)
+    canary: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelRoute:
+        if set(self.colors) != set(COLORS):
+            raise ValueError("colors must define both 'blue' and 'green'")
+        self.weights = check_weights({str(k): v for k, v in self.weights.items()})
+        return self
+
+
+class RoutingFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: dict[str, ModelRoute] = Field(min_length=1)
+
+    @classmethod
+    def load(cls, path: Path) -> RoutingFile:
+        text = path.read_text()
+        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return cls.model_validate(doc)
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BLUEGREEN_", env_nested_delimiter="__", extra="ignore")
+
+    config: Path | None = None
+    """The YAML routing file (models, colors, backends, weights)."""
+    data: Listener = Listener(port=8080)
+    """The data listener: V2 endpoints for client apps."""
+    admin: Listener = Listener(port=8081)
+    """The admin listener: /admin/v1 (bearer tokens) and /metrics."""
+    admin_token: str | None = None
+    """A single admin token, audited as ``admin``."""
+    admin_tokens: str | None = None
+    """Named tokens, ``name:token,name2:token2``."""
+    admin_tokens_file: Path | None = None
+    """Named tokens from a file: YAML/JSON mapping ``name: token``."""
+    auth_max_failures: int = Field(10, ge=1)
+    auth_window_s: float = Field(60.0, gt=0)
+    allow_color_override: bool = False
+    """Honour the ``x-bluegreen-color`` request header (tests and debugging; off in production)."""
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_concurrency: int = Field(2048, ge=1)
+    """Requests in flight on the data listener beyond which new ones are shed with 503 + Retry-After."""
+    state_file: Path | None = None
+    """Where the embedded state store keeps weights, colors and the audit log across restarts."""
+    window_s: float = Field(60.0, gt=0)
+    """Span of the per-color latency/error windows that /stats and the canary read."""
+    graceful_shutdown_s: float = Field(30.0, gt=0)
+    breaker: BreakerSettings = BreakerSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+
+    def routing(self) -> RoutingFile:
+        if self.config is None:
+            raise ValueError("no routing file: pass --config FILE or set BLUEGREEN_CONFIG")
+        return RoutingFile.load(self.config)
+
+    def tokens(self) -> dict[str, str]:
+        """token -> name, from every configured source."""
+        named: dict[str, str] = {}
+        if self.admin_tokens_file is not None:
+            doc = yaml.safe_load(self.admin_tokens_file.read_text()) or {}
+            if not isinstance(doc, dict):
+                raise ValueError(f"{self.admin_tokens_file}: expected a mapping of name: token")
+            named.update({str(k): str(v) for k, v in doc.items()})
+        if self.admin_tokens:
+            for pair in self.admin_tokens.split(","):
+                name, sep, token = pair.strip().partition(":")
+                if not sep or not name or not token:
+                    raise ValueError("BLUEGREEN_ADMIN_TOKENS must be name:token pairs separated by commas")
+                named[name] = token
+        if self.admin_token:
+            named.setdefault("admin", self.admin_token)
+        for name, token in named.items():
+            if len(token) < 16:
+                raise ValueError(f"admin token {name!r} is shorter than 16 characters")
+        return {token: name for name, token in named.items()}

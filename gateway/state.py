@@ -1,0 +1,196 @@
+"""Routing state — weights, colors, candidate — and the audit log, behind a compare-and-set store.
+
+Every model's state carries a ``revision``; a write names the revision it read (the admin API's ETag /
+If-Match) and fails with :class:`PreconditionFailed` when another write came first, so of N concurrent
+writers with the same ETag exactly one wins. Writes are applied without yielding to the event loop in
+between check and set, which makes the in-memory store atomic within a process.
+
+:class:`MemoryStateStore` is the embedded default; with a state file it survives restarts (``bluegreen up``).
+The Redis store for several gateway replicas implements the same methods (canary/control-plane issue).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import NotFound, PreconditionFailed
+from gateway.settings import COLORS, Color, RoutingFile, other
+
+log = logging.getLogger(__name__)
+
+AUDIT_LIMIT = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class ColorState:
+    version: str
+    backends: tuple[str, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"version": self.version, "backends": list(self.backends)}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelState:
+    """One model's routing state. Immutable: a write replaces it, so readers never see half an update."""
+
+    name: str
+    colors: dict[Color, ColorState]
+    weights: dict[Color, int]
+    candidate_override: Color | None = None
+    shadow_percent: int = 0
+    revision: int = 1
+
+    @property
+    def candidate(self) -> Color:
+        """The color a release goes to: as configured, else the color at 0%, else green."""
+        if self.candidate_override is not None:
+            return self.candidate_override
+        for color in COLORS:
+            if self.weights[color] == 0:
+                return color
+        return "green"
+
+    @property
+    def stable(self) -> Color:
+        return other(self.candidate)
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.revision}"'
+
+    def color_of_version(self, version: str) -> Color | None:
+        for color in COLORS:
+            if self.colors[color].version == version:
+                return color
+        return None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "colors": {c: s.as_json() for c, s in self.colors.items()},
+                "weights": dict(self.weights), "candidate": self.candidate, "stable": self.stable,
+                "shadow_percent": self.shadow_percent, "revision": self.revision}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> ModelState:
+        colors = {c: ColorState(str(v["version"]), tuple(v["backends"])) for c, v in doc["colors"].items()}
+        return cls(doc["name"], colors, dict(doc["weights"]), doc.get("candidate_override"),
+                   int(doc.get("shadow_percent", 0)), int(doc.get("revision", 1)))
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    time: float
+    who: str
+    action: str
+    model: str | None
+    old: Any
+    new: Any
+    reason: str | None = None
+    evidence: Any = None
+
+    def as_json(self) -> dict[str, Any]:
+        doc = dataclasses.asdict(self)
+        doc["time_iso"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.time))
+        return doc
+
+
+Listener = Callable[[ModelState], None]
+
+
+@dataclass
+class MemoryStateStore:
+    models: dict[str, ModelState]
+    state_file: Path | None = None
+    audit_log: deque[AuditEntry] = field(default_factory=lambda: deque(maxlen=AUDIT_LIMIT))
+    _listeners: list[Listener] = field(default_factory=list)
+
+    @classmethod
+    def from_routing(cls, routing: RoutingFile, state_file: Path | None = None) -> MemoryStateStore:
+        models = {
+            name: ModelState(name, {c: ColorState(r.colors[c].version, tuple(r.colors[c].backends)) for c in COLORS},
+                             dict(r.weights), r.candidate, r.shadow_percent)
+            for name, r in routing.models.items()
+        }
+        store = cls(models, state_file)
+        store._load_file()
+        return store
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, name: str) -> ModelState:
+        state = self.models.get(name)
+        if state is None:
+            raise NotFound(f"unknown model {name!r}; configured: {', '.join(sorted(self.models))}")
+        return state
+
+    def audit(self, limit: int = 100) -> list[AuditEntry]:
+        return list(reversed(self.audit_log))[:limit]
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener`` with a model's new state after every change to it."""
+        self._listeners.append(listener)
+
+    # ------------------------------------------------------------------ writes
+
+    def update(self, name: str, if_revision: int | None, change: Callable[[ModelState], ModelState], *,
+               who: str, action: str, reason: str | None = None, evidence: Any = None) -> ModelState:
+        """Compare-and-set: apply ``change`` if the model is still at ``if_revision`` (None: unconditionally)."""
+        current = self.get(name)
+        if if_revision is not None and current.revision != if_revision:
+            raise PreconditionFailed(f"stale ETag: model {name!r} is at revision {current.revision}, "
+                                     f"the write was based on {if_revision}")
+        updated = dataclasses.replace(change(current), revision=current.revision + 1)
+        self.models[name] = updated
+        old, new = _changes(current, updated)
+        self.audit_log.append(AuditEntry(time.time(), who, action, name, old, new, reason, evidence))
+        self._save_file()
+        for listener in self._listeners:
+            listener(updated)
+        return updated
+
+    # ------------------------------------------------------------------ persistence
+
+    def _load_file(self) -> None:
+        if self.state_file is None or not self.state_file.exists():
+            return
+        try:
+            doc = json.loads(self.state_file.read_text())
+            for name, m in doc.get("models", {}).items():
+                if name in self.models:  # models removed from the routing file are dropped
+                    self.models[name] = ModelState.from_json(m)
+            for a in doc.get("audit", []):
+                self.audit_log.append(AuditEntry(**a))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("ignoring unreadable state file %s: %s", self.state_file, exc)
+
+    def _save_file(self) -> None:
+        if self.state_file is None:
+            return
+        doc = {"models": {n: {**dataclasses.asdict(m), "colors": {c: s.as_json() for c, s in m.colors.items()}}
+                          for n, m in self.models.items()},
+               "audit": [dataclasses.asdict(a) for a in self.audit_log]}
+        tmp = self.state_file.with_suffix(".tmp")
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, self.state_file)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._save_file()
+
+
+def _changes(before: ModelState, after: ModelState) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The fields a write changed: (as they were, as they are now)."""
+    a, b = before.as_json(), after.as_json()
+    keys = [k for k in b if k != "revision" and a.get(k) != b.get(k)]
+    return {k: a[k] for k in keys}, {k: b[k] for k in keys}
