@@ -145,6 +145,12 @@ class DynamicBatcher:
         started = time.perf_counter()
         try:
             outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, inputs)
+        except asyncio.CancelledError:
+            # stop() while this batch runs: its requests are off the queue, so only this can answer them.
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(QueueFull("the model is shutting down"))
+            raise
         except Exception as exc:  # delivered to every request of the batch
             for p in batch:
                 if not p.future.done():

@@ -38,14 +38,30 @@ class BodyLimitMiddleware:
                     return
                 break
         received = 0
+        exceeded = False
+        started = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    exceeded = True
                     raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except PayloadTooLarge as exc:
+            # An app with its own ServingError handler answers 413 itself; any other app lets the error
+            # reach this point, and the refusal must not depend on how the wrapped app handles errors.
+            if not exceeded or started:
+                raise
+            await error_response(413, exc.message, {"connection": "close"})(scope, receive, send)

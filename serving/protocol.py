@@ -241,6 +241,10 @@ def decode_inputs(request: CheckedRequest, binary: memoryview) -> dict[str, np.n
                     raw = np.asarray(item.data)
                     if raw.size and raw.dtype.kind not in "iub":
                         raise ValueError(f"values of kind {raw.dtype.kind!r}")
+                    if raw.size and raw.dtype.kind in "iu":  # astype would wrap out-of-range values silently
+                        info = np.iinfo(dtype)
+                        if int(raw.min()) < info.min or int(raw.max()) > info.max:
+                            raise ValueError(f"values outside [{info.min}, {info.max}]")
                     arr = raw.astype(dtype, copy=False)
                 else:
                     arr = np.asarray(item.data, dtype=dtype)
