@@ -4,7 +4,7 @@ States (``state`` as the admin API shows it)::
 
     closed     calls flow; each outcome enters a count-based sliding window
     open       calls are refused for ``open_s``; the request goes to the other color
-    half_open  at most ``half_open_probes`` calls at once are let through; their outcomes decide:
+    half_open  ``half_open_probes`` calls are let through, the rest refused; their outcomes decide:
                failure rate (or slow rate) at/above the threshold → open again, else → closed
 
 Rules: no verdict before ``minimum_calls`` outcomes are in the window; a timeout or a cancelled call counts as
@@ -36,7 +36,7 @@ class Breaker:
         self._window: deque[tuple[bool, bool]] = deque()
         self._failures = 0
         self._slow = 0
-        self._probes_in_flight = 0
+        self._probes_admitted = 0
         self.transitions = 0
 
     @property
@@ -50,8 +50,8 @@ class Breaker:
         state = self.state
         if state == "closed":
             return self._generation
-        if state == "half_open" and self._probes_in_flight < self.settings.half_open_probes:
-            self._probes_in_flight += 1
+        if state == "half_open" and self._probes_admitted < self.settings.half_open_probes:
+            self._probes_admitted += 1
             return self._generation
         return None
 
@@ -59,8 +59,6 @@ class Breaker:
         """The outcome of a call admitted with ``permit``."""
         if permit != self._generation:
             return  # admitted under an earlier state
-        if self._state == "half_open":
-            self._probes_in_flight = max(0, self._probes_in_flight - 1)
         s = self.settings
         slow = duration_s >= s.slow_call_duration_s
         self._window.append((not ok, slow))
@@ -88,7 +86,7 @@ class Breaker:
         self.transitions += 1
         self._window.clear()
         self._failures = self._slow = 0
-        self._probes_in_flight = 0
+        self._probes_admitted = 0
         if state == "open":
             self._opened_at = self._clock()
 

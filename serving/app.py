@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -69,7 +68,7 @@ class ModelServer:
         for name, version in sorted(self.models, key=lambda k: (k[0], int(k[1]) if k[1].isdigit() else -1)):
             self.latest[name] = version
         self.load_error: str | None = None
-        self._rng = random.Random()
+        self._fault_calls = 0  # --fault-error-rate spreads its errors evenly: call n fails when the count steps
 
     @property
     def ready(self) -> bool:
@@ -108,8 +107,12 @@ class ModelServer:
         s = self.settings
         if s.fault_latency_ms:
             await asyncio.sleep(s.fault_latency_ms / 1000.0)
-        if s.fault_error_rate and self._rng.random() < s.fault_error_rate:
-            raise InferenceFailed("injected fault (--fault-error-rate)")
+        if s.fault_error_rate:
+            # Deterministic and interleaved: exactly that fraction of calls fail, spread evenly (a drill that
+            # must open a breaker "within one window" cannot depend on a lucky draw).
+            n = self._fault_calls = self._fault_calls + 1
+            if int(n * s.fault_error_rate) > int((n - 1) * s.fault_error_rate):
+                raise InferenceFailed("injected fault (--fault-error-rate)")
         try:
             outputs = await model.predict(inputs, request.batch_size)
         except QueueFull as exc:

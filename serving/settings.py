@@ -38,5 +38,5 @@ class ServingSettings(BaseSettings):
     fault_latency_ms: float = Field(0.0, ge=0)
     """Drills only: latency added to every inference."""
     fault_error_rate: float = Field(0.0, ge=0, le=1)
-    """Drills only: this fraction of inference requests is answered 500."""
+    """Drills only: this fraction of inference requests is answered 500, spread evenly (deterministic)."""
     graceful_shutdown_s: float = Field(30.0, gt=0)

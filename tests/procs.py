@@ -99,3 +99,38 @@ def start_model_server(tmp_path: Path, models: Sequence[str], *, port: int | Non
         proc.stop()
         raise
     return proc, url
+
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+def routing(blue: Sequence[str], green: Sequence[str], *, weights: tuple[int, int] = (100, 0),
+            versions: tuple[str, str] = ("1", "2"), model: str = "digits") -> dict:  # type: ignore[type-arg]
+    return {"models": {model: {
+        "colors": {"blue": {"version": versions[0], "backends": list(blue)},
+                   "green": {"version": versions[1], "backends": list(green)}},
+        "weights": {"blue": weights[0], "green": weights[1]}}}}
+
+
+def start_gateway(tmp_path: Path, routing_doc: dict, env: dict[str, str] | None = None,  # type: ignore[type-arg]
+                  name: str = "gateway") -> tuple[Proc, str, str]:
+    """Start ``bluegreen gateway`` on free loopback ports; return the process, data URL and admin URL."""
+    import json
+
+    config = tmp_path / f"{name}-routing.json"
+    config.write_text(json.dumps(routing_doc))
+    data_port, admin_port = free_port(), free_port()
+    full_env = {"BLUEGREEN_DATA__PORT": str(data_port), "BLUEGREEN_ADMIN__PORT": str(admin_port),
+                "BLUEGREEN_ADMIN_TOKEN": ADMIN_TOKEN, "BLUEGREEN_ALLOW_COLOR_OVERRIDE": "true", **(env or {})}
+    proc = Proc([*BLUEGREEN, "gateway", "--config", str(config)], tmp_path / f"{name}.log", full_env)
+    data, admin = f"http://127.0.0.1:{data_port}", f"http://127.0.0.1:{admin_port}"
+    try:
+        wait_ready(proc, f"{data}/v2/health/ready", timeout=30)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, data, admin
+
+
+def admin_headers() -> dict[str, str]:
+    return {"authorization": f"Bearer {ADMIN_TOKEN}"}
