@@ -45,7 +45,8 @@ def alive(pid: int) -> bool:
 def start_up(tmp_path: Path, ports: dict[str, int]) -> Proc:
     args = [*BLUEGREEN, "up", "--state-dir", str(tmp_path / "state"), "--port", str(ports["data"]),
             "--admin-port", str(ports["admin"]), "--blue-port", str(ports["blue"]), "--green-port", str(ports["green"])]
-    proc = Proc(args, tmp_path / f"up-{len(list(tmp_path.glob('up-*.log')))}.log", {"BLUEGREEN_ADMIN_TOKEN": ADMIN_TOKEN})
+    log = tmp_path / f"up-{len(list(tmp_path.glob('up-*.log')))}.log"
+    proc = Proc(args, log, {"BLUEGREEN_ADMIN_TOKEN": ADMIN_TOKEN})
     wait_until(lambda: "] ready" in proc.log() or proc.popen.poll() is not None, 90, interval=0.1, what="up ready")
     assert proc.popen.poll() is None, proc.log()
     return proc
