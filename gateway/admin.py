@@ -168,7 +168,7 @@ def create_admin_app(settings: GatewaySettings, store: MemoryStateStore, plane: 
         name = who(request)
         model = request.path_params["model"]
         color = request.path_params["color"]
-        current = store.get(model)
+        store.get(model)
         if color not in COLORS:
             raise NotFound(f"unknown color {color!r}: blue or green")
         doc = await _body(request)
@@ -180,12 +180,14 @@ def create_admin_app(settings: GatewaySettings, store: MemoryStateStore, plane: 
             cfg = ColorConfig.model_validate(doc)
         except ValidationError as exc:
             raise BadRequest(f"invalid color: {_first_error(exc)}") from None
-        if current.weights[color] > 0 and not force:
-            raise Conflict(f"{color} carries {current.weights[color]}% of {model!r}; move its traffic away "
-                           f"first or send \"force\": true")
         new_color = ColorState(cfg.version, tuple(cfg.backends))
 
         def change(s: ModelState) -> ModelState:
+            # Judged on the state the write applies to, inside the compare-and-set: a weight change may have
+            # landed while this request's body was arriving.
+            if s.weights[color] > 0 and not force:
+                raise Conflict(f"{color} carries {s.weights[color]}% of {model!r}; move its traffic away "
+                               f"first or send \"force\": true")
             return _replace(s, colors={**s.colors, color: new_color})
 
         state = store.update(model, _if_match(request), change, who=name,

@@ -76,6 +76,16 @@ class Breaker:
         elif self._state == "half_open" and n >= s.half_open_probes:
             self._transition("open" if self._tripped(n) else "closed")
 
+    def release(self, permit: int) -> None:
+        """Give back a permit whose call was never made (e.g. the retry budget said no): judges nothing.
+
+        In half-open the probe slot is returned, so another call can probe. Recording a neutral success instead
+        would let calls that never happened close a half-open breaker; recording nothing would leave the slot
+        taken and the breaker half-open, refusing everything, for good.
+        """
+        if permit == self._generation and self._state == "half_open":
+            self._probes_admitted = max(0, self._probes_admitted - 1)
+
     def _tripped(self, n: int) -> bool:
         s = self.settings
         return self._failures / n >= s.failure_rate_threshold or self._slow / n >= s.slow_call_rate_threshold

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Color = Literal["blue", "green"]
@@ -101,7 +101,8 @@ def _default_weights() -> dict[Color, int]:
 class ModelRoute(BaseModel):
     model_config = ConfigDict(extra="forbid")
     colors: dict[Color, ColorConfig]
-    weights: dict[Color, int] = Field(default_factory=_default_weights)
+    weights: dict[Color, StrictInt] = Field(default_factory=_default_weights)
+    """Strict, as the admin API is: ``true``, ``50.0`` or ``"50"`` are not weights."""
     candidate: Color | None = None
     """The color a release goes to; default: the color at 0% (green when both carry traffic)."""
     shadow_percent: int = Field(0, ge=0, le=100)
