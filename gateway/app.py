@@ -21,6 +21,7 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.admin import Authenticator, create_admin_app
+from gateway.cache import PredictionCache, RedisL2
 from gateway.dataplane import DataPlane, InferRequest, Reply
 from gateway.errors import MethodNotAllowed, NotFound, ServingError, Unavailable
 from gateway.middleware import BodyLimitMiddleware
@@ -36,7 +37,8 @@ VERSION = "0.1.0"
 _JSON = [(b"content-type", b"application/json")]
 _REQUEST_HEADERS = {b"inference-header-content-length": "header_length", b"x-bluegreen-key": "key",
                     b"x-bluegreen-color": "forced_color", b"x-bluegreen-timeout-ms": "timeout_ms",
-                    b"content-type": "content_type", b"traceparent": "traceparent", b"tracestate": "tracestate"}
+                    b"content-type": "content_type", b"traceparent": "traceparent", b"tracestate": "tracestate",
+                    b"cache-control": "cache_control"}
 
 
 @dataclass
@@ -49,7 +51,13 @@ class Gateway:
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> Gateway:
         store = MemoryStateStore.from_routing(settings.routing(), settings.state_file)
-        plane = DataPlane(settings, store)
+        cache = None
+        if settings.cache.enabled:
+            l2 = None
+            if settings.redis_url:
+                l2 = RedisL2(settings.redis_url, settings.cache.redis_timeout_s, settings.cache.redis_max_connections)
+            cache = PredictionCache(settings.cache, l2)
+        plane = DataPlane(settings, store, cache)
         auth = Authenticator(settings.tokens(), settings.auth_max_failures, settings.auth_window_s)
         return cls(settings, store, plane, auth)
 

@@ -1,9 +1,11 @@
 """The request path, independent of HTTP framing (DESIGN.md, "A request's way through the gateway").
 
 read body (size-limited, by the middleware) → parse the JSON header once and check it against the model's
-declared inputs → pick the color → [cache: later] → breaker admits? → upstream call with the original bytes
+declared inputs → pick the color → cache lookup with that color's version (L1, then L2) → single flight →
+breaker admits? → upstream call with the original bytes
 and a deadline → on failure the other color → every attempt recorded in its own color's window → reply with
-provenance headers. Tensor data is never decoded or re-encoded here.
+provenance headers. Tensor data is never decoded or re-encoded here. When both colors fail, a stale cached
+answer (``x-bluegreen-cache: stale``) comes before a 503.
 
 Retries (DESIGN.md, "Routing rules"): a connection that could not be opened, or a color whose breakers all
 refuse, moves to the other color at no cost; a failure after the request was sent (reset, 5xx, deadline)
@@ -18,7 +20,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from gateway.cache import Entry, PredictionCache, digest
 from gateway.errors import BadRequest, Unavailable, UpstreamFailure
 from gateway.router import Router
 from gateway.settings import COLORS, Color, GatewaySettings, other
@@ -41,6 +45,25 @@ class Reply:
 
 
 @dataclass(slots=True)
+class Answer:
+    """What one forwarded request produced: the response and who gave it."""
+
+    resp: UpstreamResponse
+    color: Color
+    version: str
+    upstream_s: float
+    failed_over: bool
+
+
+def _cache_policy(cache_control: str | None) -> tuple[bool, bool]:
+    """(may read, may write) from the request's Cache-Control: ``no-cache`` skips reads, ``no-store`` writes."""
+    if not cache_control:
+        return True, True
+    tokens = {t.strip().lower() for t in cache_control.split(",")}
+    return "no-cache" not in tokens, "no-store" not in tokens
+
+
+@dataclass(slots=True)
 class InferRequest:
     model: str
     body: bytes
@@ -53,15 +76,17 @@ class InferRequest:
     content_type: str | None = None
     traceparent: str | None = None
     tracestate: str | None = None
+    cache_control: str | None = None
 
 
 class DataPlane:
-    def __init__(self, settings: GatewaySettings, store: MemoryStateStore,
+    def __init__(self, settings: GatewaySettings, store: MemoryStateStore, cache: PredictionCache | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.store = store
         self.router = Router(settings.allow_color_override)
         self.upstream = Upstream(settings.upstream)
+        self.cache = cache
         self._clock = clock
         self.pools: dict[tuple[str, Color], ColorPool] = {}
         self.windows: dict[tuple[str, Color], Window] = {}
@@ -87,6 +112,8 @@ class DataPlane:
         if self._signature_refresh is not None:
             self._signature_refresh.cancel()
         await self.upstream.close()
+        if self.cache is not None:
+            await self.cache.close()
 
     def _on_state_change(self, state: ModelState) -> None:
         """A color re-pointed at other backends gets a fresh pool; breakers of backends it keeps carry over."""
@@ -155,9 +182,51 @@ class DataPlane:
         sig = self.signature(state, color)
         if sig is not None:
             protocol.check_request(header, len(binary), sig, None)
+        read, write = _cache_policy(req.cache_control)
+        cache = self.cache if self.cache is not None and (read or write) else None
+        if cache is None:
+            return self._reply(await self._forward(state, color, req, deadline_s), b"bypass", started)
+
+        version = state.colors[color].version
+        request_digest = digest(header, binary)
+        key = cache.key(state.name, version, request_digest)
+        stale: Entry | None = None
+        if read:
+            found = await cache.lookup(key, version)
+            if found.entry is not None:
+                return self._reply_cached(found.entry, color, b"hit", header.get("id"), started)
+            stale = found.stale
+
+        async def produce() -> tuple[Answer, Entry | None]:
+            answer = await self._forward(state, color, req, deadline_s)
+            entry = None
+            if answer.resp.status == 200:
+                entry = Entry.from_response(answer.version, answer.resp.content_type, answer.resp.header_length,
+                                            answer.resp.body, cache.clock())
+                if entry is not None and write:  # stored under the version that answered, after any failover
+                    cache.store(cache.key(state.name, answer.version, request_digest), entry)
+            return answer, entry
+
+        try:
+            if read:  # identical concurrent misses share one upstream call
+                (answer, entry), leader = await cache.single_flight(key, produce)
+            else:
+                (answer, entry), leader = await produce(), True
+        except Unavailable:
+            if stale is None:
+                raise
+            cache.counters["stale"] += 1
+            return self._reply_cached(stale, state.color_of_version(stale.version) or color, b"stale",
+                                      header.get("id"), started, degraded=b"stale-cache")
+        if not leader and entry is not None:  # a follower: the leader's answer, with this request's id
+            return self._reply_cached(entry, answer.color, b"miss", header.get("id"), started,
+                                      degraded=b"failover" if answer.failed_over else None)
+        return self._reply(answer, b"miss" if read else b"bypass", started)
+
+    async def _forward(self, state: ModelState, color: Color, req: InferRequest, deadline_s: float) -> Answer:
+        """Send the original bytes to ``color``, then (unless pinned) the other color; record every attempt."""
         pinned = req.version is not None or req.forced_color is not None
         order: tuple[Color, ...] = (color,) if pinned else (color, other(color))
-
         headers = {"content-type": req.content_type or "application/json"}
         for name, value in ((protocol.HEADER_LENGTH, req.header_length), ("x-request-id", req.request_id),
                             ("traceparent", req.traceparent), ("tracestate", req.tracestate)):
@@ -169,8 +238,7 @@ class DataPlane:
         self.in_flight += 1
         try:
             for c in order:
-                pool = self.pools[(state.name, c)]
-                picked = pool.pick()
+                picked = self.pools[(state.name, c)].pick()
                 if picked is None:
                     failures.append(f"{c}: circuit open")
                     continue
@@ -209,8 +277,7 @@ class DataPlane:
                     failures.append(f"{c}: HTTP {resp.status}")
                     sent_failure = True
                     continue
-                return self._reply(resp, c, version, degraded=c != color, upstream_s=elapsed,
-                                   total_s=time.perf_counter() - started)
+                return Answer(resp, c, version, elapsed, failed_over=c != color)
         finally:
             self.in_flight -= 1
         raise Unavailable(f"no color of model {state.name!r} could serve the request ({'; '.join(failures)})",
@@ -229,21 +296,38 @@ class DataPlane:
         u = self.settings.upstream
         return self.retries_in_flight < max(u.retry_budget_ratio * self.in_flight, u.retry_budget_min)
 
-    def _reply(self, resp: UpstreamResponse, color: Color, version: str, *, degraded: bool, upstream_s: float,
-               total_s: float) -> Reply:
+    def _reply(self, answer: Answer, cache_result: bytes, started: float) -> Reply:
+        resp = answer.resp
+        total_s = time.perf_counter() - started
         headers = [
             (b"content-type", resp.content_type.encode()),
-            (b"x-bluegreen-color", color.encode()),
-            (b"x-bluegreen-model-version", version.encode()),
-            (b"x-bluegreen-cache", b"bypass"),
-            (b"server-timing", f"upstream;dur={upstream_s * 1000:.2f}, "
-                                f"gateway;dur={max(0.0, total_s - upstream_s) * 1000:.2f}".encode()),
+            (b"x-bluegreen-color", answer.color.encode()),
+            (b"x-bluegreen-model-version", answer.version.encode()),
+            (b"x-bluegreen-cache", cache_result),
+            (b"server-timing", f"upstream;dur={answer.upstream_s * 1000:.2f}, "
+                                f"gateway;dur={max(0.0, total_s - answer.upstream_s) * 1000:.2f}".encode()),
         ]
         if resp.header_length is not None:
             headers.append((protocol.HEADER_LENGTH.encode(), resp.header_length.encode()))
-        if degraded:
-            headers.append((b"x-bluegreen-degraded", f"failover:{other(color)}-unavailable".encode()))
+        if answer.failed_over:
+            headers.append((b"x-bluegreen-degraded", b"failover"))
         return Reply(resp.status, resp.body, headers)
+
+    def _reply_cached(self, entry: Entry, color: Color, cache_result: bytes, request_id: Any, started: float,
+                      degraded: bytes | None = None) -> Reply:
+        body, header_length = entry.render(request_id if isinstance(request_id, str) else None)
+        headers = [
+            (b"content-type", entry.content_type.encode()),
+            (b"x-bluegreen-color", color.encode()),
+            (b"x-bluegreen-model-version", entry.version.encode()),
+            (b"x-bluegreen-cache", cache_result),
+            (b"server-timing", f"gateway;dur={(time.perf_counter() - started) * 1000:.2f}".encode()),
+        ]
+        if header_length is not None:
+            headers.append((protocol.HEADER_LENGTH.encode(), str(header_length).encode()))
+        if degraded is not None:
+            headers.append((b"x-bluegreen-degraded", degraded))
+        return Reply(200, body, headers)
 
     # ------------------------------------------------------------------ read side
 

@@ -63,6 +63,28 @@ class UpstreamSettings(BaseModel):
     """Retries after a sent request are allowed while retries in flight < max(ratio × in flight, min)."""
 
 
+class CacheSettings(BaseModel):
+    """The prediction cache: L1 in process, L2 in Redis when ``BLUEGREEN_REDIS_URL`` is set."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    ttl_s: float = Field(300.0, gt=0)
+    """How long an entry answers requests."""
+    stale_s: float = Field(3600.0, ge=0)
+    """How much longer an expired entry is kept to answer when both colors fail (stale-if-error)."""
+    l1_max_entries: int = Field(50_000, ge=1)
+    l1_max_bytes: int = Field(128 * 1024 * 1024, ge=1024)
+    max_entry_bytes: int = Field(1024 * 1024, ge=1)
+    """Responses larger than this are not cached."""
+    redis_timeout_s: float = Field(0.05, gt=0, le=0.05)
+    """Timeout of every Redis call on the request path (no retries)."""
+    redis_open_s: float = Field(2.0, gt=0, le=5.0)
+    """How long a failing Redis is left alone before one probe."""
+    redis_max_connections: int = Field(64, ge=1)
+    max_pending_writes: int = Field(1000, ge=1)
+    """Background Redis writes in flight beyond which new writes are dropped."""
+
+
 class ColorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: str = Field(min_length=1, max_length=64)
@@ -154,7 +176,10 @@ class GatewaySettings(BaseSettings):
     window_s: float = Field(60.0, gt=0)
     """Span of the per-color latency/error windows that /stats and the canary read."""
     graceful_shutdown_s: float = Field(30.0, gt=0)
+    redis_url: str | None = None
+    """Redis for the shared cache tier (``redis://127.0.0.1:6379/0``); unset: in-process cache only."""
     breaker: BreakerSettings = BreakerSettings()
+    cache: CacheSettings = CacheSettings()
     upstream: UpstreamSettings = UpstreamSettings()
 
     def routing(self) -> RoutingFile:

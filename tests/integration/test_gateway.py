@@ -24,6 +24,8 @@ ROW = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 
        0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10, 0, 0, 0]
 BODY = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": ROW}]})
 INFER = "/v2/models/digits/infer"
+# These tests exercise routing and failure handling: every request must reach a backend, not the cache.
+NO_CACHE = {"cache-control": "no-cache, no-store"}
 
 
 @dataclass
@@ -66,7 +68,7 @@ async def fire(url: str, n: int, concurrency: int, headers: dict[str, str] | Non
     async with httpx.AsyncClient(base_url=url, timeout=20, limits=httpx.Limits(max_connections=concurrency)) as c:
         async def worker() -> None:
             for i in counter:
-                h = dict(headers or {})
+                h = {**NO_CACHE, **(headers or {})}
                 if keys is not None:
                     h["x-bluegreen-key"] = keys[i]
                 results[i] = await c.post(INFER, content=BODY, headers=h)
@@ -131,7 +133,7 @@ def test_sigkill_green_under_load(servers: Servers, tmp_path: Path) -> None:
             async with httpx.AsyncClient(base_url=data, timeout=20) as c:
                 async def worker() -> None:
                     while time.monotonic() < stop:
-                        r = await c.post(INFER, content=BODY)
+                        r = await c.post(INFER, content=BODY, headers=NO_CACHE)
                         log.append((time.monotonic(), r.status_code, r.headers.get("x-bluegreen-color", "")))
 
                 async def killer() -> None:
@@ -216,7 +218,7 @@ def test_hanging_green_hits_the_deadline_while_blue_keeps_serving(servers: Serve
             async with httpx.AsyncClient(base_url=data, timeout=20) as c:
                 async def timed(headers: dict[str, str]) -> tuple[float, httpx.Response]:
                     t0 = time.monotonic()
-                    r = await c.post(INFER, content=BODY, headers=headers)
+                    r = await c.post(INFER, content=BODY, headers={**NO_CACHE, **headers})
                     return time.monotonic() - t0, r
 
                 split = [timed({}) for _ in range(10)]
@@ -245,7 +247,7 @@ def test_both_colors_down_answer_503_fast_and_the_gateway_stays_ready(tmp_path: 
         with httpx.Client(base_url=data) as c:
             for _ in range(30):
                 t0 = time.monotonic()
-                r = c.post(INFER, content=BODY)
+                r = c.post(INFER, content=BODY, headers=NO_CACHE)
                 elapsed = time.monotonic() - t0
                 assert r.status_code == 503
                 assert int(r.headers["retry-after"]) >= 1
@@ -315,7 +317,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     try:
         async def scenario() -> list[int]:
             async with httpx.AsyncClient(base_url=data, timeout=20) as c:
-                calls = [asyncio.ensure_future(c.post(INFER, content=BODY)) for _ in range(20)]
+                calls = [asyncio.ensure_future(c.post(INFER, content=BODY, headers=NO_CACHE)) for _ in range(20)]
                 await asyncio.sleep(0.3)  # all 20 are now inside the model server's 700 ms
                 proc.signal(signal.SIGTERM)
                 return [r.status_code for r in await asyncio.gather(*calls)]
