@@ -201,6 +201,11 @@ def create_admin_app(settings: GatewaySettings, store: MemoryStateStore, plane: 
                       **plane.windows[(state.name, c)].snapshot().as_json()} for c in COLORS}
         return _json({"model": state.name, "colors": colors})
 
+    async def cache_stats(request: Request) -> Response:
+        who(request)
+        cache = plane.cache
+        return _json({"enabled": cache is not None, **(cache.stats() if cache is not None else {})})
+
     async def audit(request: Request) -> Response:
         who(request)
         try:
@@ -229,6 +234,7 @@ def create_admin_app(settings: GatewaySettings, store: MemoryStateStore, plane: 
         Route(f"{prefix}/models/{{model}}/colors/{{color}}", put_color, methods=["PUT"]),
         Route(f"{prefix}/models/{{model}}/stats", stats, methods=["GET"]),
         Route(f"{prefix}/audit", audit, methods=["GET"]),
+        Route(f"{prefix}/cache", cache_stats, methods=["GET"]),
     ]
     return Starlette(routes=routes, middleware=[Middleware(BodyLimitMiddleware, max_bytes=ADMIN_BODY_LIMIT)],
                      exception_handlers={ServingError: serving_error, HTTPException: http_error})

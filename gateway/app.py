@@ -172,13 +172,14 @@ class DataApp:
 
     async def _model_ready(self, model: str, version: str | None) -> Reply:
         state = self.plane.store.get(model)
-        ready = await self.plane.model_ready(model)
-        if version is not None:
+        if version is not None:  # a pinned version is served by its color whatever that color's weight
             color = state.color_of_version(version)
             if color is None:
                 raise NotFound(f"no color of model {model!r} serves version {version!r}")
-            ok = ready.get(color, False)
+            ready = await self.plane.model_ready(model, (color,))
+            ok = ready[color]
         else:
+            ready = await self.plane.model_ready(model)
             ok = any(ready.values())
         return _json_reply({"name": model, "ready": ok, "colors": ready}, 200 if ok else 503)
 

@@ -238,21 +238,21 @@ class DataPlane:
         self.in_flight += 1
         try:
             for c in order:
+                # Budget and deadline are checked before a breaker permit is taken: a permit always ends in
+                # an outcome, and a half-open breaker must never close on calls that were not made.
+                is_retry = sent_failure
+                if is_retry and not self._retry_allowed():
+                    failures.append(f"{c}: retry budget exhausted")
+                    break
+                remaining = end - self._clock()
+                if remaining <= 0:
+                    failures.append(f"{c}: deadline exceeded before the attempt")
+                    break
                 picked = self.pools[(state.name, c)].pick()
                 if picked is None:
                     failures.append(f"{c}: circuit open")
                     continue
                 backend, permit = picked
-                is_retry = sent_failure
-                if is_retry and not self._retry_allowed():
-                    backend.breaker.record(permit, True, 0.0)  # unused permit: release it neutrally
-                    failures.append(f"{c}: retry budget exhausted")
-                    break
-                remaining = end - self._clock()
-                if remaining <= 0:
-                    backend.breaker.record(permit, True, 0.0)
-                    failures.append(f"{c}: deadline exceeded before the attempt")
-                    break
                 timeout = min(remaining, self.settings.upstream.attempt_timeout_s)
                 version = state.colors[c].version
                 url = f"{backend.url}/v2/models/{state.name}/versions/{version}/infer"
@@ -331,13 +331,12 @@ class DataPlane:
 
     # ------------------------------------------------------------------ read side
 
-    async def model_ready(self, name: str) -> dict[str, bool]:
-        """Per color carrying traffic: does a backend with an admitting breaker report the version ready?"""
+    async def model_ready(self, name: str, colors: tuple[Color, ...] | None = None) -> dict[str, bool]:
+        """Per color (default: those carrying traffic): does a backend whose breaker is not open report the
+        color's version ready?"""
         state = self.store.get(name)
         result: dict[str, bool] = {}
-        for color in COLORS:
-            if state.weights[color] == 0:
-                continue
+        for color in colors or tuple(c for c in COLORS if state.weights[c] > 0):
             version = state.colors[color].version
             ready = False
             for backend in self.pools[(name, color)].backends:
