@@ -134,3 +134,30 @@ def start_gateway(tmp_path: Path, routing_doc: dict, env: dict[str, str] | None 
 
 def admin_headers() -> dict[str, str]:
     return {"authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def start_redis(tmp_path: Path, port: int | None = None) -> tuple[Proc, int]:
+    """A private ``redis-server`` on a free loopback port, nothing persisted; the tests kill it at will."""
+    import shutil
+
+    import pytest
+
+    exe = shutil.which("redis-server")
+    if exe is None:  # never a skip: CI must run the Redis tests
+        pytest.fail("redis-server is not installed (Debian package redis-server)")
+    port = port or free_port()
+    proc = Proc([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(tmp_path)], tmp_path / f"redis-{port}.log")
+
+    def pong() -> bool:
+        if proc.popen.poll() is not None:
+            raise AssertionError(f"redis-server exited:\n{proc.log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    wait_until(pong, 10, what="redis-server")
+    return proc, port

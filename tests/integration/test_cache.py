@@ -1,0 +1,245 @@
+"""The prediction cache with real processes: model servers, gateways and a private redis-server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+import redis
+
+from tests.integration.faultproxy import FaultProxy
+from tests.procs import admin_headers, routing, start_gateway, start_model_server, start_redis, wait_until
+
+pytestmark = pytest.mark.usefixtures("model_repo")
+INFER = "/v2/models/digits/infer"
+
+
+def body(seed: int, request_id: str | None = None, spaced: bool = False) -> bytes:
+    row = np.random.default_rng(seed).integers(0, 17, size=64).astype(float).tolist()
+    doc: dict[str, object] = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": row}]}
+    if request_id is not None:
+        doc["id"] = request_id
+    raw = orjson.dumps(doc)
+    return raw.replace(b",", b", ").replace(b":", b": ") if spaced else raw
+
+
+def cache_stats(admin: str) -> dict:  # type: ignore[type-arg]
+    return httpx.get(f"{admin}/admin/v1/cache", headers=admin_headers()).json()  # type: ignore[no-any-return]
+
+
+def inference_count(server: str, version: str) -> int:
+    doc = httpx.get(f"{server}/v2/models/digits/versions/{version}/stats").json()
+    return int(doc["model_stats"][0]["inference_count"])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, model_repo: Path) -> Iterator[str]:
+    proc, url = start_model_server(tmp_path_factory.mktemp("cache-server"), ["digits:1", "digits:2", "digits:3"])
+    yield url
+    proc.stop()
+
+
+def test_l1_hit_then_l2_hit_in_a_second_gateway(server: str, tmp_path: Path) -> None:
+    rproc, rport = start_redis(tmp_path)
+    env = {"BLUEGREEN_REDIS_URL": f"redis://127.0.0.1:{rport}/0"}
+    a, data_a, admin_a = start_gateway(tmp_path, routing([server], [server]), env, name="a")
+    b, data_b, admin_b = start_gateway(tmp_path, routing([server], [server]), env, name="b")
+    try:
+        first = httpx.post(f"{data_a}{INFER}", content=body(1, "first"))
+        assert first.status_code == 200 and first.headers["x-bluegreen-cache"] == "miss"
+        second = httpx.post(f"{data_a}{INFER}", content=body(1, "second", spaced=True))
+        assert second.headers["x-bluegreen-cache"] == "hit"
+        assert second.json()["id"] == "second"  # the hit carries this request's id
+        assert second.json()["outputs"] == first.json()["outputs"]
+        assert cache_stats(admin_a)["l1_hits"] == 1
+
+        r = redis.Redis(port=rport)
+        wait_until(lambda: r.keys("bluegreen:cache:digits:1:*"), 5, what="the L2 write")
+        third = httpx.post(f"{data_b}{INFER}", content=body(1))
+        assert third.headers["x-bluegreen-cache"] == "hit"
+        assert "id" not in third.json()
+        assert third.json()["outputs"] == first.json()["outputs"]
+        assert cache_stats(admin_b)["l2_hits"] == 1
+        r.close()
+    finally:
+        a.stop()
+        b.stop()
+        rproc.stop()
+
+
+def test_concurrent_identical_cold_requests_make_one_upstream_call(tmp_path: Path) -> None:
+    slow, slow_url = start_model_server(tmp_path, ["digits:1"], extra=["--fault-latency-ms", "300"])
+    gw, data, _ = start_gateway(tmp_path, routing([slow_url], [slow_url]))
+    try:
+        before = inference_count(slow_url, "1")
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=data, timeout=20, limits=httpx.Limits(max_connections=200)) as c:
+                return await asyncio.gather(*(c.post(INFER, content=body(42, f"r{i}")) for i in range(200)))
+
+        responses = asyncio.run(burst())
+        assert [r.status_code for r in responses] == [200] * 200
+        assert inference_count(slow_url, "1") - before == 1
+        assert [r.json()["id"] for r in responses] == [f"r{i}" for i in range(200)]
+    finally:
+        gw.stop()
+        slow.stop()
+
+
+def _load(data: str, seconds: float, results: list[tuple[float, int]]) -> None:
+    """Closed-loop load for ``seconds`` mixing repeated and fresh inputs; (latency, status) per request."""
+    async def run() -> None:
+        stop = time.monotonic() + seconds
+        async with httpx.AsyncClient(base_url=data, timeout=20) as c:
+            async def worker(w: int) -> None:
+                i = 0
+                while time.monotonic() < stop:
+                    seed = (w * 1000 + i) if i % 2 else (i % 20)
+                    t0 = time.monotonic()
+                    r = await c.post(INFER, content=body(seed))
+                    results.append((time.monotonic() - t0, r.status_code))
+                    i += 1
+
+            await asyncio.gather(*(worker(w) for w in range(8)))
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("fault", ["killed", "hanging"])
+def test_redis_failure_never_fails_a_prediction_and_recovers(server: str, tmp_path: Path, fault: str) -> None:
+    rproc, rport = start_redis(tmp_path)
+    proxy = FaultProxy(rport)
+    env = {"BLUEGREEN_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0"}
+    gw, data, admin = start_gateway(tmp_path, routing([server], [server]), env)
+    try:
+        results: list[tuple[float, int]] = []
+
+
+        thread = threading.Thread(target=_load, args=(data, 3.0, results))
+        thread.start()
+        time.sleep(1.0)
+        if fault == "killed":
+            rproc.signal(signal.SIGKILL)
+            rproc.wait(5)
+        else:
+            proxy.set_mode("hang")
+        thread.join(30)
+        assert len(results) > 50
+        assert {s for _, s in results} == {200}, "a prediction failed while Redis was down"
+        assert max(t for t, _ in results) < 1.0  # bounded by the 50 ms cache timeout, with a wide margin
+        stats = cache_stats(admin)
+        assert stats["l2_errors"] > 0, stats
+
+        # Redis back: L2 writes and hits resume within 5 s, without restarting the gateway.
+        if fault == "killed":
+            rproc.stop()
+            rproc, _ = start_redis(tmp_path, port=rport)
+        else:
+            proxy.set_mode("pass")
+        r = redis.Redis(port=rport)
+
+        def l2_resumed() -> bool:
+            httpx.post(f"{data}{INFER}", content=body(int(time.monotonic() * 1000) % 100_000 + 10_000))
+            return bool(r.keys("bluegreen:cache:*"))
+
+        if fault == "killed":
+            wait_until(l2_resumed, 5, interval=0.2, what="L2 writes to resume")
+        else:
+            keys_before = len(r.keys("bluegreen:cache:*"))
+            wait_until(lambda: l2_resumed() and len(r.keys("bluegreen:cache:*")) > keys_before, 5, interval=0.2,
+                       what="L2 writes to resume")
+        r.close()
+    finally:
+        gw.stop()
+        proxy.close()
+        rproc.stop()
+
+
+def test_a_repointed_color_never_serves_the_old_versions_cached_output(server: str, tmp_path: Path) -> None:
+    rproc, rport = start_redis(tmp_path)
+    env = {"BLUEGREEN_REDIS_URL": f"redis://127.0.0.1:{rport}/0"}
+    doc = routing([server], [server], weights=(0, 100))
+    gw, data, admin = start_gateway(tmp_path, doc, env)
+    try:
+        v2 = httpx.post(f"{data}{INFER}", content=body(7))
+        assert v2.headers["x-bluegreen-model-version"] == "2"
+        assert httpx.post(f"{data}{INFER}", content=body(7)).headers["x-bluegreen-cache"] == "hit"
+        r = httpx.put(f"{admin}/admin/v1/models/digits/colors/green",
+                      json={"version": "3", "backends": [server], "force": True}, headers=admin_headers())
+        assert r.status_code == 200, r.text
+        v3 = httpx.post(f"{data}{INFER}", content=body(7))
+        assert v3.headers["x-bluegreen-model-version"] == "3" == v3.json()["model_version"]
+        assert v3.headers["x-bluegreen-cache"] == "miss"
+    finally:
+        gw.stop()
+
+    # A changed routing file and a restart, while Redis keeps version 2's entries.
+    redis_client = redis.Redis(port=rport)
+    assert redis_client.keys("bluegreen:cache:digits:2:*")
+    doc["models"]["digits"]["colors"]["green"]["version"] = "3"
+    gw, data, _ = start_gateway(tmp_path, doc, env, name="restarted")
+    try:
+        for seed in (7, 7):
+            resp = httpx.post(f"{data}{INFER}", content=body(seed))
+            assert resp.headers["x-bluegreen-model-version"] == "3" == resp.json()["model_version"]
+        direct = httpx.post(f"{server}/v2/models/digits/versions/3/infer", content=body(7)).json()
+        assert resp.json()["outputs"] == direct["outputs"]
+    finally:
+        gw.stop()
+        redis_client.close()
+        rproc.stop()
+
+
+def test_stale_answer_when_both_colors_fail_and_503_without_one(server: str, tmp_path: Path) -> None:
+    proxy = FaultProxy(int(server.rsplit(":", 1)[1]))
+    env = {"BLUEGREEN_CACHE__TTL_S": "0.3", "BLUEGREEN_CACHE__STALE_S": "60"}
+    gw, data, _ = start_gateway(tmp_path, routing([proxy.url], [proxy.url]), env)
+    try:
+        fresh = httpx.post(f"{data}{INFER}", content=body(3, "a"))
+        assert fresh.headers["x-bluegreen-cache"] == "miss"
+        time.sleep(0.4)  # past the TTL: only stale now
+        again = httpx.post(f"{data}{INFER}", content=body(3))
+        assert again.headers["x-bluegreen-cache"] == "miss", "an expired entry answered a healthy request"
+
+        time.sleep(0.4)
+        proxy.set_mode("close")
+        stale = httpx.post(f"{data}{INFER}", content=body(3, "b"))
+        assert stale.status_code == 200
+        assert stale.headers["x-bluegreen-cache"] == "stale"
+        assert stale.headers["x-bluegreen-degraded"] == "stale-cache"
+        assert stale.json()["id"] == "b" and stale.json()["outputs"] == fresh.json()["outputs"]
+
+        none = httpx.post(f"{data}{INFER}", content=body(4))
+        assert none.status_code == 503 and "retry-after" in none.headers
+    finally:
+        gw.stop()
+        proxy.close()
+
+
+def test_cache_control_and_errors(server: str, tmp_path: Path) -> None:
+    gw, data, _ = start_gateway(tmp_path, routing([server], [server]))
+    try:
+        url = f"{data}{INFER}"
+        assert httpx.post(url, content=body(5), headers={"cache-control": "no-store"}).headers[
+            "x-bluegreen-cache"] == "miss"
+        assert httpx.post(url, content=body(5)).headers["x-bluegreen-cache"] == "miss"  # nothing was stored
+        assert httpx.post(url, content=body(5)).headers["x-bluegreen-cache"] == "hit"
+        before = inference_count(server, "1")
+        bypass = httpx.post(url, content=body(5), headers={"cache-control": "no-cache"})
+        assert bypass.headers["x-bluegreen-cache"] == "bypass"
+        assert inference_count(server, "1") == before + 1
+        bad = httpx.post(url, content=b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], '
+                                      b'"data": [' + b'"x",' * 63 + b'"x"]}]}')
+        assert bad.status_code == 400  # the model server refuses it; errors are never cached
+        again = httpx.post(url, content=bad.request.content)
+        assert again.status_code == 400 and again.headers["x-bluegreen-cache"] == "miss"
+    finally:
+        gw.stop()
