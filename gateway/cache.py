@@ -65,10 +65,10 @@ class Entry:
     def from_response(cls, version: str, content_type: str, header_length: str | None, body: bytes,
                       now: float) -> Entry | None:
         """Strip the ``id`` from a V2 response; None when the body is not a V2 response we can rewrite."""
-        n = int(header_length) if header_length is not None else len(body)
         try:
-            doc = orjson.loads(body[:n])
-        except orjson.JSONDecodeError:
+            n = int(header_length) if header_length is not None else len(body)
+            doc = orjson.loads(body[:n]) if 0 <= n <= len(body) else None
+        except ValueError:  # a bad header length or not JSON (orjson.JSONDecodeError is a ValueError)
             return None
         if not isinstance(doc, dict):
             return None
@@ -140,10 +140,13 @@ class Lookup:
 
 class PredictionCache:
     def __init__(self, settings: CacheSettings, l2: L2Store | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+        """``clock`` is the wall clock entries are stamped with (comparable across processes); ``monotonic``
+        times Redis calls and drives the Redis breaker. Both are injected so tests need not sleep."""
         self.settings = settings
         self.l2 = l2
         self.clock = clock
+        self._monotonic = monotonic
         self._l1: OrderedDict[str, Entry] = OrderedDict()
         self._l1_bytes = 0
         self._inflight: dict[str, asyncio.Future[Any]] = {}
@@ -151,7 +154,7 @@ class PredictionCache:
         self.l2_breaker = Breaker(BreakerSettings(window_size=20, minimum_calls=5, failure_rate_threshold=0.5,
                                                   slow_call_duration_s=max(settings.redis_timeout_s, 0.001) * 2,
                                                   open_s=settings.redis_open_s, half_open_probes=1),
-                                  clock=time.monotonic)
+                                  clock=monotonic)
         self.counters: dict[str, int] = {"l1_hits": 0, "l2_hits": 0, "misses": 0, "stale": 0, "coalesced": 0,
                                          "l2_errors": 0, "l2_writes": 0, "l2_writes_dropped": 0}
 
@@ -176,7 +179,7 @@ class PredictionCache:
             if raw is not None:
                 try:
                     remote = Entry.decode(raw)
-                except (ValueError, KeyError, struct.error, orjson.JSONDecodeError):
+                except (ValueError, KeyError, TypeError, struct.error):  # anything else under our prefix
                     remote = None
                 if remote is not None and remote.version == version:
                     if remote.fresh(now, ttl):
@@ -218,6 +221,8 @@ class PredictionCache:
     def _l1_put(self, key: str, entry: Entry) -> None:
         if key in self._l1:
             self._l1_drop(key)
+        if len(entry.body) > self.settings.l1_max_bytes:
+            return  # it would evict every other entry and then itself; L2 may still hold it
         self._l1[key] = entry
         self._l1_bytes += len(entry.body)
         s = self.settings
@@ -237,15 +242,20 @@ class PredictionCache:
             if asyncio.iscoroutine(call):
                 call.close()
             return None
-        t0 = time.monotonic()
+        t0 = self._monotonic()
         try:
             result = await asyncio.wait_for(call, self.settings.redis_timeout_s)
+        except asyncio.CancelledError:
+            # The request went away, which says nothing about Redis; but a half-open probe's slot must come
+            # back, or the breaker stays half-open refusing every call and the cache never returns to Redis.
+            self.l2_breaker.release(permit)
+            raise
         except Exception as exc:  # redis errors, timeouts, protocol errors: all misses
-            self.l2_breaker.record(permit, False, time.monotonic() - t0)
+            self.l2_breaker.record(permit, False, self._monotonic() - t0)
             self.counters["l2_errors"] += 1
             log.debug("redis call failed: %s", exc)
             return None
-        self.l2_breaker.record(permit, True, time.monotonic() - t0)
+        self.l2_breaker.record(permit, True, self._monotonic() - t0)
         return result
 
     # ------------------------------------------------------------------ single flight
