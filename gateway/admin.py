@@ -216,6 +216,9 @@ def create_admin_app(settings: GatewaySettings, store: MemoryStateStore, plane: 
             raise BadRequest("limit must be 1-10000")
         return _json({"entries": [e.as_json() for e in store.audit(limit)]})
 
+    async def metrics(request: Request) -> Response:
+        return Response(plane.telemetry.prometheus_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def serving_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServingError)
         return render(exc)
@@ -228,6 +231,7 @@ def create_admin_app(settings: GatewaySettings, store: MemoryStateStore, plane: 
 
     prefix = "/admin/v1"
     routes = [
+        Route("/metrics", metrics, methods=["GET"]),
         Route(f"{prefix}/models", list_models, methods=["GET"]),
         Route(f"{prefix}/models/{{model}}/split", get_split, methods=["GET"]),
         Route(f"{prefix}/models/{{model}}/split", put_split, methods=["PUT"]),

@@ -13,6 +13,7 @@ cache, stale answers). ``/v2/models/{m}/ready`` reflects the backends.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.admin import Authenticator, create_admin_app
+from gateway.breaker import STATE_CODES
 from gateway.cache import PredictionCache, RedisL2
 from gateway.dataplane import DataPlane, InferRequest, Reply
 from gateway.errors import MethodNotAllowed, NotFound, ServingError, Unavailable
@@ -29,6 +31,7 @@ from gateway.middleware.concurrency import ConcurrencyLimitMiddleware
 from gateway.middleware.request_id import RequestIdMiddleware
 from gateway.settings import COLORS, GatewaySettings
 from gateway.state import MemoryStateStore
+from gateway.telemetry import Telemetry
 from serving.lifecycle import GracefulServer, serve_together
 
 log = logging.getLogger("bluegreen.gateway")
@@ -47,6 +50,8 @@ class Gateway:
     store: MemoryStateStore
     plane: DataPlane
     auth: Authenticator
+    telemetry: Telemetry
+    shedder: ConcurrencyLimitMiddleware | None = None
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> Gateway:
@@ -57,22 +62,49 @@ class Gateway:
             if settings.redis_url:
                 l2 = RedisL2(settings.redis_url, settings.cache.redis_timeout_s, settings.cache.redis_max_connections)
             cache = PredictionCache(settings.cache, l2)
-        plane = DataPlane(settings, store, cache)
+        telemetry = Telemetry(settings.telemetry)
+        plane = DataPlane(settings, store, cache, telemetry)
         auth = Authenticator(settings.tokens(), settings.auth_max_failures, settings.auth_window_s)
-        return cls(settings, store, plane, auth)
+        gateway = cls(settings, store, plane, auth, telemetry)
+        gateway._register_gauges()
+        return gateway
+
+    def _register_gauges(self) -> None:
+        plane, store = self.plane, self.store
+
+        def breakers() -> Iterator[tuple[tuple[str, ...], float]]:
+            for (model, color), pool in plane.pools.items():
+                for b in pool.backends:
+                    yield (model, color, b.url), STATE_CODES[b.breaker.state]
+
+        def weights() -> Iterator[tuple[tuple[str, ...], float]]:
+            for name, state in store.models.items():
+                for color in COLORS:
+                    yield (name, color), state.weights[color]
+
+        def in_flight() -> Iterator[tuple[tuple[str, ...], float]]:
+            yield (), self.shedder.in_flight if self.shedder is not None else plane.in_flight
+
+        t = self.telemetry
+        t.gauge("bluegreen_breaker_state", "Circuit breaker per backend: 0 closed, 1 half-open, 2 open.",
+                    ("model", "color", "backend"), breakers)
+        t.gauge("bluegreen_split_weight", "Traffic weight per color, percent.", ("model", "color"), weights)
+        t.gauge("bluegreen_in_flight_requests", "Requests in flight on the data listener.", (), in_flight)
 
     async def start(self) -> None:
         await self.plane.start()
+        self.telemetry.start_exporters()
 
     async def close(self) -> None:
         await self.plane.close()
+        self.telemetry.shutdown()
         self.store.close()
 
     def data_app(self) -> ASGIApp:
         app: ASGIApp = DataApp(self.plane)
         app = BodyLimitMiddleware(app, self.settings.max_body_bytes)
-        app = ConcurrencyLimitMiddleware(app, self.settings.max_concurrency)
-        return RequestIdMiddleware(app)
+        self.shedder = ConcurrencyLimitMiddleware(app, self.settings.max_concurrency)
+        return RequestIdMiddleware(self.shedder)
 
     def admin_app(self) -> ASGIApp:
         return create_admin_app(self.settings, self.store, self.plane, self.auth)

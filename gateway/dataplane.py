@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.cache import Entry, PredictionCache, digest
-from gateway.errors import BadRequest, Unavailable, UpstreamFailure
+from gateway.errors import BadRequest, ServingError, Unavailable, UpstreamFailure
 from gateway.router import Router
 from gateway.settings import COLORS, Color, GatewaySettings, other
 from gateway.state import MemoryStateStore, ModelState
+from gateway.telemetry import Telemetry
 from gateway.upstream import Backend, ColorPool, Upstream, UpstreamResponse
 from gateway.windows import Window
 from serving import protocol
@@ -42,6 +43,22 @@ class Reply:
     status: int
     body: bytes
     headers: list[tuple[bytes, bytes]]
+    color: str = "none"
+    version: str = ""
+    cache: str = "bypass"
+    upstream_s: float | None = None
+
+
+@dataclass(slots=True)
+class _Note:
+    """What the request path learned before it answered or raised: the labels of its metrics."""
+
+    model: str | None = None
+    color: str = "none"
+    version: str = ""
+
+
+_OUTCOMES = {2: "success", 4: "client_error", 5: "error"}
 
 
 @dataclass(slots=True)
@@ -81,12 +98,13 @@ class InferRequest:
 
 class DataPlane:
     def __init__(self, settings: GatewaySettings, store: MemoryStateStore, cache: PredictionCache | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 telemetry: Telemetry | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.store = store
         self.router = Router(settings.allow_color_override)
         self.upstream = Upstream(settings.upstream)
         self.cache = cache
+        self.telemetry = telemetry or Telemetry(enabled=False)
         self._clock = clock
         self.pools: dict[tuple[str, Color], ColorPool] = {}
         self.windows: dict[tuple[str, Color], Window] = {}
@@ -174,10 +192,45 @@ class DataPlane:
         return deadline
 
     async def infer(self, req: InferRequest) -> Reply:
+        """Answer one inference request; its metrics are recorded whatever happens (for known models)."""
         started = time.perf_counter()
+        note = _Note()
+        outcome = "cancelled"
+        reply: Reply | None = None
+        tracer = self.telemetry.tracer
+        try:
+            if tracer is None:
+                reply = await self._infer(req, note, started)
+            else:
+                from opentelemetry.propagate import extract
+                from opentelemetry.trace import SpanKind
+
+                carrier = {k: v for k, v in (("traceparent", req.traceparent), ("tracestate", req.tracestate)) if v}
+                with tracer.start_as_current_span(f"infer {req.model}", context=extract(carrier),
+                                                  kind=SpanKind.SERVER) as span:
+                    reply = await self._infer(req, note, started)
+                    span.set_attribute("bluegreen.color", reply.color)
+                    span.set_attribute("http.response.status_code", reply.status)
+            outcome = _OUTCOMES.get(reply.status // 100, "error")
+            return reply
+        except ServingError as exc:
+            outcome = _OUTCOMES.get(exc.status // 100, "error")
+            raise
+        finally:
+            if note.model is not None:
+                if reply is not None:
+                    self.telemetry.record_request(note.model, reply.color, reply.version, outcome, reply.cache,
+                                                  time.perf_counter() - started, reply.upstream_s)
+                else:
+                    self.telemetry.record_request(note.model, note.color, note.version, outcome, "bypass",
+                                                  time.perf_counter() - started, None)
+
+    async def _infer(self, req: InferRequest, note: _Note, started: float) -> Reply:
         state = self.store.get(req.model)
+        note.model = state.name
         deadline_s = self._deadline_s(req.timeout_ms)
         color = self.router.choose(state, key=req.key, forced=req.forced_color, version=req.version)
+        note.color, note.version = color, state.colors[color].version
         header, binary = protocol.split_body(req.body, req.header_length)
         sig = self.signature(state, color)
         if sig is not None:
@@ -261,18 +314,21 @@ class DataPlane:
                     self.retries_in_flight += 1
                 t0 = time.perf_counter()
                 try:
-                    resp = await self.upstream.post(url, req.body, headers, timeout)
+                    if self.telemetry.tracer is None:
+                        resp = await self.upstream.post(url, req.body, headers, timeout)
+                    else:
+                        resp = await self._traced_post(url, req.body, headers, timeout, c, version)
                 except UpstreamFailure as exc:
-                    self._settle(backend, permit, state.name, c, is_retry, False, time.perf_counter() - t0)
+                    self._settle(backend, permit, state.name, c, version, is_retry, False, time.perf_counter() - t0)
                     failures.append(f"{c}: {exc.reason}")
                     sent_failure = sent_failure or exc.sent
                     continue
                 except asyncio.CancelledError:  # the client went away: the breaker counts it, the window does not
-                    self._settle(backend, permit, None, c, is_retry, False, time.perf_counter() - t0)
+                    self._settle(backend, permit, None, c, version, is_retry, False, time.perf_counter() - t0)
                     raise
                 elapsed = time.perf_counter() - t0
                 ok = resp.status < 500  # a 4xx is the client's problem, not the backend's
-                self._settle(backend, permit, state.name, c, is_retry, ok, elapsed)
+                self._settle(backend, permit, state.name, c, version, is_retry, ok, elapsed)
                 if not ok:
                     failures.append(f"{c}: HTTP {resp.status}")
                     sent_failure = True
@@ -283,14 +339,31 @@ class DataPlane:
         raise Unavailable(f"no color of model {state.name!r} could serve the request ({'; '.join(failures)})",
                           retry_after_s=max(1, int(self.settings.breaker.open_s)))
 
-    def _settle(self, backend: Backend, permit: int, model: str | None, color: Color, is_retry: bool, ok: bool,
-                elapsed: float) -> None:
+    def _settle(self, backend: Backend, permit: int, model: str | None, color: Color, version: str,
+                is_retry: bool, ok: bool, elapsed: float) -> None:
         backend.outstanding -= 1
         if is_retry:
             self.retries_in_flight -= 1
         backend.breaker.record(permit, ok, elapsed)
         if model is not None:
             self.windows[(model, color)].record(elapsed, ok)
+            self.telemetry.record_attempt(model, color, version, ok, elapsed)
+
+    async def _traced_post(self, url: str, body: bytes, headers: dict[str, str], timeout_s: float, color: Color,
+                           version: str) -> UpstreamResponse:
+        """The upstream call in a client span whose context goes to the model server (W3C traceparent)."""
+        from opentelemetry.propagate import inject
+        from opentelemetry.trace import SpanKind
+
+        with self.telemetry.tracer.start_as_current_span("upstream", kind=SpanKind.CLIENT) as span:
+            span.set_attribute("bluegreen.color", color)
+            span.set_attribute("bluegreen.model_version", version)
+            span.set_attribute("url.full", url)
+            traced = dict(headers)
+            inject(traced)
+            resp = await self.upstream.post(url, body, traced, timeout_s)
+            span.set_attribute("http.response.status_code", resp.status)
+            return resp
 
     def _retry_allowed(self) -> bool:
         u = self.settings.upstream
@@ -311,7 +384,8 @@ class DataPlane:
             headers.append((protocol.HEADER_LENGTH.encode(), resp.header_length.encode()))
         if answer.failed_over:
             headers.append((b"x-bluegreen-degraded", b"failover"))
-        return Reply(resp.status, resp.body, headers)
+        return Reply(resp.status, resp.body, headers, answer.color, answer.version, cache_result.decode(),
+                     answer.upstream_s)
 
     def _reply_cached(self, entry: Entry, color: Color, cache_result: bytes, request_id: Any, started: float,
                       degraded: bytes | None = None) -> Reply:
@@ -327,7 +401,7 @@ class DataPlane:
             headers.append((protocol.HEADER_LENGTH.encode(), str(header_length).encode()))
         if degraded is not None:
             headers.append((b"x-bluegreen-degraded", degraded))
-        return Reply(200, body, headers)
+        return Reply(200, body, headers, color, entry.version, cache_result.decode())
 
     # ------------------------------------------------------------------ read side
 

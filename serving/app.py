@@ -6,6 +6,7 @@ Endpoints (Open Inference Protocol, REST)::
     GET  /v2/models/{m}[/versions/{v}]            metadata
     GET  /v2/models/{m}[/versions/{v}]/ready
     GET  /v2/models/{m}[/versions/{v}]/stats      executions and batch sizes (Triton-style)
+    GET  /metrics                                  Prometheus: queue depth, batch size, inference time
     POST /v2/models/{m}[/versions/{v}]/infer      JSON tensors or the binary tensor extension
 
 The process is live as soon as it listens and ready once every model is loaded and warmed up; models load
@@ -19,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import orjson
@@ -36,6 +37,7 @@ from serving.batching import QueueFull
 from serving.errors import InferenceFailed, NotFound, ServingError, Unavailable, error_response, render
 from serving.lifecycle import GracefulServer
 from serving.limits import BodyLimitMiddleware
+from serving.metrics import MetricSet, make_tracer, shutdown_tracing, tracing_requested
 from serving.model import Model
 from serving.repository import ModelRef, Repository
 from serving.settings import ServingSettings
@@ -45,6 +47,7 @@ log = logging.getLogger("bluegreen.serving")
 SERVER_NAME = "bluegreen"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data"]
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def _json(doc: Any, status: int = 200) -> Response:
@@ -68,6 +71,24 @@ class ModelServer:
         for name, version in sorted(self.models, key=lambda k: (k[0], int(k[1]) if k[1].isdigit() else -1)):
             self.latest[name] = version
         self.load_error: str | None = None
+        self.metrics = MetricSet("bluegreen-model-server")
+        self.batch_size = self.metrics.histogram(
+            "bluegreen_serving_batch_size", "Rows per model run (dynamic batching).", ("model", "version"),
+            bounds=BATCH_BUCKETS, unit="")
+        self.inference_duration = self.metrics.histogram(
+            "bluegreen_serving_inference_duration_seconds", "Time of one model run (one batch).",
+            ("model", "version"))
+        self.requests = self.metrics.counter(
+            "bluegreen_serving_requests", "Inference requests by model, version and status code.",
+            ("model", "version", "code"))
+
+        def queue_depth() -> Iterator[tuple[tuple[str, ...], float]]:
+            for (name, version), model in self.models.items():
+                yield (name, version), model.batcher.queue_depth if model.batcher is not None else 0
+
+        self.metrics.gauge("bluegreen_serving_queue_depth", "Requests waiting for a model run.",
+                           ("model", "version"), queue_depth)
+        self.tracer: Any = None
         self._fault_calls = 0  # --fault-error-rate spreads its errors evenly: call n fails when the count steps
 
     @property
@@ -77,7 +98,13 @@ class ModelServer:
     async def load_all(self) -> None:
         for model in self.models.values():
             await asyncio.to_thread(model.load)
-            model.start()
+            key = (model.name, model.version)
+
+            def on_batch(rows: int, seconds: float, key: tuple[str, str] = key) -> None:
+                self.batch_size.observe(key, rows)
+                self.inference_duration.observe(key, seconds)
+
+            model.start(on_batch)
 
     async def unload_all(self) -> None:
         for model in self.models.values():
@@ -166,6 +193,29 @@ def create_app(settings: ServingSettings, server: ModelServer | None = None,
 
     async def infer(request: Request) -> Response:
         model = _model(request)
+        code = 500
+        try:
+            if core.tracer is None:
+                response = await _infer(request, model)
+            else:
+                from opentelemetry.propagate import extract
+                from opentelemetry.trace import SpanKind
+
+                with core.tracer.start_as_current_span(f"infer {model.name}:{model.version}",
+                                                       context=extract(dict(request.headers)), kind=SpanKind.SERVER):
+                    response = await _infer(request, model)
+            code = response.status_code
+            return response
+        except ServingError as exc:
+            code = exc.status
+            raise
+        finally:
+            core.requests.inc((model.name, model.version, str(code)))
+
+    async def metrics(request: Request) -> Response:
+        return Response(core.metrics.prometheus_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def _infer(request: Request, model: Model) -> Response:
         body = await request.body()
         payload, json_length = await core.infer(model, body, request.headers.get(protocol.HEADER_LENGTH))
         if json_length is None:
@@ -196,15 +246,22 @@ def create_app(settings: ServingSettings, server: ModelServer | None = None,
                     on_load_failure()
 
         task = asyncio.create_task(load())
+        core.metrics.start_otlp()
+        if tracing_requested():
+            core.tracer = make_tracer("bluegreen-model-server", otlp=True)
         try:
             yield
         finally:
+            core.metrics.stop_otlp()
+            if core.tracer is not None:
+                shutdown_tracing()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await core.unload_all()
 
     routes = [
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/v2", server_metadata, methods=["GET"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -59,12 +60,13 @@ class Model:
         return {s.name: np.zeros([rows if d == -1 else d for d in s.shape], dtype=DATATYPES[s.datatype])
                 for s in self.signature.inputs}
 
-    def start(self) -> None:
-        """Start the batcher on the running loop; the model is ready from here on."""
+    def start(self, on_batch: Callable[[int, float], None] | None = None) -> None:
+        """Start the batcher on the running loop; the model is ready from here on. ``on_batch(rows, seconds)``
+        is called after every model run (the metrics seam)."""
         assert self.session is not None, "load() first"
         self.batcher = DynamicBatcher(self.session.run, self._executor, max_batch_size=self._max_batch_size,
                                       max_queue_delay_s=self._max_queue_delay_ms / 1000.0,
-                                      max_queue_size=self._max_queue_size)
+                                      max_queue_size=self._max_queue_size, on_batch=on_batch)
         self.batcher.start()
         self.ready = True
 

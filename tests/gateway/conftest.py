@@ -43,7 +43,7 @@ async def gateway(clock: FakeClock) -> AsyncIterator[Gateway]:
     for version in ("1", "2", "3"):
         plane.signatures[("digits", version)] = DIGITS
     auth = Authenticator(settings.tokens(), settings.auth_max_failures, settings.auth_window_s, clock)
-    yield Gateway(settings, store, plane, auth)
+    yield Gateway(settings, store, plane, auth, plane.telemetry)
     task = plane._signature_refresh  # private, but the only handle on that background task
     if task is not None:
         await task  # re-raises what it raised

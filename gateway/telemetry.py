@@ -1,0 +1,73 @@
+"""The gateway's metrics (DESIGN.md, "Metrics") and traces.
+
+Recording is cheap by construction (see ``serving/metrics.py`` for the measured reason): the hot path
+observes into plain series; Prometheus (admin ``/metrics``) and OTLP (when ``OTEL_EXPORTER_OTLP_*`` is set)
+read them at collection. ``bluegreen_requests_total`` is derived from the request-duration histogram's counts,
+so a request costs two observations and one increment. Label values come only from configured models and
+colors: a request for an unknown model is refused before anything is recorded, so it never creates a series.
+
+Traces (OpenTelemetry SDK, when an OTLP endpoint is configured or a test installs a provider): a server span
+per request with an upstream client span; the W3C trace context goes to the model server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from serving.metrics import Counters, MetricSet, make_tracer, shutdown_tracing, tracing_requested
+
+
+class Telemetry(MetricSet):
+    def __init__(self, enabled: bool = True, *, service_name: str = "bluegreen-gateway") -> None:
+        super().__init__(service_name)
+        self.enabled = enabled
+        self.request_duration = self.histogram(
+            "bluegreen_request_duration_seconds", "Time from request to response at the gateway.",
+            ("model", "color", "version", "outcome", "cache"))
+        self.upstream_duration = self.histogram(
+            "bluegreen_upstream_duration_seconds", "Each upstream attempt, by the color that made it.",
+            ("model", "color", "version", "outcome"))
+        self.overhead = self.histogram(
+            "bluegreen_gateway_overhead_seconds", "Gateway time per request: total minus upstream.",
+            ("model", "color"))
+        self.cache_requests = self.counter(
+            "bluegreen_cache_requests", "Cache results (hit, miss, stale, bypass) per model and color.",
+            ("model", "color", "result"))
+        self.tracer: Any = None
+
+    # ------------------------------------------------------------------ hot path
+
+    def record_request(self, model: str, color: str, version: str, outcome: str, cache: str, total_s: float,
+                       upstream_s: float | None) -> None:
+        if not self.enabled:
+            return
+        self.request_duration.observe((model, color, version, outcome, cache), total_s)
+        self.cache_requests.inc((model, color, cache))
+        if upstream_s is not None:
+            self.overhead.observe((model, color), max(0.0, total_s - upstream_s))
+
+    def record_attempt(self, model: str, color: str, version: str, ok: bool, seconds: float) -> None:
+        if self.enabled:
+            self.upstream_duration.observe((model, color, version, "success" if ok else "error"), seconds)
+
+    # ------------------------------------------------------------------ collection side
+
+    def derived_counters(self) -> Iterator[Counters]:
+        requests = Counters("bluegreen_requests", "Requests answered, by model, color, version, outcome and "
+                            "cache result.", self.request_duration.labels)
+        for key, counts, _ in self.request_duration.snapshot():
+            requests.series[key] = sum(counts)
+        yield requests
+
+    def start_exporters(self) -> None:
+        if not self.enabled:
+            return
+        self.start_otlp()
+        if tracing_requested():
+            self.tracer = make_tracer(self.service_name, otlp=True)
+
+    def shutdown(self) -> None:
+        self.stop_otlp()
+        if self.tracer is not None:
+            shutdown_tracing()
