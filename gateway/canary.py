@@ -1,0 +1,459 @@
+"""The canary analysis: a pure state machine, ``step(policy, status, snapshot, now) -> (status, actions)``.
+
+No I/O, no clock of its own: the controller (``controller.py``) feeds it numbers and applies what it returns,
+so thousands of simulated rollouts run in a second and every decision is reproducible.
+
+Phases (the ``phase`` field of ``GET /admin/v1/models/{m}/canary``)::
+
+    idle         no rollout; the stable color carries the traffic
+    progressing  the candidate holds a stage's weight and is analysed every interval
+    paused       an operator paused it, a stage awaits approval, or a breach the stable color shows too
+                 (a load spike, not the candidate's fault) holds it
+    promoting    the candidate is at 100%, analysed for one more interval before the roles swap
+    promoted     the candidate is the new stable color; the next release goes to the other color
+    rolled_back  the candidate is at 0% and stays deployed for inspection
+
+Rules (DESIGN.md, "Release lifecycle"): a stage passes when its hold time has elapsed, the candidate served
+``min_requests`` in the stage and no trigger fires. Triggers need evidence, not noise:
+
+- errors: the exact (Clopper-Pearson) lower confidence bound of the candidate's error rate in the stage is above
+  ``max_error_rate`` — a single error in a few hundred requests is not evidence;
+- latency: the candidate's p95 over the analysis window exceeds ``max_p95_ms`` on at least ``min_requests``;
+- a breach the stable color shows too over the same window pauses instead of rolling back;
+- quality: with feedback on both colors (``min_feedback`` each), the candidate's online accuracy below the
+  stable color's by more than ``max_accuracy_drop``; without feedback: "no data", which blocks nothing;
+- shadow agreement below ``min_shadow_agreement``, only where a policy sets one;
+- every candidate backend's breaker open: immediate rollback;
+- no candidate requests for ``max_no_data_intervals`` intervals in a row: rollback ("no data" never promotes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from gateway.settings import Color, other
+
+
+class Phase(StrEnum):
+    IDLE = "idle"
+    PROGRESSING = "progressing"
+    PAUSED = "paused"
+    PROMOTING = "promoting"
+    PROMOTED = "promoted"
+    ROLLED_BACK = "rolled_back"
+
+
+ACTIVE = frozenset({Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING})
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    weight: int
+    hold_s: float
+    approve: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The release plan by default: 5% for 2 h, 25% for 6 h, 50% for 12 h, then 100%."""
+
+    stages: tuple[Stage, ...] = (Stage(5, 7200), Stage(25, 21600), Stage(50, 43200))
+    interval_s: float = 60.0
+    min_requests: int = 200
+    max_error_rate: float = 0.001
+    max_p95_ms: float = 120.0
+    max_accuracy_drop: float = 0.05
+    min_feedback: int = 100
+    min_shadow_agreement: float | None = None
+    min_shadow_samples: int = 100
+    max_no_data_intervals: int = 10
+    confidence: float = 0.999
+    """One-sided confidence of the error-rate bound (alpha = 1 - confidence per check)."""
+    grace_s: float = 3600.0
+    """How long the old stable color stays deployed after a promotion (a rollback needs no redeploy)."""
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any] | None, base: Policy | None = None) -> Policy:
+        """A policy from overrides on top of ``base`` (default: the release plan); ValueError says what is wrong."""
+        base = base or cls()
+        if not doc:
+            return base
+        if not isinstance(doc, dict):
+            raise ValueError("policy must be an object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(doc) - known
+        if unknown:
+            raise ValueError(f"unknown policy keys: {', '.join(sorted(unknown))}")
+        changes: dict[str, Any] = {}
+        for key, value in doc.items():
+            if key == "stages":
+                changes[key] = _stages(value)
+            elif key == "min_shadow_agreement":
+                changes[key] = None if value is None else _number(key, value, 0, 1)
+            elif key in ("min_requests", "min_feedback", "min_shadow_samples", "max_no_data_intervals"):
+                if type(value) is not int or value < 0:
+                    raise ValueError(f"{key} must be a non-negative integer")
+                changes[key] = value
+            elif key in ("max_error_rate", "max_accuracy_drop"):
+                changes[key] = _number(key, value, 0, 1)
+            elif key == "confidence":
+                changes[key] = _number(key, value, 0.5, 0.999999)
+            else:
+                changes[key] = _number(key, value, 0, 1e9)
+        policy = dataclasses.replace(base, **changes)
+        if policy.interval_s <= 0:
+            raise ValueError("interval_s must be positive")
+        return policy
+
+    def as_json(self) -> dict[str, Any]:
+        doc = dataclasses.asdict(self)
+        doc["stages"] = [dataclasses.asdict(s) for s in self.stages]
+        return doc
+
+
+def _number(key: str, value: Any, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise ValueError(f"{key} must be a number in [{lo}, {hi}]")
+    return float(value)
+
+
+def _stages(value: Any) -> tuple[Stage, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("stages must be a non-empty list")
+    stages: list[Stage] = []
+    for i, s in enumerate(value):
+        if not isinstance(s, dict) or set(s) - {"weight", "hold_s", "approve"}:
+            raise ValueError(f"stages[{i}] must be an object with weight, hold_s and optional approve")
+        w = s.get("weight")
+        if type(w) is not int or not 1 <= w <= 99:
+            raise ValueError(f"stages[{i}].weight must be an integer 1-99")
+        if stages and w <= stages[-1].weight:
+            raise ValueError("stage weights must increase")
+        approve = s.get("approve", False)
+        if not isinstance(approve, bool):
+            raise ValueError(f"stages[{i}].approve must be true or false")
+        stages.append(Stage(w, _number(f"stages[{i}].hold_s", s.get("hold_s", 0), 0, 1e9), approve))
+    return tuple(stages)
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True, slots=True)
+class ColorSample:
+    """One color's numbers for an analysis. ``count``/``errors``: since the stage started; ``p95_ms``: over the
+    recent analysis window (None without data); ``window_count``: requests in that window."""
+
+    count: int = 0
+    errors: int = 0
+    window_count: int = 0
+    p95_ms: float | None = None
+    breaker_open: bool = False
+    feedback: int = 0
+    correct: int = 0
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.feedback if self.feedback else None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    candidate: ColorSample
+    stable: ColorSample
+    new_candidate_requests: int = 0
+    """Candidate requests since the previous analysis (0: this interval had no data)."""
+    shadow_agreement: float | None = None
+    shadow_samples: int = 0
+
+
+# ----------------------------------------------------------------------------------------------- status
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    time: float
+    result: str  # hold | advance | promote | promoted | rollback | pause | resume | start | abort
+    reason: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """The persisted canary status of one model: one small object (Flagger's CanaryStatus)."""
+
+    phase: Phase = Phase.IDLE
+    candidate: Color | None = None
+    stage: int = 0  # 1-based index of the current stage; len(stages) + 1 while promoting
+    stage_started: float = 0.0
+    started_at: float = 0.0
+    finished_at: float | None = None
+    paused_by: str | None = None  # operator | approval | controller
+    no_data_intervals: int = 0
+    last_analysis: float = 0.0
+    last_decision: Decision | None = None
+    policy: Policy = field(default_factory=Policy)
+
+    def candidate_weight(self) -> int:
+        if self.phase in (Phase.PROMOTING, Phase.PROMOTED):
+            return 100
+        if self.phase in (Phase.IDLE, Phase.ROLLED_BACK) or self.stage == 0:
+            return 0
+        return self.policy.stages[min(self.stage, len(self.policy.stages)) - 1].weight
+
+    def as_json(self) -> dict[str, Any]:
+        return {"phase": self.phase.value, "candidate": self.candidate, "stage": self.stage,
+                "stages": len(self.policy.stages), "stage_started": self.stage_started,
+                "started_at": self.started_at, "finished_at": self.finished_at, "paused_by": self.paused_by,
+                "no_data_intervals": self.no_data_intervals, "last_analysis": self.last_analysis,
+                "last_decision": self.last_decision.as_json() if self.last_decision else None,
+                "policy": self.policy.as_json()}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any] | None) -> Status:
+        if not doc:
+            return cls()
+        last = doc.get("last_decision")
+        return cls(Phase(doc["phase"]), doc.get("candidate"), int(doc.get("stage", 0)),
+                   float(doc.get("stage_started", 0)), float(doc.get("started_at", 0)), doc.get("finished_at"),
+                   doc.get("paused_by"), int(doc.get("no_data_intervals", 0)), float(doc.get("last_analysis", 0)),
+                   Decision(**last) if last else None, Policy.from_json(doc.get("policy")))
+
+
+@dataclass(frozen=True, slots=True)
+class SetWeight:
+    """Give the candidate this weight (the stable color gets the rest)."""
+
+    candidate: Color
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class Promoted:
+    """The candidate is the new stable color: the next release goes to ``next_candidate``."""
+
+    next_candidate: Color
+
+
+Action = SetWeight | Promoted
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+def error_rate_lower_bound(errors: int, n: int, confidence: float) -> float:
+    """Exact one-sided (Clopper-Pearson) lower confidence bound of a binomial proportion.
+
+    The largest p with P(X >= errors | n, p) <= 1 - confidence, found by bisection on the binomial tail.
+    """
+    if errors <= 0 or n <= 0:
+        return 0.0
+    alpha = 1.0 - confidence
+    lo, hi = 0.0, errors / n
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if _upper_tail(errors, n, mid) > alpha:
+            hi = mid
+        else:
+            lo = mid
+    return lo
+
+
+def _upper_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), computed as 1 - P(X <= k-1) in log space (stable for small p)."""
+    if p <= 0:
+        return 0.0
+    if p >= 1:
+        return 1.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    total = 0.0
+    log_coef = 0.0  # log C(n, 0)
+    for i in range(k):
+        if i > 0:
+            log_coef += math.log(n - i + 1) - math.log(i)
+        total += math.exp(log_coef + i * log_p + (n - i) * log_q)
+    return max(0.0, 1.0 - total)
+
+
+# ----------------------------------------------------------------------------------------------- analysis
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    verdict: str  # ok | wait | breach | spike | rollback
+    reason: str
+    evidence: dict[str, Any]
+
+
+def analyse(policy: Policy, snap: Snapshot) -> Analysis:
+    """Judge the candidate on one snapshot (no phase logic)."""
+    c, s = snap.candidate, snap.stable
+    lower_c = _bound_if_above(c.errors, c.count, policy)
+    lower_s = _bound_if_above(s.errors, s.count, policy)
+    evidence: dict[str, Any] = {
+        "candidate": {"requests": c.count, "errors": c.errors, "error_rate": _ratio(c.errors, c.count),
+                      "error_rate_lower_bound": round(lower_c, 6), "p95_ms": c.p95_ms,
+                      "window_requests": c.window_count, "accuracy": c.accuracy, "feedback": c.feedback,
+                      "breaker_open": c.breaker_open},
+        "stable": {"requests": s.count, "errors": s.errors, "error_rate": _ratio(s.errors, s.count),
+                   "error_rate_lower_bound": round(lower_s, 6), "p95_ms": s.p95_ms,
+                   "window_requests": s.window_count, "accuracy": s.accuracy, "feedback": s.feedback},
+        "thresholds": {"max_error_rate": policy.max_error_rate, "max_p95_ms": policy.max_p95_ms,
+                       "max_accuracy_drop": policy.max_accuracy_drop, "min_requests": policy.min_requests,
+                       "confidence": policy.confidence, "min_shadow_agreement": policy.min_shadow_agreement},
+        "shadow": {"agreement": snap.shadow_agreement, "samples": snap.shadow_samples},
+    }
+    if c.breaker_open:
+        return Analysis("rollback", "the candidate's circuit breaker is open", evidence)
+    breaches: list[str] = []
+    stable_too = True
+    if lower_c > policy.max_error_rate:
+        breaches.append(f"error rate {c.errors}/{c.count}: lower bound {lower_c:.4%} > {policy.max_error_rate:.4%}")
+        stable_too = stable_too and lower_s > policy.max_error_rate
+    if c.p95_ms is not None and c.window_count >= policy.min_requests and c.p95_ms > policy.max_p95_ms:
+        breaches.append(f"p95 {c.p95_ms:.1f} ms > {policy.max_p95_ms:.1f} ms")
+        stable_too = stable_too and s.p95_ms is not None and s.p95_ms > policy.max_p95_ms
+    quality = "no data"
+    if c.feedback >= policy.min_feedback and s.feedback >= policy.min_feedback:
+        assert c.accuracy is not None and s.accuracy is not None
+        drop = s.accuracy - c.accuracy
+        quality = f"accuracy {c.accuracy:.3f} vs stable {s.accuracy:.3f}"
+        if drop > policy.max_accuracy_drop:
+            # Quality is the candidate's own: a load spike does not explain it.
+            return Analysis("rollback", f"{quality}: worse by {drop:.3f} > {policy.max_accuracy_drop}", evidence)
+    evidence["quality"] = quality
+    if policy.min_shadow_agreement is not None and snap.shadow_samples >= policy.min_shadow_samples \
+            and snap.shadow_agreement is not None and snap.shadow_agreement < policy.min_shadow_agreement:
+        return Analysis("rollback", f"shadow agreement {snap.shadow_agreement:.3f} < "
+                                    f"{policy.min_shadow_agreement}", evidence)
+    if breaches:
+        if stable_too:
+            return Analysis("spike", "the stable color breaches too: " + "; ".join(breaches), evidence)
+        return Analysis("rollback", "; ".join(breaches), evidence)
+    if c.count < policy.min_requests:
+        return Analysis("wait", f"{c.count} of {policy.min_requests} candidate requests in this stage", evidence)
+    return Analysis("ok", "no trigger fired", evidence)
+
+
+def _bound_if_above(errors: int, n: int, policy: Policy) -> float:
+    """The error rate's lower bound, computed only when the observed rate is above the threshold (the bound is
+    never above the observed rate, so below it the answer is known: no breach)."""
+    if n == 0 or errors / n <= policy.max_error_rate:
+        return 0.0
+    return error_rate_lower_bound(errors, n, policy.confidence)
+
+
+def _ratio(a: int, b: int) -> float | None:
+    return round(a / b, 6) if b else None
+
+
+# ----------------------------------------------------------------------------------------------- the step
+
+
+def start(policy: Policy, candidate: Color, now: float, reason: str = "started") -> tuple[Status, list[Action]]:
+    status = Status(Phase.PROGRESSING, candidate, 1, now, now, None, None, 0, now,
+                    Decision(now, "start", reason, {"candidate": candidate}), policy)
+    return status, [SetWeight(candidate, policy.stages[0].weight)]
+
+
+def step(policy: Policy, status: Status, snap: Snapshot, now: float) -> tuple[Status, list[Action]]:
+    """One analysis interval. Idempotent in time: called again before ``interval_s`` has passed, it changes
+    nothing, so a controller that retries (or two that race) cannot double-step."""
+    if status.phase not in ACTIVE or status.candidate is None:
+        return status, []
+    if now - status.last_analysis < policy.interval_s:
+        return status, []
+    candidate = status.candidate
+    result = analyse(policy, snap)
+    no_data = status.no_data_intervals + 1 if snap.new_candidate_requests == 0 else 0
+    base = dataclasses.replace(status, last_analysis=now, no_data_intervals=no_data)
+
+    def decide(st: Status, kind: str, reason: str) -> Status:
+        return dataclasses.replace(st, last_decision=Decision(now, kind, reason, result.evidence))
+
+    if result.verdict == "rollback":  # in any active phase, paused included: a rollback must never wait
+        st = dataclasses.replace(base, phase=Phase.ROLLED_BACK, finished_at=now, paused_by=None)
+        return decide(st, "rollback", result.reason), [SetWeight(candidate, 0)]
+    if no_data > policy.max_no_data_intervals:
+        st = dataclasses.replace(base, phase=Phase.ROLLED_BACK, finished_at=now, paused_by=None)
+        return decide(st, "rollback", f"no candidate requests for {no_data} intervals"), [SetWeight(candidate, 0)]
+
+    if status.phase == Phase.PAUSED:
+        if status.paused_by == "controller" and result.verdict != "spike":
+            st = dataclasses.replace(base, phase=Phase.PROGRESSING, paused_by=None)
+            return decide(st, "resume", f"the breach cleared ({result.reason})"), []
+        return decide(base, "hold", f"paused by {status.paused_by}: {result.reason}"), []
+
+    if result.verdict == "spike":
+        st = dataclasses.replace(base, phase=Phase.PAUSED, paused_by="controller")
+        return decide(st, "pause", result.reason), []
+
+    if status.phase == Phase.PROMOTING:
+        if result.verdict in ("ok", "wait"):  # at 100% one clean interval completes the promotion
+            st = dataclasses.replace(base, phase=Phase.PROMOTED, finished_at=now)
+            return decide(st, "promoted", f"{candidate} is stable now"), [Promoted(other(candidate))]
+        return decide(base, "hold", result.reason), []
+
+    stage = policy.stages[status.stage - 1]
+    held = now - status.stage_started
+    if result.verdict == "wait" or held < stage.hold_s:
+        why = result.reason if result.verdict == "wait" else f"holding stage {status.stage}: {held:.0f}s of " \
+                                                               f"{stage.hold_s:.0f}s"
+        return decide(base, "hold", why), []
+    # The stage passed.
+    if stage.approve:
+        st = dataclasses.replace(base, phase=Phase.PAUSED, paused_by="approval")
+        return decide(st, "pause", f"stage {status.stage} passed; awaiting approval"), []
+    return advance(policy, base, now, result.evidence, f"stage {status.stage} passed")
+
+
+def advance(policy: Policy, status: Status, now: float, evidence: dict[str, Any],
+            reason: str) -> tuple[Status, list[Action]]:
+    """Move to the next stage, or to promoting after the last one."""
+    assert status.candidate is not None
+    nxt = status.stage + 1
+    if nxt > len(policy.stages):
+        st = dataclasses.replace(status, phase=Phase.PROMOTING, stage=nxt, stage_started=now, paused_by=None,
+                                 last_analysis=now, last_decision=Decision(now, "promote", reason, evidence))
+        return st, [SetWeight(status.candidate, 100)]
+    st = dataclasses.replace(status, phase=Phase.PROGRESSING, stage=nxt, stage_started=now, paused_by=None,
+                             last_analysis=now, last_decision=Decision(now, "advance", reason, evidence))
+    return st, [SetWeight(status.candidate, policy.stages[nxt - 1].weight)]
+
+
+# ----------------------------------------------------------------------------------------------- operators
+
+
+def operator(command: str, status: Status, now: float, who: str) -> tuple[Status, list[Action]]:
+    """pause | resume | promote | abort, as an operator asks; ValueError when the phase does not allow it."""
+    policy = status.policy
+    cand = status.candidate
+    if status.phase not in ACTIVE or cand is None:
+        raise ValueError(f"no rollout in progress (phase {status.phase.value})")
+    decision = Decision(now, command, f"by {who}")
+    if command == "pause":
+        if status.phase == Phase.PAUSED:
+            raise ValueError("already paused")
+        return dataclasses.replace(status, phase=Phase.PAUSED, paused_by="operator", last_decision=decision), []
+    if command == "resume":
+        if status.phase != Phase.PAUSED:
+            raise ValueError("not paused")
+        if status.paused_by == "approval":
+            return advance(policy, status, now, {}, f"stage {status.stage} approved by {who}")
+        return dataclasses.replace(status, phase=Phase.PROGRESSING, paused_by=None, last_decision=decision), []
+    if command == "promote":
+        st = dataclasses.replace(status, phase=Phase.PROMOTING, stage=len(policy.stages) + 1, stage_started=now,
+                                 paused_by=None, last_analysis=now, last_decision=decision)
+        return st, [SetWeight(cand, 100)]
+    if command == "abort":
+        st = dataclasses.replace(status, phase=Phase.ROLLED_BACK, finished_at=now, paused_by=None,
+                                 last_decision=decision)
+        return st, [SetWeight(cand, 0)]
+    raise ValueError(f"unknown command {command!r}")
