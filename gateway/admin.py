@@ -161,7 +161,8 @@ def create_admin_app(settings: GatewaySettings, store: MemoryStateStore, plane: 
         def change(s: ModelState) -> ModelState:
             return _replace(s, weights=weights)
 
-        state = store.update(model, _if_match(request), change, who=name, action="set_weights", reason=reason)
+        state = await store.update(model, _if_match(request), change, who=name, action="set_weights",
+                                   reason=reason)
         return _json(dict(state.weights), headers={"etag": state.etag})
 
     async def put_color(request: Request) -> Response:
@@ -190,7 +191,7 @@ def create_admin_app(settings: GatewaySettings, store: MemoryStateStore, plane: 
                                f"first or send \"force\": true")
             return _replace(s, colors={**s.colors, color: new_color})
 
-        state = store.update(model, _if_match(request), change, who=name,
+        state = await store.update(model, _if_match(request), change, who=name,
                              action="set_color_forced" if force else "set_color", reason=reason)
         return _json(model_json(state), headers={"etag": state.etag})
 

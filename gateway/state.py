@@ -50,6 +50,8 @@ class ModelState:
     candidate_override: Color | None = None
     shadow_percent: int = 0
     revision: int = 1
+    canary: dict[str, Any] | None = None
+    """The persisted canary status (``gateway.canary.Status.as_json()``); None: never started."""
 
     @property
     def candidate(self) -> Color:
@@ -78,13 +80,17 @@ class ModelState:
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "colors": {c: s.as_json() for c, s in self.colors.items()},
                 "weights": dict(self.weights), "candidate": self.candidate, "stable": self.stable,
-                "shadow_percent": self.shadow_percent, "revision": self.revision}
+                "shadow_percent": self.shadow_percent, "revision": self.revision, "canary": self.canary}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> ModelState:
         colors = {c: ColorState(str(v["version"]), tuple(v["backends"])) for c, v in doc["colors"].items()}
         return cls(doc["name"], colors, dict(doc["weights"]), doc.get("candidate_override"),
-                   int(doc.get("shadow_percent", 0)), int(doc.get("revision", 1)))
+                   int(doc.get("shadow_percent", 0)), int(doc.get("revision", 1)), doc.get("canary"))
+
+    def persisted(self) -> dict[str, Any]:
+        """The JSON kept in a state file or in Redis (``from_json`` reads it back)."""
+        return {**dataclasses.asdict(self), "colors": {c: s.as_json() for c, s in self.colors.items()}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,9 +148,10 @@ class MemoryStateStore:
 
     # ------------------------------------------------------------------ writes
 
-    def update(self, name: str, if_revision: int | None, change: Callable[[ModelState], ModelState], *,
-               who: str, action: str, reason: str | None = None, evidence: Any = None) -> ModelState:
-        """Compare-and-set: apply ``change`` if the model is still at ``if_revision`` (None: unconditionally)."""
+    async def update(self, name: str, if_revision: int | None, change: Callable[[ModelState], ModelState], *,
+                     who: str, action: str, reason: str | None = None, evidence: Any = None) -> ModelState:
+        """Compare-and-set: apply ``change`` if the model is still at ``if_revision`` (None: unconditionally).
+        ``change`` may raise (a ServingError) to refuse the write after seeing the current state."""
         current = self.get(name)
         if if_revision is not None and current.revision != if_revision:
             raise PreconditionFailed(f"stale ETag: model {name!r} is at revision {current.revision}, "
@@ -176,8 +183,7 @@ class MemoryStateStore:
     def _save_file(self) -> None:
         if self.state_file is None:
             return
-        doc = {"models": {n: {**dataclasses.asdict(m), "colors": {c: s.as_json() for c, s in m.colors.items()}}
-                          for n, m in self.models.items()},
+        doc = {"models": {n: m.persisted() for n, m in self.models.items()},
                "audit": [dataclasses.asdict(a) for a in self.audit_log]}
         tmp = self.state_file.with_suffix(".tmp")
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -192,5 +198,5 @@ class MemoryStateStore:
 def _changes(before: ModelState, after: ModelState) -> tuple[dict[str, Any], dict[str, Any]]:
     """The fields a write changed: (as they were, as they are now)."""
     a, b = before.as_json(), after.as_json()
-    keys = [k for k in b if k != "revision" and a.get(k) != b.get(k)]
+    keys = [k for k in b if k not in ("revision", "canary") and a.get(k) != b.get(k)]
     return {k: a[k] for k in keys}, {k: b[k] for k in keys}

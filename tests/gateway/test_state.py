@@ -52,17 +52,17 @@ def test_candidate_rules() -> None:
     assert both.color_of_version("2") == "green" and both.color_of_version("9") is None
 
 
-def test_compare_and_set_applies_and_bumps_the_revision() -> None:
+async def test_compare_and_set_applies_and_bumps_the_revision() -> None:
     store = MemoryStateStore.from_routing(routing())
-    updated = store.update("digits", 1, set_weights(weights(80, 20)), who="alice", action="set_weights")
+    updated = await store.update("digits", 1, set_weights(weights(80, 20)), who="alice", action="set_weights")
     assert updated.weights == weights(80, 20) and updated.revision == 2
     assert store.get("digits") is updated
     assert store.get("wide").revision == 1  # revisions are per model
 
 
-def test_stale_revision_is_refused_and_changes_nothing() -> None:
+async def test_stale_revision_is_refused_and_changes_nothing() -> None:
     store = MemoryStateStore.from_routing(routing())
-    store.update("digits", 1, set_weights(weights(80, 20)), who="alice", action="set_weights")
+    await store.update("digits", 1, set_weights(weights(80, 20)), who="alice", action="set_weights")
     before, audit_before = store.get("digits"), store.audit()
     called = []
 
@@ -71,34 +71,34 @@ def test_stale_revision_is_refused_and_changes_nothing() -> None:
         return dataclasses.replace(s, weights=weights(0, 100))
 
     with pytest.raises(PreconditionFailed, match="revision 2"):
-        store.update("digits", 1, change, who="bob", action="set_weights")
+        await store.update("digits", 1, change, who="bob", action="set_weights")
     assert called == []  # the change was never even computed
     assert store.get("digits") is before and store.audit() == audit_before
 
 
-def test_unconditional_write() -> None:
+async def test_unconditional_write() -> None:
     store = MemoryStateStore.from_routing(routing())
-    store.update("digits", None, set_weights(weights(50, 50)), who="controller", action="canary_step")
+    await store.update("digits", None, set_weights(weights(50, 50)), who="controller", action="canary_step")
     assert store.get("digits").revision == 2
 
 
-def test_exactly_one_of_many_writers_with_the_same_revision_wins() -> None:
+async def test_exactly_one_of_many_writers_with_the_same_revision_wins() -> None:
     store = MemoryStateStore.from_routing(routing())
     wins = 0
     for i in range(50):
         try:
-            store.update("digits", 1, set_weights(weights(100 - i, i)), who=f"w{i}", action="set_weights")
+            await store.update("digits", 1, set_weights(weights(100 - i, i)), who=f"w{i}", action="set_weights")
             wins += 1
         except PreconditionFailed:
             pass
     assert wins == 1 and store.get("digits").weights == weights(100, 0) and len(store.audit()) == 1
 
 
-def test_audit_entries_hold_who_action_and_only_the_changed_fields() -> None:
+async def test_audit_entries_hold_who_action_and_only_the_changed_fields() -> None:
     store = MemoryStateStore.from_routing(routing())
-    store.update("digits", 1, set_weights(weights(95, 5)), who="alice", action="set_weights", reason="canary")
+    await store.update("digits", 1, set_weights(weights(95, 5)), who="alice", action="set_weights", reason="canary")
     green = ColorState("3", ("http://127.0.0.1:9003",))
-    store.update("digits", 2, lambda s: dataclasses.replace(s, colors={**s.colors, "green": green}),
+    await store.update("digits", 2, lambda s: dataclasses.replace(s, colors={**s.colors, "green": green}),
                  who="bob", action="set_color", evidence={"validation": "passed"})
     newest, oldest = store.audit()
     assert (oldest.who, oldest.action, oldest.model, oldest.reason) == ("alice", "set_weights", "digits", "canary")
@@ -114,21 +114,21 @@ def test_audit_entries_hold_who_action_and_only_the_changed_fields() -> None:
     assert doc["who"] == "bob" and doc["time_iso"].endswith("Z")
 
 
-def test_candidate_change_is_audited_even_when_only_derived() -> None:
+async def test_candidate_change_is_audited_even_when_only_derived() -> None:
     store = MemoryStateStore.from_routing(routing())
-    store.update("digits", 1, set_weights(weights(0, 100)), who="alice", action="set_weights")
+    await store.update("digits", 1, set_weights(weights(0, 100)), who="alice", action="set_weights")
     entry = store.audit()[0]
     assert set(entry.old) == {"weights", "candidate", "stable"}  # the derived roles swapped too
     assert entry.new["candidate"] == "blue" and entry.new["stable"] == "green"
 
 
-def test_state_file_round_trip(tmp_path: Path) -> None:
+async def test_state_file_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "state.json"
     store = MemoryStateStore.from_routing(routing(), path)
     assert not path.exists()  # nothing written until something changes
-    store.update("digits", 1, set_weights(weights(75, 25)), who="alice", action="set_weights", reason="r")
+    await store.update("digits", 1, set_weights(weights(75, 25)), who="alice", action="set_weights", reason="r")
     green = ColorState("3", ("http://127.0.0.1:9003", "http://127.0.0.1:9004"))
-    store.update("digits", 2, lambda s: dataclasses.replace(s, colors={**s.colors, "green": green},
+    await store.update("digits", 2, lambda s: dataclasses.replace(s, colors={**s.colors, "green": green},
                                                             candidate_override="green"),
                  who="bob", action="set_color_forced")
     assert json.loads(path.read_text())["models"]["digits"]["revision"] == 3
@@ -140,15 +140,15 @@ def test_state_file_round_trip(tmp_path: Path) -> None:
     assert again.audit() == store.audit()
     # It carries on from there: the old ETag is stale, the current one works.
     with pytest.raises(PreconditionFailed):
-        again.update("digits", 2, set_weights(weights(50, 50)), who="alice", action="set_weights")
-    again.update("digits", 3, set_weights(weights(50, 50)), who="alice", action="set_weights")
+        await again.update("digits", 2, set_weights(weights(50, 50)), who="alice", action="set_weights")
+    await again.update("digits", 3, set_weights(weights(50, 50)), who="alice", action="set_weights")
     assert len(MemoryStateStore.from_routing(routing(), path).audit()) == 3
 
 
-def test_state_file_ignores_models_gone_from_the_routing_file(tmp_path: Path) -> None:
+async def test_state_file_ignores_models_gone_from_the_routing_file(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     store = MemoryStateStore.from_routing(routing(), path)
-    store.update("wide", 1, set_weights(weights(50, 50)), who="alice", action="set_weights")
+    await store.update("wide", 1, set_weights(weights(50, 50)), who="alice", action="set_weights")
     only_digits = RoutingFile.model_validate({"models": {"digits": routing().models["digits"].model_dump()}})
     again = MemoryStateStore.from_routing(only_digits, path)
     assert set(again.models) == {"digits"}
@@ -162,12 +162,12 @@ def test_unreadable_state_file_is_ignored(tmp_path: Path, caplog: pytest.LogCapt
     assert "ignoring unreadable state file" in caplog.text
 
 
-def test_listener_notified_with_the_new_state_after_each_change() -> None:
+async def test_listener_notified_with_the_new_state_after_each_change() -> None:
     store = MemoryStateStore.from_routing(routing())
     seen: list[ModelState] = []
     store.subscribe(seen.append)
-    updated = store.update("digits", 1, set_weights(weights(90, 10)), who="alice", action="set_weights")
+    updated = await store.update("digits", 1, set_weights(weights(90, 10)), who="alice", action="set_weights")
     assert seen == [updated]
     with pytest.raises(PreconditionFailed):
-        store.update("digits", 1, set_weights(weights(0, 100)), who="alice", action="set_weights")
+        await store.update("digits", 1, set_weights(weights(0, 100)), who="alice", action="set_weights")
     assert seen == [updated]  # a refused write notifies nobody
