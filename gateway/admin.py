@@ -14,6 +14,7 @@ import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -25,6 +26,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway import canary
+from gateway.controller import apply as apply_decision
 from gateway.dataplane import DataPlane
 from gateway.errors import (
     BadRequest,
@@ -36,7 +39,7 @@ from gateway.errors import (
     error_response,
     render,
 )
-from gateway.settings import COLORS, ColorConfig, GatewaySettings, check_weights
+from gateway.settings import COLORS, Color, ColorConfig, GatewaySettings, check_weights
 from gateway.state import ColorState, MemoryStateStore, ModelState
 from serving.limits import BodyLimitMiddleware
 
@@ -125,7 +128,9 @@ def _reason(doc: dict[str, Any]) -> str | None:
 
 
 def create_admin_app(settings: GatewaySettings, store: MemoryStateStore, plane: DataPlane,
-                     auth: Authenticator) -> Starlette:
+                     auth: Authenticator, canary_defaults: dict[str, dict[str, Any]] | None = None,
+                     clock: Callable[[], float] = time.time) -> Starlette:
+    """The admin API. ``canary_defaults``: per model, the routing file's canary policy overrides."""
     def who(request: Request) -> str:
         client = request.client.host if request.client else "unknown"
         return auth.authenticate(client, request.headers.get("authorization"))
@@ -135,7 +140,7 @@ def create_admin_app(settings: GatewaySettings, store: MemoryStateStore, plane: 
         for color in COLORS:
             doc["colors"][color]["backends"] = [b.as_json() for b in plane.pools[(state.name, color)].backends]
         doc["etag"] = state.etag
-        doc["canary"] = {"phase": "idle"}
+        doc["canary"] = canary_json(state)
         return doc
 
     async def list_models(request: Request) -> Response:
@@ -159,6 +164,10 @@ def create_admin_app(settings: GatewaySettings, store: MemoryStateStore, plane: 
             raise BadRequest(str(exc)) from None
 
         def change(s: ModelState) -> ModelState:
+            phase = canary.Status.from_json(s.canary).phase
+            if phase in canary.ACTIVE:
+                raise Conflict(f"a canary rollout of {model!r} is {phase.value}: pause or abort it, or promote, "
+                               "before setting weights by hand")
             return _replace(s, weights=weights)
 
         state = await store.update(model, _if_match(request), change, who=name, action="set_weights",
@@ -202,6 +211,76 @@ def create_admin_app(settings: GatewaySettings, store: MemoryStateStore, plane: 
                       **plane.windows[(state.name, c)].snapshot().as_json()} for c in COLORS}
         return _json({"model": state.name, "colors": colors})
 
+    def canary_json(state: ModelState) -> dict[str, Any]:
+        status = canary.Status.from_json(state.canary)
+        doc = status.as_json()
+        doc["model"] = state.name
+        doc["weights"] = dict(state.weights)
+        doc["candidate"] = status.candidate or state.candidate
+        doc["time_in_stage_s"] = round(clock() - status.stage_started, 3) if status.phase in canary.ACTIVE else None
+        return doc
+
+    async def get_canary(request: Request) -> Response:
+        who(request)
+        state = store.get(request.path_params["model"])
+        return _json(canary_json(state), headers={"etag": state.etag})
+
+    async def canary_command(request: Request) -> Response:
+        name = who(request)
+        model, command = request.path_params["model"], request.path_params["command"]
+        state = store.get(model)
+        raw = await request.body()
+        doc = await _body(request) if raw.strip() else {}
+        reason = _reason(doc)
+        if command == "start":
+            return await start_canary(name, state, doc, reason)
+        if command not in ("pause", "resume", "promote", "abort"):
+            raise NotFound(f"unknown canary command {command!r}: start, pause, resume, promote or abort")
+        if doc:
+            raise BadRequest(f"{command} takes no body other than an optional 'reason'")
+        try:
+            status, actions = canary.operator(command, canary.Status.from_json(state.canary), clock(), name)
+        except ValueError as exc:
+            raise Conflict(f"cannot {command}: {exc}") from None
+        state = await apply_decision(store, state, status, actions, who=name, reason=reason, force_audit=True)
+        return _json(canary_json(state), headers={"etag": state.etag})
+
+    async def start_canary(name: str, state: ModelState, doc: dict[str, Any], reason: str | None) -> Response:
+        force = doc.pop("force", False)
+        candidate = doc.pop("candidate", None)
+        if not isinstance(force, bool):
+            raise BadRequest("'force' must be true or false")
+        if candidate is not None and candidate not in COLORS:
+            raise BadRequest("'candidate' must be blue or green")
+        overrides = doc.pop("policy", None)
+        if overrides is None:
+            overrides, doc = doc, {}
+        if doc:
+            raise BadRequest(f"unknown keys: {', '.join(sorted(doc))} (policy overrides go in 'policy' or alone)")
+        try:
+            base = canary.Policy.from_json((canary_defaults or {}).get(state.name))
+            policy = canary.Policy.from_json(overrides, base)
+        except ValueError as exc:
+            raise BadRequest(f"invalid policy: {exc}") from None
+        status = canary.Status.from_json(state.canary)
+        if status.phase in canary.ACTIVE:
+            raise Conflict(f"a rollout of {state.name!r} is already {status.phase.value}")
+        cand: Color = candidate or state.candidate
+        if state.weights[cand] == 100:
+            raise Conflict(f"{cand} already carries 100% of {state.name!r}: deploy the release to the other color")
+        version = state.colors[cand].version
+        report = validation_report(settings.validation_repo, state.name, version)
+        if report is not True and not force:
+            raise Conflict(f"{state.name}:{version} has no passing validation report ({report}); run "
+                           f"`bluegreen validate --model {state.name}:{version}` or start with \"force\": true")
+        new, actions = canary.start(policy, cand, clock(), f"started by {name}")
+        forced = report is not True
+        state = await apply_decision(store, state, new, actions, who=name, force_audit=True,
+                                     action="canary_start_forced" if forced else "canary_start",
+                                     reason=f"forced: {report}" + (f"; {reason}" if reason else "") if forced
+                                     else reason)
+        return _json(canary_json(state), headers={"etag": state.etag})
+
     async def cache_stats(request: Request) -> Response:
         who(request)
         cache = plane.cache
@@ -238,11 +317,31 @@ def create_admin_app(settings: GatewaySettings, store: MemoryStateStore, plane: 
         Route(f"{prefix}/models/{{model}}/split", put_split, methods=["PUT"]),
         Route(f"{prefix}/models/{{model}}/colors/{{color}}", put_color, methods=["PUT"]),
         Route(f"{prefix}/models/{{model}}/stats", stats, methods=["GET"]),
+        Route(f"{prefix}/models/{{model}}/canary", get_canary, methods=["GET"]),
+        Route(f"{prefix}/models/{{model}}/canary/{{command}}", canary_command, methods=["POST"]),
         Route(f"{prefix}/audit", audit, methods=["GET"]),
         Route(f"{prefix}/cache", cache_stats, methods=["GET"]),
     ]
     return Starlette(routes=routes, middleware=[Middleware(BodyLimitMiddleware, max_bytes=ADMIN_BODY_LIMIT)],
                      exception_handlers={ServingError: serving_error, HTTPException: http_error})
+
+
+def validation_report(repo: Path | None, model: str, version: str) -> bool | str:
+    """True when ``<repo>/<model>/<version>/validation.json`` says the release gate passed, else why not."""
+    if repo is None:
+        return True  # the gate is switched off (BLUEGREEN_VALIDATION_REPO unset)
+    path = repo / model / version / "validation.json"
+    try:
+        doc = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return f"no report at {path}"
+    except (OSError, orjson.JSONDecodeError) as exc:
+        return f"unreadable report {path}: {exc}"
+    if isinstance(doc, dict) and doc.get("passed") is True:
+        return True
+    failed = [c.get("check") for c in doc.get("checks", []) if isinstance(c, dict) and c.get("result") == "FAIL"] \
+        if isinstance(doc, dict) else []
+    return f"the report at {path} did not pass" + (f" (failed: {', '.join(map(str, failed))})" if failed else "")
 
 
 def _replace(state: ModelState, **changes: Any) -> ModelState:

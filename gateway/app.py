@@ -24,8 +24,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.admin import Authenticator, create_admin_app
 from gateway.breaker import STATE_CODES
 from gateway.cache import PredictionCache, RedisL2
+from gateway.canary import Phase, Status
+from gateway.controller import Controller, LocalMetrics
 from gateway.dataplane import DataPlane, InferRequest, Reply
-from gateway.errors import MethodNotAllowed, NotFound, ServingError, Unavailable
+from gateway.errors import BadRequest, MethodNotAllowed, NotFound, ServingError, Unavailable
 from gateway.middleware import BodyLimitMiddleware
 from gateway.middleware.concurrency import ConcurrencyLimitMiddleware
 from gateway.middleware.request_id import RequestIdMiddleware
@@ -51,11 +53,14 @@ class Gateway:
     plane: DataPlane
     auth: Authenticator
     telemetry: Telemetry
+    canary_defaults: dict[str, dict[str, Any]]
+    controller: Controller
     shedder: ConcurrencyLimitMiddleware | None = None
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> Gateway:
-        store = MemoryStateStore.from_routing(settings.routing(), settings.state_file)
+        routing = settings.routing()
+        store = MemoryStateStore.from_routing(routing, settings.state_file)
         cache = None
         if settings.cache.enabled:
             l2 = None
@@ -65,7 +70,9 @@ class Gateway:
         telemetry = Telemetry(settings.telemetry)
         plane = DataPlane(settings, store, cache, telemetry)
         auth = Authenticator(settings.tokens(), settings.auth_max_failures, settings.auth_window_s)
-        gateway = cls(settings, store, plane, auth, telemetry)
+        controller = Controller(store, LocalMetrics(plane))
+        defaults = {name: dict(route.canary) for name, route in routing.models.items()}
+        gateway = cls(settings, store, plane, auth, telemetry, defaults, controller)
         gateway._register_gauges()
         return gateway
 
@@ -85,7 +92,38 @@ class Gateway:
         def in_flight() -> Iterator[tuple[tuple[str, ...], float]]:
             yield (), self.shedder.in_flight if self.shedder is not None else plane.in_flight
 
+        def canary_stage() -> Iterator[tuple[tuple[str, ...], float]]:
+            for name, state in store.models.items():
+                yield (name,), Status.from_json(state.canary).stage
+
+        def canary_phase() -> Iterator[tuple[tuple[str, ...], float]]:
+            for name, state in store.models.items():
+                current = Status.from_json(state.canary).phase
+                for phase in Phase:
+                    yield (name, phase.value), float(phase == current)
+
+        def shadow_agreement() -> Iterator[tuple[tuple[str, ...], float]]:
+            for name in store.models:
+                ratio, samples = plane.shadow.agreement(name)
+                if samples:
+                    yield (name,), float(ratio or 0.0)
+
+        def online_accuracy() -> Iterator[tuple[tuple[str, ...], float]]:
+            for name, state in store.models.items():
+                for color in COLORS:
+                    labelled, correct = plane.feedback.counts(name, state.colors[color].version)
+                    if labelled:
+                        yield (name, color), correct / labelled
+
         t = self.telemetry
+        t.gauge("bluegreen_canary_stage", "Current canary stage (1-based; 0 idle; stages+1 promoting).",
+                ("model",), canary_stage)
+        t.gauge("bluegreen_canary_phase", "1 for the current canary phase of each model.", ("model", "phase"),
+                canary_phase)
+        t.gauge("bluegreen_shadow_agreement_ratio", "Share of shadow copies that agreed with the answer given.",
+                ("model",), shadow_agreement)
+        t.gauge("bluegreen_online_accuracy_ratio", "Accuracy from feedback, per color's current version.",
+                ("model", "color"), online_accuracy)
         t.gauge("bluegreen_breaker_state", "Circuit breaker per backend: 0 closed, 1 half-open, 2 open.",
                     ("model", "color", "backend"), breakers)
         t.gauge("bluegreen_split_weight", "Traffic weight per color, percent.", ("model", "color"), weights)
@@ -94,8 +132,10 @@ class Gateway:
     async def start(self) -> None:
         await self.plane.start()
         self.telemetry.start_exporters()
+        self.controller.start()
 
     async def close(self) -> None:
+        await self.controller.stop()
         await self.plane.close()
         self.telemetry.shutdown()
         self.store.close()
@@ -107,7 +147,7 @@ class Gateway:
         return RequestIdMiddleware(self.shedder)
 
     def admin_app(self) -> ASGIApp:
-        return create_admin_app(self.settings, self.store, self.plane, self.auth)
+        return create_admin_app(self.settings, self.store, self.plane, self.auth, self.canary_defaults)
 
 
 async def _send(send: Send, reply: Reply) -> None:
@@ -151,6 +191,10 @@ class DataApp:
         path: str = scope["path"]
         method: str = scope["method"]
         parts = path.strip("/").split("/")
+        if parts[:3] == ["feedback", "v1", "models"] and len(parts) == 4:
+            if method != "POST":
+                raise MethodNotAllowed(f"method {method} not allowed on {path}")
+            return await self._feedback(receive, parts[3])
         if parts[0] != "v2":
             raise NotFound(f"no route for {method} {path}")
         if len(parts) >= 3 and parts[1] == "models":
@@ -184,17 +228,18 @@ class DataApp:
             return _json_reply({"ready": True})
         raise NotFound(f"no route for {method} {path}")
 
+    async def _feedback(self, receive: Receive, model: str) -> Reply:
+        self.plane.store.get(model)
+        body = await _read_body(receive)
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"malformed JSON: {exc}") from None
+        return _json_reply(self.plane.feedback.record(model, doc))
+
     async def _infer(self, scope: Scope, receive: Receive, model: str, version: str | None) -> Reply:
         self.plane.store.get(model)  # 404 before reading a body for a model that does not exist
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        req = InferRequest(model, b"".join(chunks), version=version,
+        req = InferRequest(model, await _read_body(receive), version=version,
                            request_id=scope.get("state", {}).get("request_id"))
         for key, value in scope["headers"]:
             field = _REQUEST_HEADERS.get(key)
@@ -230,6 +275,17 @@ class DataApp:
         return _json_reply({"name": model, "versions": versions, "platform": "onnxruntime_onnx",
                             "inputs": [s.as_json() for s in sig.inputs],
                             "outputs": [s.as_json() for s in sig.outputs]})
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

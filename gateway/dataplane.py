@@ -24,8 +24,10 @@ from typing import Any
 
 from gateway.cache import Entry, PredictionCache, digest
 from gateway.errors import BadRequest, ServingError, Unavailable, UpstreamFailure
+from gateway.feedback import FeedbackStore
 from gateway.router import Router
 from gateway.settings import COLORS, Color, GatewaySettings, other
+from gateway.shadow import Shadow
 from gateway.state import MemoryStateStore, ModelState
 from gateway.telemetry import Telemetry
 from gateway.upstream import Backend, ColorPool, Upstream, UpstreamResponse
@@ -56,6 +58,8 @@ class _Note:
     model: str | None = None
     color: str = "none"
     version: str = ""
+    state: ModelState | None = None
+    client_id: str | None = None  # the V2 body's "id"
 
 
 _OUTCOMES = {2: "success", 4: "client_error", 5: "error"}
@@ -108,6 +112,7 @@ class DataPlane:
         self._clock = clock
         self.pools: dict[tuple[str, Color], ColorPool] = {}
         self.windows: dict[tuple[str, Color], Window] = {}
+        self.totals: dict[tuple[str, Color], list[int]] = {}  # cumulative [attempts, errors]: the canary's counts
         self.signatures: dict[tuple[str, str], Signature] = {}
         self.in_flight = 0
         self.retries_in_flight = 0
@@ -118,6 +123,9 @@ class DataPlane:
             for color in COLORS:
                 self.pools[(name, color)] = ColorPool(list(state.colors[color].backends), settings.breaker)
                 self.windows[(name, color)] = Window(settings.window_s, slot, clock)
+                self.totals[(name, color)] = [0, 0]
+        self.feedback = FeedbackStore()
+        self.shadow = Shadow(self.upstream, self.pools)
         store.subscribe(self._on_state_change)
 
     # ------------------------------------------------------------------ lifecycle
@@ -129,6 +137,7 @@ class DataPlane:
     async def close(self) -> None:
         if self._signature_refresh is not None:
             self._signature_refresh.cancel()
+        await self.shadow.close()
         await self.upstream.close()
         if self.cache is not None:
             await self.cache.close()
@@ -212,6 +221,8 @@ class DataPlane:
                     span.set_attribute("bluegreen.color", reply.color)
                     span.set_attribute("http.response.status_code", reply.status)
             outcome = _OUTCOMES.get(reply.status // 100, "error")
+            if reply.status == 200 and note.state is not None:
+                self._after_answer(note.state, note.client_id or req.request_id, req, reply)
             return reply
         except ServingError as exc:
             outcome = _OUTCOMES.get(exc.status // 100, "error")
@@ -232,6 +243,8 @@ class DataPlane:
         color = self.router.choose(state, key=req.key, forced=req.forced_color, version=req.version)
         note.color, note.version = color, state.colors[color].version
         header, binary = protocol.split_body(req.body, req.header_length)
+        note.state = state
+        note.client_id = header["id"] if isinstance(header.get("id"), str) else None
         sig = self.signature(state, color)
         if sig is not None:
             protocol.check_request(header, len(binary), sig, None)
@@ -347,6 +360,9 @@ class DataPlane:
         backend.breaker.record(permit, ok, elapsed)
         if model is not None:
             self.windows[(model, color)].record(elapsed, ok)
+            totals = self.totals[(model, color)]
+            totals[0] += 1
+            totals[1] += not ok
             self.telemetry.record_attempt(model, color, version, ok, elapsed)
 
     async def _traced_post(self, url: str, body: bytes, headers: dict[str, str], timeout_s: float, color: Color,
@@ -364,6 +380,17 @@ class DataPlane:
             resp = await self.upstream.post(url, body, traced, timeout_s)
             span.set_attribute("http.response.status_code", resp.status)
             return resp
+
+    def _after_answer(self, state: ModelState, request_id: str | None, req: InferRequest, reply: Reply) -> None:
+        """Off the answer's critical path: remember it for feedback, send a shadow copy if selected."""
+        length = next((int(v) for k, v in reply.headers if k == b"inference-header-content-length"), None)
+        if request_id is not None:
+            self.feedback.remember(state.name, request_id, reply.color, reply.version, reply.body, length)
+        if state.shadow_percent and reply.cache != "hit" and reply.color in COLORS:
+            headers = {"content-type": req.content_type or "application/json"}
+            if req.header_length is not None:
+                headers[protocol.HEADER_LENGTH] = req.header_length
+            self.shadow.maybe_copy(state, reply.color, req.body, headers, reply.body)
 
     def _retry_allowed(self) -> bool:
         u = self.settings.upstream

@@ -178,6 +178,10 @@ class GatewaySettings(BaseSettings):
     graceful_shutdown_s: float = Field(30.0, gt=0)
     redis_url: str | None = None
     """Redis for the shared cache tier (``redis://127.0.0.1:6379/0``); unset: in-process cache only."""
+    validation_repo: Path | None = None
+    """Where ``bluegreen validate`` reports live (``<repo>/<model>/<version>/validation.json``); when set,
+    ``canary start`` refuses a candidate version without a passing report unless forced. ``bluegreen up``
+    sets it to the model repository."""
     telemetry: bool = True
     """Record request metrics (Prometheus on the admin /metrics, OTLP when OTEL_EXPORTER_OTLP_* is set)."""
     breaker: BreakerSettings = BreakerSettings()

@@ -101,6 +101,7 @@ class Stack:
                                  "--device", o.device], f"http://{o.host}:{port}/v2/health/ready")
 
         gateway_env = {"BLUEGREEN_ADMIN_TOKEN": token, "BLUEGREEN_STATE_FILE": str(o.state_dir / "state.json"),
+                       "BLUEGREEN_VALIDATION_REPO": str(repository.root),
                        "BLUEGREEN_DATA__HOST": o.host, "BLUEGREEN_DATA__PORT": str(o.port),
                        "BLUEGREEN_ADMIN__HOST": o.host, "BLUEGREEN_ADMIN__PORT": str(o.admin_port)}
         return [server("blue", f"{blue.name}:{blue_version}", o.blue_port),

@@ -149,7 +149,8 @@ class MemoryStateStore:
     # ------------------------------------------------------------------ writes
 
     async def update(self, name: str, if_revision: int | None, change: Callable[[ModelState], ModelState], *,
-                     who: str, action: str, reason: str | None = None, evidence: Any = None) -> ModelState:
+                     who: str, action: str, reason: str | None = None, evidence: Any = None,
+                     audit: bool = True) -> ModelState:
         """Compare-and-set: apply ``change`` if the model is still at ``if_revision`` (None: unconditionally).
         ``change`` may raise (a ServingError) to refuse the write after seeing the current state."""
         current = self.get(name)
@@ -158,8 +159,9 @@ class MemoryStateStore:
                                      f"the write was based on {if_revision}")
         updated = dataclasses.replace(change(current), revision=current.revision + 1)
         self.models[name] = updated
-        old, new = _changes(current, updated)
-        self.audit_log.append(AuditEntry(time.time(), who, action, name, old, new, reason, evidence))
+        if audit:
+            old, new = _changes(current, updated)
+            self.audit_log.append(AuditEntry(time.time(), who, action, name, old, new, reason, evidence))
         self._save_file()
         for listener in self._listeners:
             listener(updated)

@@ -14,6 +14,7 @@ import pytest
 
 from gateway.admin import Authenticator
 from gateway.app import Gateway
+from gateway.controller import Controller, LocalMetrics
 from gateway.dataplane import DataPlane
 from gateway.settings import GatewaySettings, RoutingFile
 from gateway.state import MemoryStateStore
@@ -43,7 +44,7 @@ async def gateway(clock: FakeClock) -> AsyncIterator[Gateway]:
     for version in ("1", "2", "3"):
         plane.signatures[("digits", version)] = DIGITS
     auth = Authenticator(settings.tokens(), settings.auth_max_failures, settings.auth_window_s, clock)
-    yield Gateway(settings, store, plane, auth, plane.telemetry)
+    yield Gateway(settings, store, plane, auth, plane.telemetry, {}, Controller(store, LocalMetrics(plane)))
     task = plane._signature_refresh  # private, but the only handle on that background task
     if task is not None:
         await task  # re-raises what it raised

@@ -330,7 +330,7 @@ async def test_models_listing_shows_routing_and_breakers(admin: httpx.AsyncClien
     assert model["colors"]["blue"]["backends"] == [{"url": "http://127.0.0.1:8001", "breaker": "closed",
                                                     "outstanding": 0}]
     assert model["colors"]["green"]["backends"][0]["breaker"] == "open"
-    assert model["canary"] == {"phase": "idle"}
+    assert model["canary"]["phase"] == "idle" and model["canary"]["candidate"] == "green"
 
 
 async def test_stats(admin: httpx.AsyncClient, gateway: Gateway) -> None:
