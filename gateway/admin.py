@@ -40,7 +40,7 @@ from gateway.errors import (
     render,
 )
 from gateway.settings import COLORS, Color, ColorConfig, GatewaySettings, check_weights
-from gateway.state import ColorState, MemoryStateStore, ModelState
+from gateway.state import ColorState, ModelState, StateStore
 from serving.limits import BodyLimitMiddleware
 
 ADMIN_BODY_LIMIT = 64 * 1024
@@ -127,7 +127,7 @@ def _reason(doc: dict[str, Any]) -> str | None:
     return reason
 
 
-def create_admin_app(settings: GatewaySettings, store: MemoryStateStore, plane: DataPlane,
+def create_admin_app(settings: GatewaySettings, store: StateStore, plane: DataPlane,
                      auth: Authenticator, canary_defaults: dict[str, dict[str, Any]] | None = None,
                      clock: Callable[[], float] = time.time) -> Starlette:
     """The admin API. ``canary_defaults``: per model, the routing file's canary policy overrides."""
@@ -294,7 +294,7 @@ def create_admin_app(settings: GatewaySettings, store: MemoryStateStore, plane: 
             raise BadRequest("limit must be an integer") from None
         if not 1 <= limit <= 10_000:
             raise BadRequest("limit must be 1-10000")
-        return _json({"entries": [e.as_json() for e in store.audit(limit)]})
+        return _json({"entries": [e.as_json() for e in await store.read_audit(limit)]})
 
     async def metrics(request: Request) -> Response:
         return Response(plane.telemetry.prometheus_text(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -32,7 +32,8 @@ from gateway.middleware import BodyLimitMiddleware
 from gateway.middleware.concurrency import ConcurrencyLimitMiddleware
 from gateway.middleware.request_id import RequestIdMiddleware
 from gateway.settings import COLORS, GatewaySettings
-from gateway.state import MemoryStateStore
+from gateway.state import MemoryStateStore, StateStore
+from gateway.state_redis import Lease, MergedMetrics, MetricsPublisher, RedisStateStore
 from gateway.telemetry import Telemetry
 from serving.lifecycle import GracefulServer, serve_together
 
@@ -49,18 +50,24 @@ _REQUEST_HEADERS = {b"inference-header-content-length": "header_length", b"x-blu
 @dataclass
 class Gateway:
     settings: GatewaySettings
-    store: MemoryStateStore
+    store: StateStore
     plane: DataPlane
     auth: Authenticator
     telemetry: Telemetry
     canary_defaults: dict[str, dict[str, Any]]
     controller: Controller
+    lease: Lease | None = None
+    publisher: MetricsPublisher | None = None
     shedder: ConcurrencyLimitMiddleware | None = None
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> Gateway:
         routing = settings.routing()
-        store = MemoryStateStore.from_routing(routing, settings.state_file)
+        store: StateStore
+        if settings.redis_url:
+            store = RedisStateStore(settings.redis_url, routing)
+        else:
+            store = MemoryStateStore.from_routing(routing, settings.state_file)
         cache = None
         if settings.cache.enabled:
             l2 = None
@@ -70,9 +77,16 @@ class Gateway:
         telemetry = Telemetry(settings.telemetry)
         plane = DataPlane(settings, store, cache, telemetry)
         auth = Authenticator(settings.tokens(), settings.auth_max_failures, settings.auth_window_s)
-        controller = Controller(store, LocalMetrics(plane))
         defaults = {name: dict(route.canary) for name, route in routing.models.items()}
-        gateway = cls(settings, store, plane, auth, telemetry, defaults, controller)
+        if isinstance(store, RedisStateStore):
+            # Replicas share state; one of them, the lease holder, runs the rollouts on everyone's numbers.
+            lease = Lease(store)
+            store.fence = lease.current
+            controller = Controller(store, MergedMetrics(store, plane), is_leader=lease.is_leader)
+            publisher = MetricsPublisher(store, plane, window_s=settings.window_s)
+            gateway = cls(settings, store, plane, auth, telemetry, defaults, controller, lease, publisher)
+        else:
+            gateway = cls(settings, store, plane, auth, telemetry, defaults, Controller(store, LocalMetrics(plane)))
         gateway._register_gauges()
         return gateway
 
@@ -131,14 +145,23 @@ class Gateway:
 
     async def start(self) -> None:
         await self.plane.start()
+        await self.store.start()
         self.telemetry.start_exporters()
+        if self.lease is not None:
+            self.lease.start()
+        if self.publisher is not None:
+            self.publisher.start()
         self.controller.start()
 
     async def close(self) -> None:
         await self.controller.stop()
+        if self.publisher is not None:
+            await self.publisher.stop()
+        if self.lease is not None:
+            await self.lease.stop()
         await self.plane.close()
         self.telemetry.shutdown()
-        self.store.close()
+        await self.store.aclose()
 
     def data_app(self) -> ASGIApp:
         app: ASGIApp = DataApp(self.plane)

@@ -29,7 +29,7 @@ from gateway.canary import ACTIVE, ColorSample, Snapshot, Status
 from gateway.dataplane import DataPlane
 from gateway.errors import PreconditionFailed
 from gateway.settings import Color, other
-from gateway.state import MemoryStateStore, ModelState
+from gateway.state import ModelState, StateStore
 from gateway.windows import Snapshot as WindowSnapshot
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class Counts:
 
 
 class MetricsSource(Protocol):
+    async def refresh(self) -> None: ...
     def counts(self, model: str, color: Color, version: str) -> Counts: ...
     def window(self, model: str, color: Color, span_s: float) -> WindowSnapshot: ...
     def breaker_open(self, model: str, color: Color) -> bool: ...
@@ -57,6 +58,9 @@ class LocalMetrics:
 
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
+
+    async def refresh(self) -> None:
+        """Nothing to fetch: the numbers are this process's own."""
 
     def counts(self, model: str, color: Color, version: str) -> Counts:
         requests, errors = self.plane.totals[(model, color)]
@@ -74,7 +78,7 @@ class LocalMetrics:
 
 
 class Controller:
-    def __init__(self, store: MemoryStateStore, source: MetricsSource, *, tick_s: float = 0.25,
+    def __init__(self, store: StateStore, source: MetricsSource, *, tick_s: float = 0.25,
                  clock: Callable[[], float] = time.time, is_leader: Callable[[], bool] = lambda: True) -> None:
         self.store = store
         self.source = source
@@ -104,10 +108,14 @@ class Controller:
             await asyncio.sleep(self.tick_s)
 
     async def tick(self) -> None:
+        refreshed = False
         for name in list(self.store.models):
             state = self.store.get(name)
             status = Status.from_json(state.canary)
             if status.phase in ACTIVE and self.clock() - status.last_analysis >= status.policy.interval_s:
+                if not refreshed:
+                    await self.source.refresh()
+                    refreshed = True
                 await self.analyse(state, status)
 
     def snapshot(self, state: ModelState, status: Status) -> Snapshot:
@@ -140,14 +148,14 @@ class Controller:
         if new == status:
             return
         try:
-            await apply(self.store, state, new, actions, who="controller")
+            await apply(self.store, state, new, actions, who="controller", fenced=True)
         except PreconditionFailed:
             log.info("canary decision for %s dropped: the state changed meanwhile", state.name)
 
 
-async def apply(store: MemoryStateStore, state: ModelState, status: Status, actions: list[canary.Action], *,
+async def apply(store: StateStore, state: ModelState, status: Status, actions: list[canary.Action], *,
                 who: str, reason: str | None = None, force_audit: bool = False,
-                action: str | None = None) -> ModelState:
+                action: str | None = None, fenced: bool = False) -> ModelState:
     """Write a canary decision: the status, the weights and candidate it implies, in one compare-and-set."""
     def change(s: ModelState) -> ModelState:
         weights = dict(s.weights)
@@ -165,4 +173,5 @@ async def apply(store: MemoryStateStore, state: ModelState, status: Status, acti
     audited = force_audit or kind != "hold"
     return await store.update(state.name, state.revision, change, who=who, action=action or f"canary_{kind}",
                               reason=reason or (decision.reason if decision else None),
-                              evidence=decision.evidence if decision and audited else None, audit=audited)
+                              evidence=decision.evidence if decision and audited else None, audit=audited,
+                              fenced=fenced)

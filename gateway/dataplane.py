@@ -28,7 +28,7 @@ from gateway.feedback import FeedbackStore
 from gateway.router import Router
 from gateway.settings import COLORS, Color, GatewaySettings, other
 from gateway.shadow import Shadow
-from gateway.state import MemoryStateStore, ModelState
+from gateway.state import ModelState, StateStore
 from gateway.telemetry import Telemetry
 from gateway.upstream import Backend, ColorPool, Upstream, UpstreamResponse
 from gateway.windows import Window
@@ -101,7 +101,7 @@ class InferRequest:
 
 
 class DataPlane:
-    def __init__(self, settings: GatewaySettings, store: MemoryStateStore, cache: PredictionCache | None = None,
+    def __init__(self, settings: GatewaySettings, store: StateStore, cache: PredictionCache | None = None,
                  telemetry: Telemetry | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.store = store

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.errors import NotFound, PreconditionFailed
 from gateway.settings import COLORS, Color, RoutingFile, other
@@ -113,6 +113,22 @@ class AuditEntry:
 Listener = Callable[[ModelState], None]
 
 
+class StateStore(Protocol):
+    """What the gateway needs from a state store; :class:`MemoryStateStore` (one process, optional state
+    file) and ``state_redis.RedisStateStore`` (replicas sharing Redis) implement it."""
+
+    models: dict[str, ModelState]
+
+    def get(self, name: str) -> ModelState: ...
+    def subscribe(self, listener: Listener) -> None: ...
+    async def read_audit(self, limit: int = 100) -> list[AuditEntry]: ...
+    async def update(self, name: str, if_revision: int | None, change: Callable[[ModelState], ModelState], *,
+                     who: str, action: str, reason: str | None = None, evidence: Any = None,
+                     audit: bool = True, fenced: bool = False) -> ModelState: ...
+    async def start(self) -> None: ...
+    async def aclose(self) -> None: ...
+
+
 @dataclass
 class MemoryStateStore:
     models: dict[str, ModelState]
@@ -142,6 +158,15 @@ class MemoryStateStore:
     def audit(self, limit: int = 100) -> list[AuditEntry]:
         return list(reversed(self.audit_log))[:limit]
 
+    async def read_audit(self, limit: int = 100) -> list[AuditEntry]:
+        return self.audit(limit)
+
+    async def start(self) -> None:
+        """Nothing to connect: the state was loaded (from the routing file and state file) at construction."""
+
+    async def aclose(self) -> None:
+        self.close()
+
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener`` with a model's new state after every change to it."""
         self._listeners.append(listener)
@@ -150,9 +175,10 @@ class MemoryStateStore:
 
     async def update(self, name: str, if_revision: int | None, change: Callable[[ModelState], ModelState], *,
                      who: str, action: str, reason: str | None = None, evidence: Any = None,
-                     audit: bool = True) -> ModelState:
+                     audit: bool = True, fenced: bool = False) -> ModelState:
         """Compare-and-set: apply ``change`` if the model is still at ``if_revision`` (None: unconditionally).
-        ``change`` may raise (a ServingError) to refuse the write after seeing the current state."""
+        ``change`` may raise (a ServingError) to refuse the write after seeing the current state. ``fenced``
+        (controller writes) means nothing in one process: it is trivially the only controller."""
         current = self.get(name)
         if if_revision is not None and current.revision != if_revision:
             raise PreconditionFailed(f"stale ETag: model {name!r} is at revision {current.revision}, "
@@ -160,7 +186,7 @@ class MemoryStateStore:
         updated = dataclasses.replace(change(current), revision=current.revision + 1)
         self.models[name] = updated
         if audit:
-            old, new = _changes(current, updated)
+            old, new = changes(current, updated)
             self.audit_log.append(AuditEntry(time.time(), who, action, name, old, new, reason, evidence))
         self._save_file()
         for listener in self._listeners:
@@ -197,7 +223,7 @@ class MemoryStateStore:
             self._save_file()
 
 
-def _changes(before: ModelState, after: ModelState) -> tuple[dict[str, Any], dict[str, Any]]:
+def changes(before: ModelState, after: ModelState) -> tuple[dict[str, Any], dict[str, Any]]:
     """The fields a write changed: (as they were, as they are now)."""
     a, b = before.as_json(), after.as_json()
     keys = [k for k in b if k not in ("revision", "canary") and a.get(k) != b.get(k)]

@@ -1,0 +1,360 @@
+"""Routing state shared by gateway replicas through Redis: versioned compare-and-set, pub/sub, audit stream,
+a leader lease with a fencing token, and every replica's numbers merged for the canary controller.
+
+Keys (all under ``bluegreen:``; the prediction cache lives apart under ``bluegreen:cache:``)::
+
+    bluegreen:state:{model}            JSON of the model's state, with its revision
+    bluegreen:audit                    stream of audit entries (capped)
+    bluegreen:events                   pub/sub channel: the name of a model whose state changed
+    bluegreen:leader                   "{replica}:{epoch}" of the controller holding the lease (PX ttl)
+    bluegreen:leader:epoch             fencing counter, incremented by every new holder
+    bluegreen:metrics:{model}:{color}  hash replica -> JSON of its cumulative counts and recent window
+
+Reads on the request path come from a local copy, refreshed by pub/sub within milliseconds of a write and by
+a full reload every ``refresh_s`` (so a lost message costs at most that). A write is a Lua script that sets
+the new state only if the stored one is byte-for-byte what the writer read (and, for the controller, only
+while its lease epoch is still current), appends the audit entry and publishes the event, atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from gateway.errors import NotFound, PreconditionFailed, Unavailable
+from gateway.settings import COLORS, Color, RoutingFile
+from gateway.state import AUDIT_LIMIT, AuditEntry, ColorState, Listener, ModelState, changes
+from gateway.windows import Snapshot
+
+log = logging.getLogger(__name__)
+
+PREFIX = "bluegreen:"
+EVENTS = f"{PREFIX}events"
+AUDIT = f"{PREFIX}audit"
+LEADER = f"{PREFIX}leader"
+EPOCH = f"{PREFIX}leader:epoch"
+
+_CAS = """
+if ARGV[4] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[4] then return -1 end
+local current = redis.call('GET', KEYS[1])
+if current ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+if ARGV[3] ~= '' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'entry', ARGV[3])
+end
+redis.call('PUBLISH', KEYS[3], ARGV[5])
+return 1
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+def _state_key(model: str) -> str:
+    return f"{PREFIX}state:{model}"
+
+
+def _encode(state: ModelState) -> bytes:
+    return orjson.dumps(state.persisted())
+
+
+class RedisStateStore:
+    def __init__(self, url: str, routing: RoutingFile, *, refresh_s: float = 1.0,
+                 replica: str | None = None) -> None:
+        from redis.asyncio import Redis
+
+        self.redis = Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.refresh_s = refresh_s
+        self.replica = replica or f"{socket.gethostname()}-{os.getpid()}"
+        self.models: dict[str, ModelState] = {
+            name: ModelState(name, {c: ColorState(r.colors[c].version, tuple(r.colors[c].backends)) for c in COLORS},
+                             dict(r.weights), r.candidate, r.shadow_percent)
+            for name, r in routing.models.items()}
+        self._raw: dict[str, bytes] = {}
+        self._listeners: list[Listener] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._cas = self.redis.register_script(_CAS)
+        self.fence: Callable[[], str | None] = lambda: None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Seed the state of models no replica has written yet (the routing file's), load all, subscribe."""
+        for name, state in self.models.items():
+            await self.redis.set(_state_key(name), _encode(state), nx=True)
+        await self.reload()
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(EVENTS)
+        self._tasks = [asyncio.get_running_loop().create_task(self._listen(pubsub), name="state-events"),
+                       asyncio.get_running_loop().create_task(self._refresh_loop(), name="state-refresh")]
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.redis.aclose()
+
+    async def reload(self, only: str | None = None) -> None:
+        names = [only] if only else list(self.models)
+        values = await self.redis.mget([_state_key(n) for n in names])
+        for name, raw in zip(names, values, strict=True):
+            if isinstance(raw, bytes) and raw != self._raw.get(name):
+                self._apply(name, raw)
+
+    def _apply(self, name: str, raw: bytes) -> None:
+        try:
+            state = ModelState.from_json(orjson.loads(raw))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("ignoring unreadable state of %s in Redis: %s", name, exc)
+            return
+        previous = self.models.get(name)
+        if previous is not None and previous.revision > state.revision:
+            return  # an older event arriving late
+        self._raw[name] = raw
+        self.models[name] = state
+        for listener in self._listeners:
+            listener(state)
+
+    async def _listen(self, pubsub: Any) -> None:
+        while True:
+            try:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is not None:
+                    name = message["data"].decode()
+                    if name in self.models:
+                        await self.reload(name)
+            except asyncio.CancelledError:
+                await pubsub.aclose()
+                raise
+            except Exception as exc:  # Redis gone: the refresh loop and a new subscription take over
+                log.warning("state events: %s", exc)
+                await asyncio.sleep(1.0)
+                with contextlib.suppress(Exception):
+                    await pubsub.subscribe(EVENTS)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.reload()
+            except Exception as exc:
+                log.warning("state refresh: %s", exc)
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, name: str) -> ModelState:
+        state = self.models.get(name)
+        if state is None:
+            raise NotFound(f"unknown model {name!r}; configured: {', '.join(sorted(self.models))}")
+        return state
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    async def read_audit(self, limit: int = 100) -> list[AuditEntry]:
+        rows: Any = await self.redis.xrevrange(AUDIT, count=limit)
+        entries = []
+        for _, fields in rows or []:
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                entries.append(AuditEntry(**orjson.loads(fields[b"entry"])))
+        return entries
+
+    # ------------------------------------------------------------------ writes
+
+    async def update(self, name: str, if_revision: int | None, change: Callable[[ModelState], ModelState], *,
+                     who: str, action: str, reason: str | None = None, evidence: Any = None,
+                     audit: bool = True, fenced: bool = False) -> ModelState:
+        """Compare-and-set against the state in Redis; ``fenced`` writes (the controller's) also require the
+        writer's lease epoch to be the current one."""
+        self.get(name)
+        fence = (self.fence() or "\x00no-lease") if fenced else ""
+        for _ in range(5):
+            raw = await self.redis.get(_state_key(name))
+            if raw is None:
+                raise Unavailable(f"the state of {name!r} is missing from Redis")
+            current = ModelState.from_json(orjson.loads(raw))
+            if if_revision is not None and current.revision != if_revision:
+                raise PreconditionFailed(f"stale ETag: model {name!r} is at revision {current.revision}, "
+                                         f"the write was based on {if_revision}")
+            updated = dataclasses.replace(change(current), revision=current.revision + 1)
+            entry = b""
+            if audit:
+                old, new = changes(current, updated)
+                entry = orjson.dumps(dataclasses.asdict(
+                    AuditEntry(time.time(), who, action, name, old, new, reason, evidence)))
+            new_raw = _encode(updated)
+            result = await self._cas(keys=[_state_key(name), AUDIT, EVENTS, LEADER],
+                                     args=[raw, new_raw, entry, fence, name, AUDIT_LIMIT])
+            if result == 1:
+                self._apply(name, new_raw)
+                return updated
+            if result == -1:
+                raise PreconditionFailed("this controller no longer holds the lease")
+            if if_revision is not None:
+                raise PreconditionFailed(f"stale ETag: model {name!r} changed while this write was prepared")
+        raise PreconditionFailed(f"model {name!r} kept changing; try again")
+
+
+class Lease:
+    """The controller's lease: one holder among replicas, with a fencing epoch in the stored value."""
+
+    def __init__(self, store: RedisStateStore, ttl_s: float = 5.0) -> None:
+        self.store = store
+        self.ttl_s = ttl_s
+        self.token: str | None = None
+        self._valid_until = 0.0
+        self._renew = store.redis.register_script(_RENEW)
+        self._task: asyncio.Task[None] | None = None
+
+    def is_leader(self) -> bool:
+        return self.token is not None and time.monotonic() < self._valid_until
+
+    def current(self) -> str | None:
+        return self.token if self.is_leader() else None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="leader-lease")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.token is not None:
+            with contextlib.suppress(Exception):
+                await self._renew(keys=[LEADER], args=[self.token, 1])  # let it lapse at once
+        self.token = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception as exc:
+                log.warning("leader lease: %s", exc)
+            await asyncio.sleep(self.ttl_s / 3)
+
+    async def tick(self) -> None:
+        redis = self.store.redis
+        started = time.monotonic()
+        ttl_ms = int(self.ttl_s * 1000)
+        if self.token is not None and await self._renew(keys=[LEADER], args=[self.token, ttl_ms]) == 1:
+            self._valid_until = started + self.ttl_s * 0.8
+            return
+        if self.token is not None:
+            log.warning("lost the controller lease (%s)", self.token)
+            self.token = None
+        if await redis.exists(LEADER):
+            return
+        epoch = await redis.incr(EPOCH)
+        token = f"{self.store.replica}:{epoch}"
+        if await redis.set(LEADER, token, nx=True, px=ttl_ms):
+            self.token = token
+            self._valid_until = started + self.ttl_s * 0.8
+            log.info("holding the controller lease (%s)", token)
+
+
+class MetricsPublisher:
+    """Each replica publishes its cumulative counts and recent window per model and color, every second."""
+
+    def __init__(self, store: RedisStateStore, plane: Any, interval_s: float = 1.0, window_s: float = 60.0) -> None:
+        self.store = store
+        self.plane = plane
+        self.interval_s = interval_s
+        self.window_s = window_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="metrics-publisher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.publish()
+            except Exception as exc:
+                log.warning("publishing metrics to Redis: %s", exc)
+            await asyncio.sleep(self.interval_s)
+
+    async def publish(self) -> None:
+        pipe = self.store.redis.pipeline(transaction=False)
+        now = time.time()
+        for (model, color), totals in self.plane.totals.items():
+            win = self.plane.windows[(model, color)].snapshot(self.window_s)
+            version = self.store.get(model).colors[color].version
+            labelled, correct = self.plane.feedback.counts(model, version)
+            compared, agreed = self.plane.shadow.stats.get(model, (0, 0, 0, 0))[:2]
+            doc = {"t": now, "requests": totals[0], "errors": totals[1], "version": version,
+                   "feedback": labelled, "correct": correct, "shadow": [compared, agreed],
+                   "window": {"span": win.span_s, "count": win.count, "errors": win.errors,
+                              "buckets": {str(k): v for k, v in win.buckets.items()}}}
+            pipe.hset(f"{PREFIX}metrics:{model}:{color}", self.store.replica, orjson.dumps(doc))
+            pipe.expire(f"{PREFIX}metrics:{model}:{color}", 600)
+        await pipe.execute()
+
+
+class MergedMetrics:
+    """The controller's view with Redis: every live replica's published numbers, summed (windows merge
+    exactly: their histograms share fixed buckets). Reads are cached per tick by :meth:`refresh`."""
+
+    def __init__(self, store: RedisStateStore, plane: Any, stale_s: float = 10.0) -> None:
+        self.store = store
+        self.plane = plane
+        self.stale_s = stale_s
+        self._docs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+
+    async def refresh(self) -> None:
+        now = time.time()
+        docs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for model in self.store.models:
+            for color in COLORS:
+                rows = await self.store.redis.hgetall(f"{PREFIX}metrics:{model}:{color}")
+                live = [orjson.loads(v) for v in rows.values()]
+                docs[(model, color)] = [d for d in live if now - d["t"] <= self.stale_s]
+        self._docs = docs
+
+    def counts(self, model: str, color: Color, version: str) -> Any:
+        from gateway.controller import Counts
+
+        rows = self._docs.get((model, color), [])
+        same = [d for d in rows if d.get("version") == version]
+        return Counts(sum(d["requests"] for d in rows), sum(d["errors"] for d in rows),
+                      sum(d["feedback"] for d in same), sum(d["correct"] for d in same))
+
+    def window(self, model: str, color: Color, span_s: float) -> Snapshot:
+        merged = Snapshot(span_s=0.0)
+        for d in self._docs.get((model, color), []):
+            w = d["window"]
+            merged = merged.merge(Snapshot(w["span"], w["count"], w["errors"],
+                                           {int(k): v for k, v in w["buckets"].items()}))
+        return merged
+
+    def breaker_open(self, model: str, color: Color) -> bool:
+        # Breakers are per replica; the leader judges by its own, which see the same backends.
+        return all(b.breaker.state == "open" for b in self.plane.pools[(model, color)].backends)
+
+    def shadow(self, model: str) -> tuple[float | None, int]:
+        # Shadow counts are per model; every replica repeats them under each color, so read one color's rows.
+        compared = sum(d["shadow"][0] for d in self._docs.get((model, "blue"), []))
+        agreed = sum(d["shadow"][1] for d in self._docs.get((model, "blue"), []))
+        return (agreed / compared if compared else None), compared
