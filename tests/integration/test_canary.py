@@ -1,0 +1,297 @@
+"""Rollouts end to end with real processes and compressed stages (seconds instead of hours)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+
+from tests.procs import admin_headers, routing, start_gateway, start_model_server, start_redis, wait_until
+
+pytestmark = pytest.mark.usefixtures("model_repo")
+INFER = "/v2/models/digits/infer"
+NO_CACHE = {"cache-control": "no-cache, no-store"}
+FAST = {"stages": [{"weight": 20, "hold_s": 1}, {"weight": 50, "hold_s": 1}], "interval_s": 1,
+        "min_requests": 40, "max_no_data_intervals": 30}
+
+
+def body(i: int) -> bytes:
+    row = np.random.default_rng(i).integers(0, 17, size=64).astype(float).tolist()
+    return orjson.dumps({"id": f"r{i}", "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                                    "data": row}]})
+
+
+class Load:
+    """Background closed-loop traffic (bounded by ``max_s``) until stopped; keeps every status code."""
+
+    def __init__(self, data: str, workers: int = 4, max_s: float = 60.0) -> None:
+        self.data = data
+        self.codes: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run(workers, max_s)), daemon=True)
+        self._thread.start()
+
+    async def _run(self, workers: int, max_s: float) -> None:
+        end = time.monotonic() + max_s
+        async with httpx.AsyncClient(base_url=self.data, timeout=10) as c:
+            async def worker(w: int) -> None:
+                i = w * 1_000_000
+                while not self._stop.is_set() and time.monotonic() < end:
+                    try:
+                        r = await c.post(INFER, content=body(i), headers=NO_CACHE)
+                        self.codes.append(r.status_code)
+                    except httpx.HTTPError:  # only where a test kills this gateway on purpose
+                        self.codes.append(-1)
+                        await asyncio.sleep(0.05)
+                    i += 1
+
+            await asyncio.gather(*(worker(w) for w in range(workers)))
+
+    def stop(self) -> list[int]:
+        self._stop.set()
+        self._thread.join(15)
+        return self.codes
+
+
+def canary(admin: str, command: str = "", doc: dict | None = None) -> dict:  # type: ignore[type-arg]
+    url = f"{admin}/admin/v1/models/digits/canary" + (f"/{command}" if command else "")
+    r = httpx.post(url, json=doc or {}, headers=admin_headers()) if command else httpx.get(url, headers=admin_headers())
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def audit(admin: str) -> list[dict]:  # type: ignore[type-arg]
+    return httpx.get(f"{admin}/admin/v1/audit", headers=admin_headers()).json()["entries"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def blue(tmp_path_factory: pytest.TempPathFactory, model_repo: Path) -> Iterator[str]:
+    proc, url = start_model_server(tmp_path_factory.mktemp("blue"), ["digits:1", "digits:3"])
+    yield url
+    proc.stop()
+
+
+def test_a_failing_green_is_rolled_back_by_itself(blue: str, tmp_path: Path) -> None:
+    green, green_url = start_model_server(tmp_path, ["digits:2"], extra=["--fault-error-rate", "0.05"])
+    gw, data, admin = start_gateway(tmp_path, routing([blue], [green_url]))
+    load = Load(data)
+    try:
+        started = canary(admin, "start", {"force": True, "policy": FAST})
+        assert started["phase"] == "progressing" and started["candidate"] == "green"
+        assert started["weights"] == {"blue": 80, "green": 20}
+        wait_until(lambda: canary(admin)["phase"] != "progressing", 20, interval=0.1, what="a decision")
+        status = canary(admin)
+        assert status["phase"] == "rolled_back", status
+        assert status["weights"] == {"blue": 100, "green": 0}
+        decision = status["last_decision"]
+        assert decision["result"] == "rollback" and "error rate" in decision["reason"]
+        evidence = decision["evidence"]["candidate"]
+        assert evidence["requests"] >= FAST["min_requests"] and evidence["errors"] > 0
+        # Within two check intervals of reaching the minimum sample: at most ~2 intervals' worth beyond it.
+        assert decision["time"] - started["started_at"] < 2 * FAST["interval_s"] + 3
+        entry = next(e for e in audit(admin) if e["action"] == "canary_rollback")
+        assert entry["who"] == "controller" and entry["evidence"]["candidate"]["errors"] > 0
+        assert entry["new"]["weights"] == {"blue": 100, "green": 0}
+    finally:
+        codes = load.stop()
+        gw.stop()
+        green.stop()
+    assert set(codes) == {200}, "a client saw an error: failed green attempts are retried on blue"
+
+
+def test_a_healthy_green_is_promoted_then_a_release_to_blue_works_the_same(blue: str, tmp_path: Path) -> None:
+    green, green_url = start_model_server(tmp_path, ["digits:2"])
+    gw, data, admin = start_gateway(tmp_path, routing([blue], [green_url]))
+    load = Load(data)
+    try:
+        canary(admin, "start", {"force": True, "policy": FAST})
+        wait_until(lambda: canary(admin)["phase"] == "promoted", 30, interval=0.2, what="promotion")
+        status = canary(admin)
+        assert status["weights"] == {"blue": 0, "green": 100}
+        actions = [e["action"] for e in audit(admin)]
+        assert actions.index("canary_promoted") < actions.index("canary_promote") < actions.index("canary_advance")
+
+        # The next release goes to the other slot: blue, re-pointed at a new version, is the candidate now.
+        r = httpx.put(f"{admin}/admin/v1/models/digits/colors/blue", json={"version": "3", "backends": [blue]},
+                      headers=admin_headers())
+        assert r.status_code == 200, r.text
+        started = canary(admin, "start", {"force": True, "policy": {**FAST, "max_accuracy_drop": 0.05,
+                                                                      "min_feedback": 30}})
+        assert started["candidate"] == "blue" and started["weights"] == {"blue": 20, "green": 80}
+
+        # digits:3 is the regressed build: feedback with the true labels rolls it back on quality.
+        x = np.load(Path("models/repository/digits/2/holdout.npz"))
+        rows, labels = x["input"], x["label"]
+
+        def send_with_feedback() -> bool:
+            with httpx.Client(base_url=data, timeout=10) as c:
+                for i in range(40):
+                    k = int(time.monotonic_ns() % 1_000_000_000) + i
+                    doc = {"id": f"q{k}", "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                                      "data": rows[k % len(rows)].tolist()}]}
+                    c.post(INFER, json=doc, headers=NO_CACHE)
+                    c.post("/feedback/v1/models/digits", json={"id": f"q{k}", "label": int(labels[k % len(rows)])})
+            return canary(admin)["phase"] == "rolled_back"
+
+        wait_until(send_with_feedback, 30, interval=0.1, what="a quality rollback")
+        status = canary(admin)
+        assert status["weights"] == {"blue": 0, "green": 100}
+        assert "accuracy" in status["last_decision"]["reason"]
+    finally:
+        codes = load.stop()
+        gw.stop()
+        green.stop()
+    assert set(codes) == {200}
+
+
+def test_feedback_gives_online_accuracy_equal_to_an_offline_count(blue: str, tmp_path: Path) -> None:
+    gw, data, admin = start_gateway(tmp_path, routing([blue], [blue], versions=("1", "3"), weights=(50, 50)))
+    try:
+        x = np.load(Path("models/repository/digits/1/holdout.npz"))
+        rows, labels = x["input"][:120], x["label"][:120]
+        offline: dict[str, list[int]] = {"blue": [0, 0], "green": [0, 0]}
+        with httpx.Client(base_url=data, timeout=10) as c:
+            for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
+                r = c.post(INFER, json={"id": f"f{i}", "inputs": [{"name": "input", "datatype": "FP32",
+                                                                   "shape": [1, 64], "data": row.tolist()}]},
+                           headers=NO_CACHE)
+                predicted = next(o["data"][0] for o in r.json()["outputs"] if o["name"] == "label")
+                color = r.headers["x-bluegreen-color"]
+                offline[color][0] += 1
+                offline[color][1] += predicted == int(label)
+            result = c.post("/feedback/v1/models/digits",
+                            json=[{"id": f"f{i}", "label": int(label)} for i, label in enumerate(labels)]).json()
+            assert result == {"matched": 120, "unknown": 0, "unlabelled": 0}
+            assert c.post("/feedback/v1/models/digits", json={"id": "nope"}).status_code == 400
+            assert c.post("/feedback/v1/models/digits", json={"id": "never-seen", "label": 1}).json()["unknown"] == 1
+        metrics = httpx.get(f"{admin}/metrics").text
+        for color, (n, correct) in offline.items():
+            line = next(ln for ln in metrics.splitlines()
+                        if ln.startswith("bluegreen_online_accuracy_ratio") and f'color="{color}"' in ln)
+            assert float(line.rsplit(" ", 1)[1]) == pytest.approx(correct / n)
+    finally:
+        gw.stop()
+
+
+def test_shadow_traffic_never_fails_a_client_and_its_agreement_matches_offline(blue: str, tmp_path: Path) -> None:
+    doc = routing([blue], [blue], versions=("1", "3"))
+    doc["models"]["digits"]["shadow_percent"] = 100
+    gw, data, admin = start_gateway(tmp_path, doc)
+    try:
+        agree = 0
+        with httpx.Client(base_url=data, timeout=10) as c:
+            for i in range(60):
+                r = c.post(INFER, content=body(i), headers=NO_CACHE)
+                assert r.status_code == 200
+                v3 = httpx.post(f"{blue}/v2/models/digits/versions/3/infer", content=body(i)).json()
+                agree += v3["outputs"][0]["data"] == r.json()["outputs"][0]["data"]
+
+        def ratio() -> float | None:
+            for line in httpx.get(f"{admin}/metrics").text.splitlines():
+                if line.startswith("bluegreen_shadow_agreement_ratio"):
+                    return float(line.rsplit(" ", 1)[1])
+            return None
+
+        wait_until(lambda: ratio() is not None, 5, what="shadow agreement")
+        time.sleep(0.5)  # the last copies land
+        assert ratio() == pytest.approx(agree / 60)
+    finally:
+        gw.stop()
+
+
+# ------------------------------------------------------------------------------------------ two replicas
+
+
+def test_two_gateways_on_one_redis_share_state_and_one_controller(blue: str, tmp_path: Path) -> None:
+    rproc, rport = start_redis(tmp_path)
+    green, green_url = start_model_server(tmp_path, ["digits:2"])
+    env = {"BLUEGREEN_REDIS_URL": f"redis://127.0.0.1:{rport}/0"}
+    doc = routing([blue], [green_url])
+    a, data_a, admin_a = start_gateway(tmp_path, doc, env, name="a")
+    b, data_b, admin_b = start_gateway(tmp_path, doc, env, name="b")
+    loads: list[Load] = []
+    try:
+        r = httpx.put(f"{admin_a}/admin/v1/models/digits/split", json={"blue": 70, "green": 30},
+                      headers=admin_headers())
+        assert r.status_code == 200
+        t0 = time.monotonic()
+        wait_until(lambda: httpx.get(f"{admin_b}/admin/v1/models/digits/split", headers=admin_headers()).json()
+                   == {"blue": 70, "green": 30}, 1.0, interval=0.01, what="replica b to apply the change")
+        assert time.monotonic() - t0 < 1.0
+
+        # 50 concurrent writes with one ETag across both replicas: exactly one wins.
+        etag = httpx.get(f"{admin_a}/admin/v1/models/digits/split", headers=admin_headers()).headers["etag"]
+
+        async def race() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=10) as c:
+                return await asyncio.gather(*(
+                    c.put(f"{(admin_a, admin_b)[i % 2]}/admin/v1/models/digits/split",
+                          json={"blue": 100 - i, "green": i}, headers={**admin_headers(), "if-match": etag})
+                    for i in range(1, 51)))
+
+        results = asyncio.run(race())
+        winners = [r for r in results if r.status_code == 200]
+        assert len(winners) == 1 and {r.status_code for r in results} == {200, 412}
+        final = httpx.get(f"{admin_b}/admin/v1/models/digits/split", headers=admin_headers()).json()
+        assert audit(admin_a)[0]["new"]["weights"] == final == winners[0].json()
+
+        # A rollout driven by one controller; kill it mid-rollout and the other carries on from the stage.
+        httpx.put(f"{admin_a}/admin/v1/models/digits/split", json={"blue": 100, "green": 0}, headers=admin_headers())
+        slow = {**FAST, "stages": [{"weight": 10, "hold_s": 2}, {"weight": 30, "hold_s": 2},
+                                   {"weight": 60, "hold_s": 2}]}
+        loads = [Load(data_a, 2), Load(data_b, 2)]
+        canary(admin_a, "start", {"force": True, "policy": slow})
+        wait_until(lambda: canary(admin_b)["stage"] >= 2, 20, interval=0.1, what="stage 2")
+        import redis as redis_client
+
+        holder = redis_client.Redis(port=rport).get("bluegreen:leader").decode()
+        victim, survivor_admin = (a, admin_b) if str(a.pid) in holder else (b, admin_a)
+        stage_at_kill = canary(survivor_admin)["stage"]
+        victim.signal(signal.SIGKILL)
+        victim.wait(5)
+        wait_until(lambda: canary(survivor_admin)["phase"] == "promoted", 40, interval=0.2, what="promotion")
+        entries = audit(survivor_admin)
+        advances = [e for e in entries if e["action"] in ("canary_advance", "canary_promote")]
+        stages_seen = [e["new"]["weights"]["green"] for e in reversed(advances)]
+        assert stages_seen == sorted(set(stages_seen)), f"a stage was stepped twice: {stages_seen}"
+        assert stage_at_kill >= 2
+    finally:
+        for load in loads:
+            load.stop()
+        a.stop()
+        b.stop()
+        green.stop()
+        rproc.stop()
+
+
+def test_up_restarted_mid_rollout_resumes_from_its_state_file(tmp_path: Path) -> None:
+    from tests.integration.test_up import start_up
+    from tests.procs import free_port
+
+    ports = {k: free_port() for k in ("data", "admin", "blue", "green")}
+    admin = f"http://127.0.0.1:{ports['admin']}"
+    up = start_up(tmp_path, ports)
+    try:
+        long = {"stages": [{"weight": 10, "hold_s": 3600}], "interval_s": 1, "min_requests": 5}
+        canary(admin, "start", {"force": True, "policy": long})
+        before = canary(admin)
+        up.signal(signal.SIGTERM)
+        assert up.wait(30) == 0
+    finally:
+        up.stop()
+    up = start_up(tmp_path, ports)
+    try:
+        after = canary(admin)
+        assert after["phase"] == "progressing" and after["stage"] == 1
+        assert after["started_at"] == before["started_at"] and after["weights"] == {"blue": 90, "green": 10}
+        assert canary(admin, "abort")["phase"] == "rolled_back"
+    finally:
+        up.stop()
