@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.cache import Entry, PredictionCache, digest
+from gateway.discovery import Discovery, FileResolver, Resolver, SystemResolver, is_dynamic
 from gateway.errors import BadRequest, ServingError, Unavailable, UpstreamFailure
 from gateway.feedback import FeedbackStore
 from gateway.router import Router
@@ -119,9 +120,13 @@ class DataPlane:
         self._signature_refresh: asyncio.Task[None] | None = None
         self._last_signature_refresh = float("-inf")
         slot = max(1.0, settings.window_s / 12)
+        resolver: Resolver = (FileResolver(settings.discovery_file) if settings.discovery_file is not None
+                              else SystemResolver())
+        self.discovery = Discovery(resolver, settings.discovery_refresh_s, self._sync_pools)
         for name, state in store.models.items():
             for color in COLORS:
-                self.pools[(name, color)] = ColorPool(list(state.colors[color].backends), settings.breaker)
+                self.pools[(name, color)] = ColorPool(self.discovery.expand(state.colors[color].backends),
+                                                      settings.breaker)
                 self.windows[(name, color)] = Window(settings.window_s, slot, clock)
                 self.totals[(name, color)] = [0, 0]
         self.feedback = FeedbackStore()
@@ -132,9 +137,12 @@ class DataPlane:
 
     async def start(self) -> None:
         await self.upstream.start()
+        await self.discovery.refresh(self._configured_urls())
+        self.discovery.start(self._configured_urls)
         await self.refresh_signatures()
 
     async def close(self) -> None:
+        await self.discovery.stop()
         if self._signature_refresh is not None:
             self._signature_refresh.cancel()
         await self.shadow.close()
@@ -142,17 +150,21 @@ class DataPlane:
         if self.cache is not None:
             await self.cache.close()
 
+    def _configured_urls(self) -> list[str]:
+        return [u for state in self.store.models.values() for c in COLORS for u in state.colors[c].backends]
+
     def _on_state_change(self, state: ModelState) -> None:
-        """A color re-pointed at other backends gets a fresh pool; breakers of backends it keeps carry over."""
-        for color in COLORS:
-            pool = self.pools[(state.name, color)]
-            urls = list(state.colors[color].backends)
-            if [b.url for b in pool.backends] != urls:
-                kept = {b.url: b for b in pool.backends}
-                fresh = ColorPool(urls, self.settings.breaker)
-                fresh.backends = [kept.get(b.url, b) for b in fresh.backends]
-                self.pools[(state.name, color)] = fresh
+        """A color re-pointed at other backends gets them now (``dns+`` names at the next resolution)."""
+        self._sync_pools()
+        if any(is_dynamic(u) for c in COLORS for u in state.colors[c].backends):
+            asyncio.get_running_loop().create_task(self.discovery.refresh(self._configured_urls()))
         self._refresh_soon(force=True)
+
+    def _sync_pools(self) -> None:
+        """Point every pool at its color's current backends; backends that stay keep their breakers."""
+        for name, state in self.store.models.items():
+            for color in COLORS:
+                self.pools[(name, color)].update(self.discovery.expand(state.colors[color].backends))
 
     def _refresh_soon(self, force: bool = False) -> None:
         """Re-learn missing signatures in the background, at most once a second unless forced."""
@@ -171,7 +183,7 @@ class DataPlane:
                 cs = state.colors[color]
                 if (name, cs.version) in self.signatures:
                     continue
-                for url in cs.backends:
+                for url in [b.url for b in self.pools[(name, color)].backends]:
                     doc = await self.upstream.get_json(f"{url}/v2/models/{name}/versions/{cs.version}", 1.0)
                     sig = _signature(doc)
                     if sig is not None:

@@ -99,8 +99,8 @@ class ColorConfig(BaseModel):
     @classmethod
     def _urls(cls, v: list[str]) -> list[str]:
         for url in v:
-            if not url.startswith(("http://", "https://")) or len(url) > 512:
-                raise ValueError(f"backend must be an http(s) URL: {url[:80]!r}")
+            if not url.startswith(("http://", "https://", "dns+http://", "dns+https://")) or len(url) > 512:
+                raise ValueError(f"backend must be an http(s) URL, or dns+http(s) for pod discovery: {url[:80]!r}")
         return [u.rstrip("/") for u in v]
 
 
@@ -182,6 +182,10 @@ class GatewaySettings(BaseSettings):
     """Where ``bluegreen validate`` reports live (``<repo>/<model>/<version>/validation.json``); when set,
     ``canary start`` refuses a candidate version without a passing report unless forced. ``bluegreen up``
     sets it to the model repository."""
+    discovery_refresh_s: float = Field(5.0, gt=0)
+    """How often ``dns+http://name:port`` backends are re-resolved (pods behind a headless Service)."""
+    discovery_file: Path | None = None
+    """Resolve ``dns+`` names from this JSON file (``{"name": ["host:port", ...]}``) instead of DNS."""
     telemetry: bool = True
     """Record request metrics (Prometheus on the admin /metrics, OTLP when OTEL_EXPORTER_OTLP_* is set)."""
     breaker: BreakerSettings = BreakerSettings()

@@ -42,7 +42,15 @@ class ColorPool:
     """The backends of one color of one model."""
 
     def __init__(self, urls: list[str], breaker_settings: BreakerSettings) -> None:
+        self.breaker_settings = breaker_settings
         self.backends = [Backend(u, Breaker(breaker_settings)) for u in urls]
+
+    def update(self, urls: list[str]) -> None:
+        """New membership (a re-pointed color, pods come and go); backends that stay keep their breakers."""
+        if [b.url for b in self.backends] == urls:
+            return
+        kept = {b.url: b for b in self.backends}
+        self.backends = [kept.get(u) or Backend(u, Breaker(self.breaker_settings)) for u in urls]
 
     def pick(self) -> tuple[Backend, int] | None:
         """The least-loaded backend whose breaker admits a call, with its permit; None when all refuse."""
