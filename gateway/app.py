@@ -79,6 +79,7 @@ class Gateway:
         auth = Authenticator(settings.tokens(), settings.auth_max_failures, settings.auth_window_s)
         defaults = {name: dict(route.canary) for name, route in routing.models.items()}
         if isinstance(store, RedisStateStore):
+            plane.feedback.redis = store.redis  # answers are shared, so feedback may reach any replica
             # Replicas share state; one of them, the lease holder, runs the rollouts on everyone's numbers.
             lease = Lease(store)
             store.fence = lease.current
@@ -258,7 +259,7 @@ class DataApp:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"malformed JSON: {exc}") from None
-        return _json_reply(self.plane.feedback.record(model, doc))
+        return _json_reply(await self.plane.feedback.record(model, doc))
 
     async def _infer(self, scope: Scope, receive: Receive, model: str, version: str | None) -> Reply:
         self.plane.store.get(model)  # 404 before reading a body for a model that does not exist

@@ -146,6 +146,7 @@ class DataPlane:
         if self._signature_refresh is not None:
             self._signature_refresh.cancel()
         await self.shadow.close()
+        await self.feedback.close()
         await self.upstream.close()
         if self.cache is not None:
             await self.cache.close()

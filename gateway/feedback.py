@@ -7,10 +7,16 @@ parsed only when feedback arrives, so remembering costs the hot path one dict in
 
 Accuracy is kept per (model, version) rather than per color: a color re-pointed at another version starts
 from zero instead of inheriting the old version's record.
+
+With Redis (several replicas), each answer is also written — version, color and predicted label, off the
+request's critical path, bounded — under ``bluegreen:answer:{model}:{id}`` with the TTL, so feedback can land
+on any replica. Each replica counts the labels it receives; the controller sums every replica's counts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,6 +26,9 @@ from typing import Any
 import orjson
 
 from gateway.errors import BadRequest
+
+log = logging.getLogger(__name__)
+ANSWER_PREFIX = "bluegreen:answer:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +55,14 @@ def predicted_label(body: bytes, header_length: int | None) -> int | None:
 
 class FeedbackStore:
     def __init__(self, max_entries: int = 50_000, ttl_s: float = 3600.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, redis: Any = None,
+                 max_pending_writes: int = 1000) -> None:
         self.max_entries = max_entries
         self.ttl_s = ttl_s
         self._clock = clock
+        self.redis = redis
+        self.max_pending_writes = max_pending_writes
+        self._writes: set[asyncio.Task[Any]] = set()
         self._answers: OrderedDict[tuple[str, str], Answered] = OrderedDict()
         self.accuracy: dict[tuple[str, str], list[int]] = {}  # (model, version) -> [labelled, correct]
 
@@ -60,8 +73,41 @@ class FeedbackStore:
         self._answers[key] = Answered(color, version, body, header_length, self._clock())
         while len(self._answers) > self.max_entries:
             self._answers.popitem(last=False)
+        if self.redis is not None and len(self._writes) < self.max_pending_writes:
+            doc = orjson.dumps({"v": version, "c": color, "l": predicted_label(body, header_length)})
+            task = asyncio.get_running_loop().create_task(
+                self.redis.set(f"{ANSWER_PREFIX}{model}:{request_id}", doc, px=int(self.ttl_s * 1000)))
+            self._writes.add(task)
+            task.add_done_callback(self._done)
 
-    def record(self, model: str, items: Any) -> dict[str, int]:
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("remembering an answer in Redis failed: %s", task.exception())
+
+    async def _claim(self, model: str, ids: list[str]) -> dict[str, tuple[str, int | None]] | None:
+        """Take (GETDEL: atomically, so one label per answer across replicas) the answers with these ids from
+        Redis: id -> (version, predicted label). None without Redis or when Redis fails (use local memory)."""
+        if self.redis is None:
+            return None
+        if self._writes:  # this replica's own recent answers must be in Redis before we look
+            await asyncio.wait(list(self._writes), timeout=1.0)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for i in ids:
+                pipe.getdel(f"{ANSWER_PREFIX}{model}:{i}")
+            values = await pipe.execute()
+        except Exception as exc:
+            log.warning("feedback lookup in Redis failed, using this replica's memory: %s", exc)
+            return None
+        found = {}
+        for i, raw in zip(ids, values, strict=True):
+            if raw:
+                doc = orjson.loads(raw)
+                found[i] = (str(doc["v"]), doc.get("l"))
+        return found
+
+    async def record(self, model: str, items: Any) -> dict[str, int]:
         """Apply feedback items; return how many matched an answer, were unknown/expired, or had no label."""
         if isinstance(items, dict):
             items = [items]
@@ -71,23 +117,36 @@ class FeedbackStore:
             if not isinstance(item, dict) or not isinstance(item.get("id"), str) \
                     or isinstance(item.get("label"), bool) or not isinstance(item.get("label"), int):
                 raise BadRequest(f'feedback[{i}] must be {{"id": "<request id>", "label": <int>}}')
-        now = self._clock()
+        ids = list(dict.fromkeys(item["id"] for item in items))
+        known = await self._claim(model, ids)
+        if known is None:  # one process (or Redis down): this replica's memory
+            now = self._clock()
+            known = {}
+            for rid in ids:
+                answered = self._answers.get((model, rid))
+                if answered is not None and now - answered.at <= self.ttl_s:
+                    known[rid] = (answered.version, predicted_label(answered.body, answered.header_length))
         result = {"matched": 0, "unknown": 0, "unlabelled": 0}
         for item in items:
-            answered = self._answers.get((model, item["id"]))
-            if answered is None or now - answered.at > self.ttl_s:
+            rid = item["id"]
+            found = known.pop(rid, None)  # one label per answer
+            self._answers.pop((model, rid), None)
+            if found is None:
                 result["unknown"] += 1
                 continue
-            predicted = predicted_label(answered.body, answered.header_length)
+            version, predicted = found
             if predicted is None:
                 result["unlabelled"] += 1
                 continue
-            counts = self.accuracy.setdefault((model, answered.version), [0, 0])
+            counts = self.accuracy.setdefault((model, version), [0, 0])
             counts[0] += 1
             counts[1] += predicted == item["label"]
             result["matched"] += 1
-            del self._answers[(model, item["id"])]  # one label per answer
         return result
+
+    async def close(self) -> None:
+        if self._writes:
+            await asyncio.wait(list(self._writes), timeout=1.0)
 
     def counts(self, model: str, version: str) -> tuple[int, int]:
         labelled, correct = self.accuracy.get((model, version), (0, 0))

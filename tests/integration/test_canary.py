@@ -295,3 +295,26 @@ def test_up_restarted_mid_rollout_resumes_from_its_state_file(tmp_path: Path) ->
         assert canary(admin, "abort")["phase"] == "rolled_back"
     finally:
         up.stop()
+
+
+def test_feedback_reaches_any_replica_through_redis(blue: str, tmp_path: Path) -> None:
+    rproc, rport = start_redis(tmp_path)
+    env = {"BLUEGREEN_REDIS_URL": f"redis://127.0.0.1:{rport}/0"}
+    doc = routing([blue], [blue])
+    a, data_a, _ = start_gateway(tmp_path, doc, env, name="a")
+    b, data_b, _ = start_gateway(tmp_path, doc, env, name="b")
+    try:
+        r = httpx.post(f"{data_a}{INFER}", content=body(5), headers=NO_CACHE)
+        predicted = next(o["data"][0] for o in r.json()["outputs"] if o["name"] == "label")
+        import redis as redis_client
+
+        wait_until(lambda: redis_client.Redis(port=rport).exists("bluegreen:answer:digits:r5"), 5,
+                   what="the answer in Redis")
+        result = httpx.post(f"{data_b}/feedback/v1/models/digits", json={"id": "r5", "label": predicted}).json()
+        assert result == {"matched": 1, "unknown": 0, "unlabelled": 0}
+        again = httpx.post(f"{data_a}/feedback/v1/models/digits", json={"id": "r5", "label": predicted}).json()
+        assert again["unknown"] == 1  # one label per answer, wherever it arrives
+    finally:
+        a.stop()
+        b.stop()
+        rproc.stop()
