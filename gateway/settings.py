@@ -40,12 +40,13 @@ class BreakerSettings(BaseModel):
     failure_rate_threshold: float = Field(0.2, gt=0, le=1)
     """Open when at least this fraction of the window failed (5xx, reset, timeout, cancellation)."""
     slow_call_duration_s: float = Field(1.0, gt=0)
+    """A call at least this long counts as slow."""
     slow_call_rate_threshold: float = Field(1.0, gt=0, le=1)
     """Open when at least this fraction of the window was slower than ``slow_call_duration_s`` (1.0: only if all)."""
     open_s: float = Field(5.0, gt=0)
     """How long an open breaker refuses calls before letting probes through."""
     half_open_probes: int = Field(3, ge=1)
-    """Calls let through at once while half-open; the rest go to the other color."""
+    """Calls let through per half-open period; the rest go to the other color. Their outcomes decide."""
 
 
 class UpstreamSettings(BaseModel):
@@ -55,10 +56,13 @@ class UpstreamSettings(BaseModel):
     attempt_timeout_s: float = Field(1.0, gt=0)
     """Deadline of one upstream attempt, so that a hanging color leaves time to retry on the other."""
     connect_timeout_s: float = Field(0.5, gt=0)
+    """Opening a connection; a connection that could not be opened is always retried on the other color."""
     pool_size: int = Field(512, ge=1)
     """Most open connections to all backends together (aiohttp connector limit)."""
     keepalive_s: float = Field(30.0, gt=0)
+    """Idle upstream connections are kept this long for reuse."""
     retry_budget_ratio: float = Field(0.2, ge=0, le=1)
+    """See ``retry_budget_min``."""
     retry_budget_min: int = Field(10, ge=0)
     """Retries after a sent request are allowed while retries in flight < max(ratio × in flight, min)."""
 
@@ -68,12 +72,15 @@ class CacheSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
+    """Cache predictions (requests can still opt out with Cache-Control)."""
     ttl_s: float = Field(300.0, gt=0)
     """How long an entry answers requests."""
     stale_s: float = Field(3600.0, ge=0)
     """How much longer an expired entry is kept to answer when both colors fail (stale-if-error)."""
     l1_max_entries: int = Field(50_000, ge=1)
+    """In-process entries kept (least recently used evicted first)."""
     l1_max_bytes: int = Field(128 * 1024 * 1024, ge=1024)
+    """In-process bytes of cached responses kept."""
     max_entry_bytes: int = Field(1024 * 1024, ge=1)
     """Responses larger than this are not cached."""
     redis_timeout_s: float = Field(0.05, gt=0, le=0.05)
@@ -81,6 +88,7 @@ class CacheSettings(BaseModel):
     redis_open_s: float = Field(2.0, gt=0, le=5.0)
     """How long a failing Redis is left alone before one probe."""
     redis_max_connections: int = Field(64, ge=1)
+    """Connections in the cache's Redis pool."""
     max_pending_writes: int = Field(1000, ge=1)
     """Background Redis writes in flight beyond which new writes are dropped."""
 
@@ -165,10 +173,13 @@ class GatewaySettings(BaseSettings):
     admin_tokens_file: Path | None = None
     """Named tokens from a file: YAML/JSON mapping ``name: token``."""
     auth_max_failures: int = Field(10, ge=1)
+    """Failed authentications from one address within ``auth_window_s`` before it gets 429."""
     auth_window_s: float = Field(60.0, gt=0)
+    """The window of the failed-authentication rule."""
     allow_color_override: bool = False
     """Honour the ``x-bluegreen-color`` request header (tests and debugging; off in production)."""
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """Request bodies larger than this get 413, checked while the body streams in (chunked bodies too)."""
     max_concurrency: int = Field(2048, ge=1)
     """Requests in flight on the data listener beyond which new ones are shed with 503 + Retry-After."""
     state_file: Path | None = None
@@ -176,8 +187,10 @@ class GatewaySettings(BaseSettings):
     window_s: float = Field(60.0, gt=0)
     """Span of the per-color latency/error windows that /stats and the canary read."""
     graceful_shutdown_s: float = Field(30.0, gt=0)
+    """On SIGTERM, how long in-flight requests may take to finish before connections are closed."""
     redis_url: str | None = None
-    """Redis for the shared cache tier (``redis://127.0.0.1:6379/0``); unset: in-process cache only."""
+    """Redis (``redis://127.0.0.1:6379/0``) for the shared cache tier and the state replicas share (weights,
+    colors, rollouts, audit stream, controller lease, feedback); unset: one process, in-memory state."""
     validation_repo: Path | None = None
     """Where ``bluegreen validate`` reports live (``<repo>/<model>/<version>/validation.json``); when set,
     ``canary start`` refuses a candidate version without a passing report unless forced. ``bluegreen up``

@@ -19,7 +19,9 @@ class ServingSettings(BaseSettings):
     models: list[str] = Field(default_factory=lambda: ["digits"])
     """Models to serve, ``NAME`` (newest version) or ``NAME:VERSION``; several versions may be served at once."""
     host: str = "127.0.0.1"
+    """Listen address (Kubernetes: 0.0.0.0)."""
     port: int = Field(8001, ge=0, le=65535)
+    """Listen port."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` takes CUDA when the installed onnxruntime offers it, else the CPU."""
     threads: int = Field(0, ge=0)
@@ -35,8 +37,10 @@ class ServingSettings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     """Request bodies larger than this get 413, checked while the body streams in (chunked bodies too)."""
     warmup_runs: int = Field(3, ge=0)
+    """Inferences run (batch 1 and max batch) before the server reports ready."""
     fault_latency_ms: float = Field(0.0, ge=0)
     """Drills only: latency added to every inference."""
     fault_error_rate: float = Field(0.0, ge=0, le=1)
     """Drills only: this fraction of inference requests is answered 500, spread evenly (deterministic)."""
     graceful_shutdown_s: float = Field(30.0, gt=0)
+    """On SIGTERM, how long in-flight requests may take to finish."""
