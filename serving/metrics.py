@@ -259,8 +259,10 @@ def to_metrics_data(metrics: MetricSet, start_ns: int) -> Any:
     cumulative = AggregationTemporality.CUMULATIVE
     out = []
     for h in metrics.histograms:
+        # min and max are not tracked (a cost on the hot path): None leaves them unset on the wire, where 0.0
+        # would tell a collector that every observation was 0.
         points = [HistogramDataPoint(dict(zip(h.labels, key, strict=True)), start_ns, now, sum(counts), total,
-                                     counts, list(h.bounds), 0.0, 0.0)
+                                     counts, list(h.bounds), None, None)  # type: ignore[arg-type]
                   for key, counts, total in h.snapshot()]
         out.append(OtelMetric(h.name, h.description, h.unit, Histogram(points, cumulative)))
     for c in (*metrics.counters, *metrics.derived_counters()):

@@ -161,3 +161,36 @@ def start_redis(tmp_path: Path, port: int | None = None) -> tuple[Proc, int]:
 
     wait_until(pong, 10, what="redis-server")
     return proc, port
+
+
+def start_prometheus(tmp_path: Path, targets: Sequence[str], *, scrape_interval_s: float = 1.0,
+                     job: str = "gateway") -> tuple[Proc, str]:
+    """A private Prometheus (Debian package ``prometheus``) on a free loopback port scraping ``targets``
+    (``host:port``, path ``/metrics``) every ``scrape_interval_s``; its TSDB lives in ``tmp_path``. Returns the
+    process and its base URL (HTTP API under ``/api/v1``)."""
+    import json
+    import shutil
+
+    import pytest
+
+    exe = shutil.which("prometheus")
+    if exe is None:  # never a skip: CI must run the Prometheus test
+        pytest.fail("prometheus is not installed (Debian package prometheus)")
+    port = free_port()
+    interval = f"{int(scrape_interval_s * 1000)}ms"
+    config = tmp_path / f"prometheus-{port}.yml"
+    # JSON is YAML: no YAML writer needed for a generated config.
+    config.write_text(json.dumps({
+        "global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
+        "scrape_configs": [{"job_name": job, "metrics_path": "/metrics",
+                            "static_configs": [{"targets": list(targets)}]}]}))
+    proc = Proc([exe, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / f'prometheus-{port}-data'}",
+                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                tmp_path / f"prometheus-{port}.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, f"{url}/-/ready", timeout=30)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, url
