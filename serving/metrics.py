@@ -186,6 +186,7 @@ def make_tracer(service_name: str, *, otlp: bool) -> Any:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
+    global _OWN_PROVIDER
     if not isinstance(trace.get_tracer_provider(), TracerProvider):
         sampler = None if os.environ.get("OTEL_TRACES_SAMPLER") else ParentBased(TraceIdRatioBased(0.01))
         provider = TracerProvider(resource=Resource.create({"service.name": service_name}), sampler=sampler)
@@ -194,15 +195,19 @@ def make_tracer(service_name: str, *, otlp: bool) -> Any:
 
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         trace.set_tracer_provider(provider)
+        _OWN_PROVIDER = provider
     return trace.get_tracer("bluegreen")
 
 
-def shutdown_tracing() -> None:
-    from opentelemetry import trace
+_OWN_PROVIDER: Any = None  # the provider make_tracer created, if any: the only one shutdown_tracing ends
 
-    shutdown = getattr(trace.get_tracer_provider(), "shutdown", None)
-    if shutdown is not None:
-        shutdown()
+
+def shutdown_tracing() -> None:
+    """Flush and end the provider this module created (never one a host application or a test installed)."""
+    global _OWN_PROVIDER
+    if _OWN_PROVIDER is not None:
+        _OWN_PROVIDER.shutdown()
+        _OWN_PROVIDER = None
 
 
 class OtlpMetricsThread:
