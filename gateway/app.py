@@ -35,7 +35,7 @@ from gateway.settings import COLORS, GatewaySettings
 from gateway.state import MemoryStateStore, StateStore
 from gateway.state_redis import Lease, MergedMetrics, MetricsPublisher, RedisStateStore
 from gateway.telemetry import Telemetry
-from serving.lifecycle import GracefulServer, serve_together
+from serving.lifecycle import GracefulServer, serve_together, tune_gc
 
 log = logging.getLogger("bluegreen.gateway")
 
@@ -83,11 +83,13 @@ class Gateway:
             # Replicas share state; one of them, the lease holder, runs the rollouts on everyone's numbers.
             lease = Lease(store)
             store.fence = lease.current
-            controller = Controller(store, MergedMetrics(store, plane), is_leader=lease.is_leader)
+            controller = Controller(store, MergedMetrics(store, plane), is_leader=lease.is_leader,
+                                    window_s=settings.window_s)
             publisher = MetricsPublisher(store, plane, window_s=settings.window_s)
             gateway = cls(settings, store, plane, auth, telemetry, defaults, controller, lease, publisher)
         else:
-            gateway = cls(settings, store, plane, auth, telemetry, defaults, Controller(store, LocalMetrics(plane)))
+            gateway = cls(settings, store, plane, auth, telemetry, defaults,
+                          Controller(store, LocalMetrics(plane), window_s=settings.window_s))
         gateway._register_gauges()
         return gateway
 
@@ -329,6 +331,7 @@ async def run_gateway(settings: GatewaySettings) -> None:
     await gateway.start()
     common: dict[str, Any] = {"loop": "none", "http": "httptools", "lifespan": "off", "access_log": False,
                               "log_level": "warning", "backlog": 4096, "server_header": False,
+                              "proxy_headers": False,
                               "timeout_graceful_shutdown": int(settings.graceful_shutdown_s)}
     data = GracefulServer(uvicorn.Config(gateway.data_app(), host=settings.data.host, port=settings.data.port,
                                          **common), manage_signals=False)
@@ -346,6 +349,7 @@ def run(settings: GatewaySettings) -> int:
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    tune_gc()
     uvloop.run(run_gateway(settings))
     return 0
 

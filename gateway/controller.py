@@ -79,12 +79,14 @@ class LocalMetrics:
 
 class Controller:
     def __init__(self, store: StateStore, source: MetricsSource, *, tick_s: float = 0.25,
-                 clock: Callable[[], float] = time.time, is_leader: Callable[[], bool] = lambda: True) -> None:
+                 clock: Callable[[], float] = time.time, is_leader: Callable[[], bool] = lambda: True,
+                 window_s: float = 60.0) -> None:
         self.store = store
         self.source = source
         self.tick_s = tick_s
         self.clock = clock
         self.is_leader = is_leader
+        self.window_s = window_s
         self._baselines: dict[tuple[str, int, float], tuple[Counts, Counts]] = {}
         self._last_seen: dict[tuple[str, float], int] = {}
         self._task: asyncio.Task[None] | None = None
@@ -128,7 +130,9 @@ class Controller:
         run = (state.name, status.started_at)
         last = self._last_seen.get(run, now_c.requests)
         self._last_seen[run] = now_c.requests
-        span = max(status.policy.interval_s, 1.0)
+        # p95 over the recent window (BLUEGREEN_WINDOW_S), never shorter than an interval: at 5% of modest
+        # traffic one interval alone may never hold min_requests, and the latency trigger would never fire.
+        span = max(status.policy.interval_s, self.window_s)
         win_c = self.source.window(state.name, cand, span)
         win_s = self.source.window(state.name, stab, span)
         agreement, samples = self.source.shadow(state.name)

@@ -20,7 +20,6 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -31,13 +30,10 @@ log = logging.getLogger(__name__)
 ANSWER_PREFIX = "bluegreen:answer:"
 
 
-@dataclass(frozen=True, slots=True)
-class Answered:
-    color: str
-    version: str
-    body: bytes
-    header_length: int | None
-    at: float
+# An answer remembered: (color, version, body, JSON length of a binary body, monotonic time). A plain tuple of
+# atoms under a str key: the garbage collector stops tracking such tuples, so 50,000 remembered answers do
+# not lengthen every full collection (measured: they did, as dataclass instances under tuple keys).
+Answered = tuple[str, str, bytes, int | None, float]
 
 
 def predicted_label(body: bytes, header_length: int | None) -> int | None:
@@ -63,14 +59,14 @@ class FeedbackStore:
         self.redis = redis
         self.max_pending_writes = max_pending_writes
         self._writes: set[asyncio.Task[Any]] = set()
-        self._answers: OrderedDict[tuple[str, str], Answered] = OrderedDict()
+        self._answers: OrderedDict[str, Answered] = OrderedDict()
         self.accuracy: dict[tuple[str, str], list[int]] = {}  # (model, version) -> [labelled, correct]
 
     def remember(self, model: str, request_id: str, color: str, version: str, body: bytes,
                  header_length: int | None) -> None:
-        key = (model, request_id)
+        key = f"{model}\0{request_id}"
         self._answers.pop(key, None)
-        self._answers[key] = Answered(color, version, body, header_length, self._clock())
+        self._answers[key] = (color, version, body, header_length, self._clock())
         while len(self._answers) > self.max_entries:
             self._answers.popitem(last=False)
         if self.redis is not None and len(self._writes) < self.max_pending_writes:
@@ -123,14 +119,15 @@ class FeedbackStore:
             now = self._clock()
             known = {}
             for rid in ids:
-                answered = self._answers.get((model, rid))
-                if answered is not None and now - answered.at <= self.ttl_s:
-                    known[rid] = (answered.version, predicted_label(answered.body, answered.header_length))
+                answered = self._answers.get(f"{model}\0{rid}")
+                if answered is not None and now - answered[4] <= self.ttl_s:
+                    _, version, body, length, _ = answered
+                    known[rid] = (version, predicted_label(body, length))
         result = {"matched": 0, "unknown": 0, "unlabelled": 0}
         for item in items:
             rid = item["id"]
             found = known.pop(rid, None)  # one label per answer
-            self._answers.pop((model, rid), None)
+            self._answers.pop(f"{model}\0{rid}", None)
             if found is None:
                 result["unknown"] += 1
                 continue

@@ -35,7 +35,7 @@ from starlette.routing import Route
 from serving import protocol
 from serving.batching import QueueFull
 from serving.errors import InferenceFailed, NotFound, ServingError, Unavailable, error_response, render
-from serving.lifecycle import GracefulServer
+from serving.lifecycle import GracefulServer, tune_gc
 from serving.limits import BodyLimitMiddleware
 from serving.metrics import MetricSet, make_tracer, shutdown_tracing, tracing_requested
 from serving.model import Model
@@ -298,9 +298,10 @@ def serve(settings: ServingSettings) -> int:
         return 2
     app = create_app(settings, core, on_load_failure)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-                            lifespan="on", access_log=False, log_level="warning",
+                            lifespan="on", access_log=False, log_level="warning", proxy_headers=False,
                             timeout_graceful_shutdown=int(settings.graceful_shutdown_s), backlog=4096)
     server = GracefulServer(config)
+    tune_gc()
     holder["server"] = server
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.info("model server on http://%s:%d (%s)", settings.host, settings.port, ", ".join(settings.models))

@@ -64,3 +64,14 @@ async def serve_together(servers: Sequence[GracefulServer]) -> None:
     finally:
         for sig in HANDLED_SIGNALS:
             loop.remove_signal_handler(sig)
+
+
+def tune_gc() -> None:
+    """Fewer, cheaper full collections. Measured under load: ~2 full collections a second at 33-54 ms each
+    (7-8% of the gateway's time, and its p99 tail). Start-up objects are frozen out of the collector's view
+    and the thresholds raised, so young garbage is still collected often but the full sweeps are rare."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 50, 100)
