@@ -70,6 +70,43 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return code
 
 
+def _admin_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--admin-url", help="the gateway's admin listener (default: $BLUEGREEN_ADMIN_URL, else "
+                   "http://127.0.0.1:8081)")
+    p.add_argument("--token-file", type=Path, help="read the admin token from FILE (default: $BLUEGREEN_ADMIN_TOKEN)")
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from gateway import operator
+
+    if args.watch:
+        return operator.run(args.admin_url, args.token_file,
+                            lambda c: operator.watch(c, args.interval, as_json=args.json))
+    return operator.run(args.admin_url, args.token_file, lambda c: operator.status(c, as_json=args.json))
+
+
+def _cmd_weights(args: argparse.Namespace) -> int:
+    from gateway import operator
+
+    return operator.run(args.admin_url, args.token_file,
+                        lambda c: operator.set_weights(c, args.model, args.weights, args.reason))
+
+
+def _cmd_canary(args: argparse.Namespace) -> int:
+    from gateway import operator
+
+    return operator.run(args.admin_url, args.token_file, lambda c: operator.canary(
+        c, args.model, args.action, force=args.force, candidate=args.candidate, policy=args.policy,
+        reason=args.reason, as_json=args.json))
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from gateway import operator
+
+    return operator.run(args.admin_url, args.token_file,
+                        lambda c: operator.audit(c, args.limit, args.model, as_json=args.json))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bluegreen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -116,6 +153,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="where to write JSON + markdown (default docs/)")
     p.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("status", help="weights, canary, latency, errors and breakers of every model")
+    p.add_argument("--watch", action="store_true", help="redraw every --interval seconds until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between redraws (default 2)")
+    p.add_argument("--json", action="store_true", help="print the admin API's JSON instead of the table")
+    _admin_options(p)
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("weights", help="set a model's split: MODEL green=N (or blue=N, or both summing to 100)")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("weights", nargs="+", metavar="COLOR=N")
+    p.add_argument("--reason", help="recorded in the audit log")
+    _admin_options(p)
+    p.set_defaults(func=_cmd_weights)
+
+    p = sub.add_parser("canary", help="start, pause, resume, promote or abort a model's canary rollout")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("action", choices=["start", "pause", "resume", "promote", "abort"])
+    p.add_argument("--force", action="store_true", help="start: without a passing validation report (audited)")
+    p.add_argument("--candidate", choices=["blue", "green"], help="start: the color released (default: the one at 0%%)")
+    p.add_argument("--policy", metavar="JSON|@FILE", help="start: policy overrides, inline or from a file")
+    p.add_argument("--reason", help="recorded in the audit log")
+    p.add_argument("--json", action="store_true", help="print the admin API's JSON instead")
+    _admin_options(p)
+    p.set_defaults(func=_cmd_canary)
+
+    p = sub.add_parser("audit", help="the audit log, newest first")
+    p.add_argument("--limit", type=int, default=20, metavar="N", help="entries to show (default 20)")
+    p.add_argument("--model", metavar="M", help="only this model's entries")
+    p.add_argument("--json", action="store_true", help="print the admin API's JSON instead")
+    _admin_options(p)
+    p.set_defaults(func=_cmd_audit)
     return parser
 
 
