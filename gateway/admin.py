@@ -106,7 +106,7 @@ def _if_match(request: Request) -> int | None:
     try:
         return int(tag)
     except ValueError:
-        return -1  # matches no revision: 412
+        return -1  # not one of our ETags: it matches no revision, so 412 (RFC 9110 13.1.1)
 
 
 async def _body(request: Request) -> dict[str, Any]:
@@ -166,7 +166,7 @@ def create_admin_app(settings: GatewaySettings, store: StateStore, plane: DataPl
         def change(s: ModelState) -> ModelState:
             phase = canary.Status.from_json(s.canary).phase
             if phase in canary.ACTIVE:
-                raise Conflict(f"a canary rollout of {model!r} is {phase.value}: pause or abort it, or promote, "
+                raise Conflict(f"a canary rollout of {model!r} is {phase.value}: abort it (or let it finish) "
                                "before setting weights by hand")
             return _replace(s, weights=weights)
 

@@ -77,7 +77,7 @@ def _admin_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from gateway import operator
+    from gateway import admin_client as operator
 
     if args.watch:
         return operator.run(args.admin_url, args.token_file,
@@ -86,14 +86,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_weights(args: argparse.Namespace) -> int:
-    from gateway import operator
+    from gateway import admin_client as operator
 
     return operator.run(args.admin_url, args.token_file,
                         lambda c: operator.set_weights(c, args.model, args.weights, args.reason))
 
 
 def _cmd_canary(args: argparse.Namespace) -> int:
-    from gateway import operator
+    from gateway import admin_client as operator
 
     return operator.run(args.admin_url, args.token_file, lambda c: operator.canary(
         c, args.model, args.action, force=args.force, candidate=args.candidate, policy=args.policy,
@@ -101,7 +101,7 @@ def _cmd_canary(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from gateway import operator
+    from gateway import admin_client as operator
 
     return operator.run(args.admin_url, args.token_file,
                         lambda c: operator.audit(c, args.limit, args.model, as_json=args.json))

@@ -13,7 +13,7 @@ import httpx
 import orjson
 import pytest
 
-from gateway import operator
+from gateway import admin_client as operator
 from gateway.cli import main
 from tests.procs import ADMIN_TOKEN, admin_headers, free_port, routing, start_gateway, start_model_server
 
