@@ -70,6 +70,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from models.validation import Options, command_line
+    from models.validation import main as validate_main
+
+    opts = Options(model=args.model, baseline=args.baseline, url=args.url, repo=args.repo,
+                   concurrency=args.concurrency, duration_s=args.duration, device=args.device,
+                   command=command_line(sys.argv[1:]))
+    return validate_main(opts)
+
+
 def _admin_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-url", help="the gateway's admin listener (default: $BLUEGREEN_ADMIN_URL, else "
                    "http://127.0.0.1:8081)")
@@ -153,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="where to write JSON + markdown (default docs/)")
     p.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY)
     p.set_defaults(func=_cmd_bench)
+    p = sub.add_parser("validate", help="the release plan's validation gate for one model version")
+    p.add_argument("--model", required=True, metavar="NAME:VERSION")
+    p.add_argument("--baseline", metavar="NAME:VERSION", help="also measure this version and show the differences")
+    p.add_argument("--url", help="a running V2 server to validate (default: start one on a free loopback port)")
+    p.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--concurrency", type=int, default=32, help="concurrent single-row requests in the load check")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds of measured load (after a 1 s warm-up)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="for the server started here")
+    p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("status", help="weights, canary, latency, errors and breakers of every model")
     p.add_argument("--watch", action="store_true", help="redraw every --interval seconds until Ctrl-C")
