@@ -20,7 +20,6 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -33,14 +32,12 @@ from gateway.errors import (
     BadRequest,
     Conflict,
     NotFound,
-    ServingError,
     TooManyRequests,
     Unauthorized,
-    error_response,
-    render,
 )
 from gateway.settings import COLORS, Color, ColorConfig, GatewaySettings, check_weights
 from gateway.state import ColorState, ModelState, StateStore
+from serving.errors import exception_handlers
 from serving.limits import BodyLimitMiddleware
 
 ADMIN_BODY_LIMIT = 64 * 1024
@@ -299,16 +296,6 @@ def create_admin_app(settings: GatewaySettings, store: StateStore, plane: DataPl
     async def metrics(request: Request) -> Response:
         return Response(plane.telemetry.prometheus_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def serving_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ServingError)
-        return render(exc)
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        message = {404: f"no route for {request.method} {request.url.path}",
-                   405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
-        return error_response(exc.status_code, message, exc.headers)
-
     prefix = "/admin/v1"
     routes = [
         Route("/metrics", metrics, methods=["GET"]),
@@ -323,7 +310,7 @@ def create_admin_app(settings: GatewaySettings, store: StateStore, plane: DataPl
         Route(f"{prefix}/cache", cache_stats, methods=["GET"]),
     ]
     return Starlette(routes=routes, middleware=[Middleware(BodyLimitMiddleware, max_bytes=ADMIN_BODY_LIMIT)],
-                     exception_handlers={ServingError: serving_error, HTTPException: http_error})
+                     exception_handlers=exception_handlers())
 
 
 def validation_report(repo: Path | None, model: str, version: str) -> bool | str:

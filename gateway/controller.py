@@ -15,8 +15,6 @@ process's data plane, or (with Redis) every replica's, merged.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -31,6 +29,7 @@ from gateway.errors import PreconditionFailed
 from gateway.settings import Color, other
 from gateway.state import ModelState, StateStore
 from gateway.windows import Snapshot as WindowSnapshot
+from serving.lifecycle import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -89,25 +88,17 @@ class Controller:
         self.window_s = window_s
         self._baselines: dict[tuple[str, int, float], tuple[Counts, Counts]] = {}
         self._last_seen: dict[tuple[str, float], int] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("canary-controller", tick_s, self._round, first_after_s=0.0)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="canary-controller")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._loop.stop()
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                if self.is_leader():
-                    await self.tick()
-            except Exception:  # a bad tick must not end the controller
-                log.exception("canary controller tick failed")
-            await asyncio.sleep(self.tick_s)
+    async def _round(self) -> None:
+        if self.is_leader():
+            await self.tick()
 
     async def tick(self) -> None:
         refreshed = False

@@ -14,7 +14,6 @@ without DNS — control directly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from collections.abc import Callable, Iterable
@@ -23,6 +22,8 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 import orjson
+
+from serving.lifecycle import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class Discovery:
         self.refresh_s = refresh_s
         self.on_change = on_change
         self.resolved: dict[str, list[str]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._loop: Periodic | None = None
 
     def expand(self, urls: Iterable[str]) -> list[str]:
         """Configured URLs with each ``dns+`` URL replaced by its current addresses (in order, no repeats)."""
@@ -116,18 +117,12 @@ class Discovery:
             self.on_change()
 
     def start(self, urls: Callable[[], Iterable[str]]) -> None:
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(self.refresh_s)
-                try:
-                    await self.refresh(urls())
-                except Exception:
-                    log.exception("discovery refresh failed")
+        async def refresh() -> None:
+            await self.refresh(urls())
 
-        self._task = asyncio.get_running_loop().create_task(loop(), name="discovery")
+        self._loop = Periodic("discovery", self.refresh_s, refresh)
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self._loop is not None:
+            await self._loop.stop()

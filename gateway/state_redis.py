@@ -34,6 +34,7 @@ from gateway.errors import NotFound, PreconditionFailed, Unavailable
 from gateway.settings import COLORS, Color, RoutingFile
 from gateway.state import AUDIT_LIMIT, AuditEntry, ColorState, Listener, ModelState, changes
 from gateway.windows import Snapshot
+from serving.lifecycle import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class RedisStateStore:
         self._tasks: list[asyncio.Task[None]] = []
         self._cas = self.redis.register_script(_CAS)
         self.fence: Callable[[], str | None] = lambda: None
+        self._refresher = Periodic("state-refresh", refresh_s, self.reload)  # covers lost pub/sub messages
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -99,10 +101,11 @@ class RedisStateStore:
         await self.reload()
         pubsub = self.redis.pubsub()
         await pubsub.subscribe(EVENTS)
-        self._tasks = [asyncio.get_running_loop().create_task(self._listen(pubsub), name="state-events"),
-                       asyncio.get_running_loop().create_task(self._refresh_loop(), name="state-refresh")]
+        self._tasks = [asyncio.get_running_loop().create_task(self._listen(pubsub), name="state-events")]
+        self._refresher.start()
 
     async def aclose(self) -> None:
+        await self._refresher.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -147,14 +150,6 @@ class RedisStateStore:
                 await asyncio.sleep(1.0)
                 with contextlib.suppress(Exception):
                     await pubsub.subscribe(EVENTS)
-
-    async def _refresh_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.refresh_s)
-            try:
-                await self.reload()
-            except Exception as exc:
-                log.warning("state refresh: %s", exc)
 
     # ------------------------------------------------------------------ reads
 
@@ -220,7 +215,7 @@ class Lease:
         self.token: str | None = None
         self._valid_until = 0.0
         self._renew = store.redis.register_script(_RENEW)
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("leader-lease", ttl_s / 3, self.tick, first_after_s=0.0)
 
     def is_leader(self) -> bool:
         return self.token is not None and time.monotonic() < self._valid_until
@@ -229,25 +224,14 @@ class Lease:
         return self.token if self.is_leader() else None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="leader-lease")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._loop.stop()
         if self.token is not None:
             with contextlib.suppress(Exception):
                 await self._renew(keys=[LEADER], args=[self.token, 1])  # let it lapse at once
         self.token = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.tick()
-            except Exception as exc:
-                log.warning("leader lease: %s", exc)
-            await asyncio.sleep(self.ttl_s / 3)
 
     async def tick(self) -> None:
         redis = self.store.redis
@@ -277,24 +261,13 @@ class MetricsPublisher:
         self.plane = plane
         self.interval_s = interval_s
         self.window_s = window_s
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("metrics-publisher", interval_s, self.publish, first_after_s=0.0)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="metrics-publisher")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.publish()
-            except Exception as exc:
-                log.warning("publishing metrics to Redis: %s", exc)
-            await asyncio.sleep(self.interval_s)
+        await self._loop.stop()
 
     async def publish(self) -> None:
         pipe = self.store.redis.pipeline(transaction=False)

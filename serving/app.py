@@ -26,7 +26,6 @@ from typing import Any
 import orjson
 import uvicorn
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -34,7 +33,7 @@ from starlette.routing import Route
 
 from serving import protocol
 from serving.batching import QueueFull
-from serving.errors import InferenceFailed, NotFound, ServingError, Unavailable, error_response, render
+from serving.errors import InferenceFailed, NotFound, ServingError, Unavailable, exception_handlers
 from serving.lifecycle import GracefulServer, tune_gc
 from serving.limits import BodyLimitMiddleware
 from serving.metrics import MetricSet, make_tracer, shutdown_tracing, tracing_requested
@@ -223,16 +222,6 @@ def create_app(settings: ServingSettings, server: ModelServer | None = None,
         return Response(payload, media_type="application/octet-stream",
                         headers={"inference-header-content-length": str(json_length)})
 
-    async def serving_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ServingError)
-        return render(exc)
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        message = {404: f"no route for {request.method} {request.url.path}",
-                   405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
-        return error_response(exc.status_code, message, exc.headers)
-
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async def load() -> None:
@@ -276,7 +265,7 @@ def create_app(settings: ServingSettings, server: ModelServer | None = None,
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     middleware=[Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)],
-                    exception_handlers={ServingError: serving_error, HTTPException: http_error})
+                    exception_handlers=exception_handlers())
     app.state.core = core
     return app
 

@@ -17,6 +17,7 @@ calls them; the REST layer has one handler that renders any of them.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import orjson
 from starlette.responses import Response
@@ -65,3 +66,21 @@ def error_response(status: int, message: str, headers: Mapping[str, str] | None 
 
 def render(exc: ServingError) -> Response:
     return error_response(exc.status, exc.message, exc.headers)
+
+
+def exception_handlers() -> dict[Any, Any]:
+    """Starlette handlers rendering every error as ``{"error": ...}``: ours, and Starlette's own 404/405."""
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+
+    async def serving_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServingError)
+        return render(exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        message = {404: f"no route for {request.method} {request.url.path}",
+                   405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+        return error_response(exc.status_code, message, exc.headers)
+
+    return {ServingError: serving_error, HTTPException: http_error}

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import threading
-from collections.abc import Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 
 import uvicorn
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+log = logging.getLogger(__name__)
 
 
 class GracefulServer(uvicorn.Server):
@@ -75,3 +77,35 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 50, 100)
+
+
+class Periodic:
+    """A background loop: ``work()`` every ``interval_s`` on the running loop until :meth:`stop`. A failing
+    round is logged and the loop goes on: one bad round must not end a controller, a lease or a refresher."""
+
+    def __init__(self, name: str, interval_s: float, work: Callable[[], Awaitable[None]], *,
+                 first_after_s: float | None = None) -> None:
+        self.name = name
+        self.interval_s = interval_s
+        self.work = work
+        self.first_after_s = interval_s if first_after_s is None else first_after_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        await asyncio.sleep(self.first_after_s)
+        while True:
+            try:
+                await self.work()
+            except Exception:
+                log.exception("%s: a round failed", self.name)
+            await asyncio.sleep(self.interval_s)
