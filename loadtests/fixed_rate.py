@@ -16,6 +16,8 @@ Run it as a process so that its caller can account its CPU apart from its own:
     python -m loadtests.fixed_rate http://127.0.0.1:8080/v2/models/digits/infer --rate 800 --duration 10 \\
         --warmup 2 --body-file body.json --header 'Cache-Control: no-cache, no-store' --out result.json
 
+``--body-lines FILE`` sends several bodies in turn (one per line; request ``i`` carries line ``i mod n``).
+
 It writes one JSON document (:func:`summarize`). Latency percentiles are nearest-rank over every answered
 request of the measured window (non-2xx answers included, and counted); requests that got no answer are counted
 by error type.
@@ -38,7 +40,7 @@ from typing import Any, NamedTuple
 from loadtests.cpu import process_cpu_s, self_cpu_s
 
 LOOPBACK_PREFIX = "http://127.0.0.1:"
-PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 START_LEAD_S = 0.05  # the first request is due this long after the loop is ready, not while it is still busy
 DEFAULT_CONNECTIONS = 64
 DEFAULT_TIMEOUT_S = 10.0
@@ -106,7 +108,7 @@ def percentile(sorted_values: Sequence[float], q: float) -> float | None:
 
 
 def distribution_ms(values_s: Sequence[float]) -> dict[str, float | None]:
-    """p50/p90/p99/p99.9, mean and max of durations given in seconds, in milliseconds."""
+    """p50/p90/p95/p99/p99.9, mean and max of durations given in seconds, in milliseconds."""
     ordered = sorted(v * 1000.0 for v in values_s)
     doc: dict[str, float | None] = {f"p{q:g}": percentile(ordered, q) for q in PERCENTILES}
     doc["mean"] = sum(ordered) / len(ordered) if ordered else None
@@ -183,14 +185,19 @@ def _cpu_delta(before: Mapping[str, float | None], after: Mapping[str, float | N
     return result
 
 
-async def drive(url: str, body: bytes, headers: Mapping[str, str], schedule: Schedule, *,
+async def drive(url: str, body: bytes | Sequence[bytes], headers: Mapping[str, str], schedule: Schedule, *,
                 connections: int = DEFAULT_CONNECTIONS, timeout_s: float = DEFAULT_TIMEOUT_S,
                 cpu_of: Mapping[str, int] | None = None) -> dict[str, Any]:
-    """Send ``schedule.total`` POSTs of ``body`` to ``url`` on schedule; return :func:`summarize`'s report."""
+    """Send ``schedule.total`` POSTs of ``body`` to ``url`` on schedule; return :func:`summarize`'s report.
+
+    Given several bodies, request ``i`` carries ``body[i % len(body)]``."""
     import aiohttp
 
     if not url.startswith(LOOPBACK_PREFIX):
         raise ValueError(f"the load generator targets 127.0.0.1 only, not {url}")
+    bodies = [body] if isinstance(body, bytes) else list(body)
+    if not bodies:
+        raise ValueError("no body to send")
     watched = dict(cpu_of or {})
     samples: list[Sample | None] = [None] * schedule.total
     clock = time.perf_counter
@@ -206,7 +213,7 @@ async def drive(url: str, body: bytes, headers: Mapping[str, str], schedule: Sch
             started = clock()
             status, error, timing = 0, None, None
             try:
-                async with session.post(url, data=body, headers=headers) as resp:
+                async with session.post(url, data=bodies[i % len(bodies)], headers=headers) as resp:
                     await resp.read()
                     status = resp.status
                     header = resp.headers.get("server-timing")
@@ -260,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate", type=float, required=True, help="requests per second")
     parser.add_argument("--duration", type=float, required=True, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds sent at the same rate first, not measured")
-    parser.add_argument("--body-file", type=Path, required=True, help="the request body, sent as is")
+    bodies = parser.add_mutually_exclusive_group(required=True)
+    bodies.add_argument("--body-file", type=Path, help="the request body, sent as is")
+    bodies.add_argument("--body-lines", type=Path, help="several bodies, one per line, sent in turn")
     parser.add_argument("--content-type", default="application/json")
     parser.add_argument("--header", type=_header, action="append", default=[], metavar="'NAME: VALUE'")
     parser.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS, help="most open at once")
@@ -285,7 +294,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: the load generator targets 127.0.0.1 only, not {args.url}", file=sys.stderr)
         return 2
     headers = {"Content-Type": args.content_type, **dict(args.header)}
-    coro = drive(args.url, args.body_file.read_bytes(), headers, schedule, connections=args.connections,
+    if args.body_file is not None:
+        body: bytes | list[bytes] = args.body_file.read_bytes()
+    else:
+        body = [line for line in args.body_lines.read_bytes().splitlines() if line.strip()]
+        if not body:
+            print(f"error: {args.body_lines} holds no body", file=sys.stderr)
+            return 2
+    coro = drive(args.url, body, headers, schedule, connections=args.connections,
                  timeout_s=args.timeout, cpu_of=dict(args.cpu_of))
     try:
         import uvloop

@@ -127,8 +127,15 @@ def test_each_suite_keeps_its_own_section(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "bench-serving.json").read_text())["ratios"][0]["value"] == 5.0
     bench.write_results(tmp_path, gateway_doc(median=0.6))  # rerunning one suite leaves the other's section alone
     again = (tmp_path / "benchmarks.md").read_text()
-    assert again.split("## Gateway")[0] == md.split("## Gateway")[0]
+    assert again.split("## Serving")[1].split("## Gateway")[0] == md.split("## Serving")[1].split("## Gateway")[0]
     assert "| 0.60x |" in again
+    # the summary at the top follows: the gateway's new ratio, the serving suite's old ones
+    summary = again.split("## Summary")[1].split("## Serving")[0]
+    assert "| gateway | gateway / direct requests/s (median of 3 rounds) | 0.60x |" in summary
+    assert "| serving | batched / unbatched rows/s | 5.00x |" in summary
+    # and the plot, drawn from both suites' JSON, is referenced from the report
+    assert (tmp_path / bench.PLOT_NAME).read_bytes().startswith(b"\x89PNG")
+    assert f"]({bench.PLOT_NAME})" in again
 
 
 def test_a_section_in_an_older_shape_falls_back_to_the_generic_one() -> None:
@@ -140,25 +147,55 @@ def test_a_section_in_an_older_shape_falls_back_to_the_generic_one() -> None:
     assert "rerun the suite to refresh it" in md
 
 
-def test_only_unimplemented_suites_asked_is_a_failure_without_output(tmp_path: Path,
-                                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    planned = [s for s in bench.PLANNED_SUITES if s not in bench.SUITES]
-    assert planned, "every planned suite is implemented: this test has nothing left to check"
-    assert bench.main(planned[:1], duration_s=1.0, out_dir=tmp_path, repo=tmp_path) == 2
-    assert "not implemented yet" in capsys.readouterr().out
+def test_unknown_suite_is_refused(tmp_path: Path) -> None:
+    assert bench.main(["nope"], duration_s=1.0, out_dir=tmp_path, repo=tmp_path) == 2
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unknown_suite_is_refused(tmp_path: Path) -> None:
-    assert bench.main(["nope"], duration_s=1.0, out_dir=tmp_path, repo=tmp_path) == 2
-
-
 def test_suite_table_names_every_cli_choice() -> None:
-    assert set(bench.SUITES) | set(bench.PLANNED_SUITES) == set(bench.SUITE_ORDER)
-    assert not set(bench.SUITES) & set(bench.PLANNED_SUITES)
+    from gateway.cli import build_parser
+
+    assert set(bench.SUITES) == set(bench.SUITE_ORDER) == {"serving", "gateway", "cache", "telemetry", "shadow"}
     assert bench.SUITES["serving"] is bench.run_serving
     assert bench.SUITES["gateway"] is bench.run_gateway
+    assert bench.SUITES["cache"] is bench.run_cache
+    assert bench.SUITES["telemetry"] is bench.run_telemetry
+    assert bench.SUITES["shadow"] is bench.run_shadow
     assert set(bench.SECTIONS) == set(bench.SUITES)
+    assert build_parser().parse_args(["bench"]).suites == []  # none named: every suite
+    assert build_parser().parse_args(["bench", "nope"]).suites == ["nope"]  # refused by the runner (exit 2)
+    assert build_parser().parse_args(["bench", "shadow", "cache"]).suites == ["shadow", "cache"]
+
+
+def test_no_suite_named_runs_every_suite_in_order_and_writes_one_report(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    ran: list[str] = []
+
+    def fake(name: str) -> bench.Suite:
+        def suite(ctx: bench.SuiteContext) -> dict[str, Any]:
+            ran.append(name)
+            return {"suite": name, "title": f"Suite {name}", "command": f"bluegreen bench {name}",
+                    "ratios": [bench._ratio(f"{name} ratio", 1.0, 0.5)], "ok": True}
+        return suite
+
+    monkeypatch.setattr(bench, "SUITES", {name: fake(name) for name in reversed(bench.SUITE_ORDER)})
+    monkeypatch.setattr(bench, "describe_machine", lambda: {"cpu_model": "Test CPU 9000", "cpu_count": 2})
+    monkeypatch.setattr(bench.shutil, "which", lambda exe: f"/usr/bin/{exe}")
+    assert bench.main([], duration_s=1.0, out_dir=tmp_path, repo=tmp_path) == 0
+    assert ran == list(bench.SUITE_ORDER)
+    md = (tmp_path / "benchmarks.md").read_text()
+    summary = md.split("## Summary")[1].split("\n## ")[0]
+    for name in bench.SUITE_ORDER:
+        assert f"| {name} | {name} ratio | 1.00x | ≥ 0.5x | met | " in summary
+        assert f"Test CPU 9000, 2 cores | `bluegreen bench {name}` |" in summary
+        assert (tmp_path / f"bench-{name}.json").exists()
+    assert "PASS shadow ratio: 1.00x (≥ 0.5x)" in capsys.readouterr().out
+
+
+def test_without_wrk_nothing_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench.shutil, "which", lambda exe: None)
+    assert bench.main([], duration_s=1.0, out_dir=tmp_path, repo=tmp_path) == 2
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------- gateway suite
@@ -330,3 +367,330 @@ def test_gateway_summary_lines() -> None:
     assert "round 2: direct 5,000 req/s, gateway 3,000 req/s, gateway / direct 0.60" in lines
     assert "added p50 +1.90 ms, p99 +7.84 ms" in lines
     assert "PASS gateway / direct requests/s (median of 3 rounds): 0.55x" in lines
+
+
+# ---------------------------------------------------------------------------------------- cache, telemetry, shadow
+
+def test_cycle_script_formats_every_body_once_and_sends_them_in_turn() -> None:
+    script = bench.wrk_lua_cycle_script(['{"a":1}', '{"b":2}', '{"c":3}'], {"Cache-Control": "no-cache"})
+    assert '  [=[{"a":1}]=],\n  [=[{"b":2}]=],\n  [=[{"c":3}]=]\n}' in script
+    assert "requests[k] = wrk.format(nil, nil, nil, body)" in script  # formatted in init, not per request
+    assert "request = function()" in script and "return requests[position]" in script
+    assert 'thread:set("bluegreen_thread", thread_count)' in script  # threads start at different places
+    assert "wrk.headers[ [=[Cache-Control]=] ] = [=[no-cache]=]" in script
+    assert f"{bench.WRK_MARKER} " in script
+    with pytest.raises(ValueError, match="no bodies"):
+        bench.wrk_lua_cycle_script([])
+
+
+def test_unique_bodies_number_their_first_pixels_and_keep_the_rest() -> None:
+    row = [float(i % 17) for i in range(64)]
+    prefix, rest = bench.unique_body_parts("input", row)
+    digits = list(range(bench.UNIQUE_DIGITS))
+    doc = json.loads(prefix + ",".join(str(d) for d in digits) + rest)
+    assert doc["inputs"][0]["shape"] == [1, 64]
+    assert doc["inputs"][0]["data"] == digits + row[bench.UNIQUE_DIGITS:]
+    script = bench.wrk_lua_unique_script("input", row)
+    assert f"for k = 1, {bench.UNIQUE_DIGITS} do" in script
+    assert "os.time()" in script  # salted per run: a later run never repeats an earlier one's bodies
+    # 17^13 distinct numbers cover every counter the script can reach (65536 * 2^32 + threads * 2^24)
+    assert 17 ** bench.UNIQUE_DIGITS > 65536 * 2**32 + 64 * 2**24
+    with pytest.raises(ValueError):
+        bench.unique_body_parts("input", [0.0] * bench.UNIQUE_DIGITS)
+
+
+def test_prometheus_value_picks_the_sample_with_the_labels_asked() -> None:
+    text = "\n".join([
+        "# HELP bluegreen_shadow_agreement_ratio Share of shadow copies that agreed.",
+        "# TYPE bluegreen_shadow_agreement_ratio gauge",
+        'bluegreen_shadow_agreement_ratio{model="wide"} 0.5',
+        'bluegreen_shadow_agreement_ratio{model="digits"} 0.890625',
+        'bluegreen_request_duration_seconds_count{model="digits",color="blue",cache="bypass"} 1234.0',
+        'bluegreen_request_duration_seconds_count{model="digits",color="green",cache="bypass"} 6.0',
+        "bluegreen_in_flight_requests 3",
+    ])
+    assert bench.prometheus_value(text, "bluegreen_shadow_agreement_ratio", {"model": "digits"}) == 0.890625
+    assert bench.prometheus_value(text, "bluegreen_request_duration_seconds_count", {"model": "digits"}) == 1234.0
+    assert bench.prometheus_value(text, "bluegreen_request_duration_seconds_count", {"color": "green"}) == 6.0
+    assert bench.prometheus_value(text, "bluegreen_in_flight_requests") == 3.0
+    assert bench.prometheus_value(text, "bluegreen_request_duration_seconds") is None  # only its _count exists
+    assert bench.prometheus_value(text, "bluegreen_shadow_agreement_ratio", {"model": "nope"}) is None
+
+
+@pytest.mark.parametrize(("target", "counters", "ok"), [
+    ("l1_hit", {"l1_hits": 1000, "l2_hits": 0, "misses": 0}, True),
+    ("l1_hit", {"l1_hits": 980, "l2_hits": 0, "misses": 20}, False),  # 2% went upstream: not an L1-hit run
+    ("l2_hit", {"l1_hits": 40, "l2_hits": 960, "misses": 0}, True),  # the one-entry L1 answers a few
+    ("l2_hit", {"l1_hits": 1000, "l2_hits": 0, "misses": 0}, False),
+    ("miss", {"l1_hits": 0, "l2_hits": 0, "misses": 500, "l2_errors": 3}, True),
+    ("miss", {"l1_hits": 500, "l2_hits": 0, "misses": 500}, False),
+    ("l1_hit", {"l1_hits": 0, "l2_hits": 0, "misses": 0}, False),  # nothing looked up at all
+    ("direct", {}, True),  # no cache on the way
+])
+def test_cache_runs_must_take_the_path_they_are_named_after(target: str, counters: dict[str, int], ok: bool) -> None:
+    assert bench.cache_path_ok(target, counters) is ok
+
+
+def test_redis_calls_per_request_over_the_runs_that_counted_them() -> None:
+    runs = [{"requests": 1000, "counters": {"l2_hits": 1000, "redis_get": 1000, "redis_set": 1000, "redis_ping": 0}},
+            {"requests": 3000, "counters": {"l2_hits": 3000, "redis_get": 3000, "redis_set": 3000,
+                                            "redis_evalsha": 2}},
+            {"requests": 5000, "counters": {"l1_hits": 5000}}]  # no Redis counted: left out
+    assert bench.redis_calls_per_request(runs) == {"get": 1.0, "set": 1.0, "evalsha": 0.0005}
+    assert bench.redis_calls_per_request(runs[2:]) == {}
+
+
+def test_cache_path_shares() -> None:
+    assert bench.cache_path_shares({"l1_hits": 1, "l2_hits": 3, "misses": 0, "stale": 9}) == {
+        "l1_hits": 0.25, "l2_hits": 0.75, "misses": 0.0}
+    assert bench.cache_path_shares({}) == {"l1_hits": 0.0, "l2_hits": 0.0, "misses": 0.0}
+
+
+def test_round_table_takes_every_target_over_the_baseline() -> None:
+    runs = [{"round": 1, "target": "direct", "requests_per_s": 6000.0},
+            {"round": 1, "target": "l1_hit", "requests_per_s": 12000.0},
+            {"round": 1, "target": "miss", "requests_per_s": 3000.0},
+            {"round": 2, "target": "miss", "requests_per_s": 3600.0},
+            {"round": 2, "target": "l1_hit", "requests_per_s": 9000.0},
+            {"round": 2, "target": "direct", "requests_per_s": 6000.0},
+            {"round": 3, "target": "l1_hit", "requests_per_s": 1.0}]  # no baseline: no row
+    table = bench.round_table(runs, "direct")
+    assert [r["round"] for r in table] == [1, 2]
+    assert table[0]["ratios"] == {"l1_hit": 2.0, "miss": 0.5}
+    assert table[1]["rps"] == {"miss": 3600.0, "l1_hit": 9000.0, "direct": 6000.0}
+    assert bench.median_round_ratio(table, "l1_hit") == pytest.approx(1.75)
+    assert bench.median_round_ratio(table, "miss") == pytest.approx(0.55)
+    with pytest.raises(bench.SuiteError):
+        bench.median_round_ratio(table, "l2_hit")
+    zero = bench.round_table([{"round": 1, "target": "off", "requests_per_s": 0.0},
+                              {"round": 1, "target": "on", "requests_per_s": 5.0}], "off")
+    assert zero[0]["ratios"] == {"on": 0.0}
+
+
+def test_ratios_at_most_and_without_target() -> None:
+    within = bench._ratio("p50 with / without", 1.04, 1.1, at_most=True)
+    above = bench._ratio("p50 with / without", 1.3, 1.1, at_most=True)
+    info = bench._ratio("miss / direct", 0.57, None)
+    share = bench._ratio("agreement", 0.890625, None, unit="")
+    assert (within["met"], above["met"], info["met"], info["stretch_met"]) == (True, False, None, None)
+    assert bench._ratio_row(within) == "| p50 with / without | 1.04x | ≤ 1.1x | met |"
+    assert bench._ratio_row(above) == "| p50 with / without | 1.30x | ≤ 1.1x | **above target** |"
+    assert bench._ratio_row(info) == "| miss / direct | 0.57x | reported, no target | - |"
+    assert bench._ratio_row(share) == "| agreement | 0.89 | reported, no target | - |"
+    lines = "\n".join(bench._summary_lines({"ratios": [within, above, info]}))
+    assert "PASS p50 with / without: 1.04x (≤ 1.1x)" in lines
+    assert "ABOVE p50 with / without: 1.30x (≤ 1.1x)" in lines
+    assert "INFO miss / direct: 0.57x (reported, no target)" in lines
+
+
+def test_gateway_cpu_per_request() -> None:
+    assert bench.gateway_cpu_us_per_request({"cpu_s": {"gateway": 0.5}, "requests": 5000}) == pytest.approx(100.0)
+    assert bench.gateway_cpu_us_per_request({"cpu_s": {"model_server": 0.5}, "requests": 5000}) is None
+    assert bench.gateway_cpu_us_per_request({"cpu_s": {"gateway": 0.5}, "requests": 0}) is None
+
+
+def test_spread_note_only_when_rounds_disagree() -> None:
+    assert bench._spread_note([1.0, 1.05, 0.98], "on / off") == []
+    note = bench._spread_note([0.87, 1.02, 1.24, 0.92], "on / off")
+    assert len(note) == 1 and "on / off spread over 38%" in note[0] and "(0.87 to 1.24)" in note[0]
+
+
+def test_routing_files_the_suites_write_are_valid_for_the_gateway() -> None:
+    from gateway.settings import RoutingFile
+
+    plain = RoutingFile.model_validate(bench.digits_routing(("1", "http://127.0.0.1:1"), ("2", "http://127.0.0.1:1")))
+    shadowed = RoutingFile.model_validate(bench.digits_routing(("1", "http://127.0.0.1:1"), ("2", "http://127.0.0.1:2"),
+                                                               bench.SHADOW_PERCENT))
+    assert plain.models["digits"].weights == {"blue": 100, "green": 0}
+    assert plain.models["digits"].shadow_percent == 0
+    assert shadowed.models["digits"].shadow_percent == 10
+    assert shadowed.models["digits"].colors["green"].backends == ["http://127.0.0.1:2"]
+
+
+def test_gateway_settings_are_bluegreen_variables_only(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="BLUEGREEN_"), \
+            bench.gateway_server(bench.digits_routing(("1", "http://127.0.0.1:1"), ("2", "http://127.0.0.1:1")),
+                                 tmp_path, {"PATH": "/nowhere"}):
+        pass
+
+
+MACHINE = {"cpu_model": "Test CPU 9000", "cpu_count": 2, "usable_cpus": 2, "onnxruntime": "1.99.0",
+           "onnxruntime_providers": ["CPUExecutionProvider"], "python": "3.11.7", "os": "Linux 6"}
+
+
+def _cache_run(round_no: int, target: str, rps: float, shares: tuple[float, float, float] | None,
+               *, flagged: bool = False) -> dict[str, Any]:
+    run = _sat(round_no, target, rps, flagged=flagged)
+    run["latency_ms"]["p95"] = 9.0
+    run["cpu_s"] = {"gateway": 0.8 if target != "direct" else None, "model_server": 0.5}
+    run["cores"] = {"model_server": 0.5} if target == "direct" else {"gateway": 0.8, "model_server": 0.1}
+    if target == "l2_hit":
+        run["cores"]["redis"] = 0.11
+    if shares is not None:
+        run["path_share"] = dict(zip(bench.CACHE_PATHS, shares, strict=True))
+    return run
+
+
+def cache_doc(*, wrong_path: bool = False) -> dict[str, Any]:
+    runs = [_cache_run(1, "direct", 7000.0, None), _cache_run(1, "l1_hit", 12000.0, (1.0, 0.0, 0.0)),
+            _cache_run(1, "l2_hit", 4000.0, (0.02, 0.98, 0.0) if not wrong_path else (1.0, 0.0, 0.0),
+                       flagged=wrong_path),
+            _cache_run(1, "miss", 3500.0, (0.0, 0.0, 1.0)), _cache_run(2, "miss", 3500.0, (0.0, 0.0, 1.0)),
+            _cache_run(2, "l2_hit", 4200.0, (0.0, 1.0, 0.0)), _cache_run(2, "l1_hit", 10000.0, (1.0, 0.0, 0.0)),
+            _cache_run(2, "direct", 6000.0, None)]
+    table = bench.round_table(runs, "direct")
+    return {
+        "suite": "cache", "title": "Prediction cache: L1 hit, L2 hit and miss vs direct to the model server",
+        "command": "bluegreen bench cache --duration 10", "date": "2025-03-04T05:06:07+00:00", "machine": MACHINE,
+        "settings": {"model": "digits:1", "server_command": "bluegreen serve-model --model digits:1 --port <free port>",
+                     "connections": 32, "wrk_threads": 2, "duration_s": 10, "warmup_s": 2,
+                     "round_orders": [list(o) for o in bench.CACHE_ROUNDS], "l2_bodies": 128,
+                     "gateway_settings": {"gateway-l1": {"BLUEGREEN_CACHE__TTL_S": "3600"},
+                                          "gateway-l2": {"BLUEGREEN_CACHE__TTL_S": "3600",
+                                                         "BLUEGREEN_REDIS_URL": "redis://127.0.0.1:<free port>/0",
+                                                         "BLUEGREEN_CACHE__L1_MAX_ENTRIES": "1"}},
+                     "expected_paths": {t: {"counter": c, "least_share": s}
+                                        for t, (c, s) in bench.CACHE_EXPECTED_PATH.items()},
+                     "labels": bench.CACHE_LABELS},
+        "prewarm": {"bodies": 128, "redis_cache_keys": 128},
+        "redis_calls_per_l2_request": {"get": 1.0, "set": 1.0, "evalsha": 0.001},
+        "saturation": runs, "round_table": table,
+        "ratios": [bench._ratio("L1 hit / direct requests/s (median of 2 rounds)",
+                                bench.median_round_ratio(table, "l1_hit"), bench.TARGET_L1_HIT_VS_DIRECT),
+                   bench._ratio("L2 hit / direct requests/s (median of 2 rounds)",
+                                bench.median_round_ratio(table, "l2_hit"), None)],
+        "ok": not wrong_path, "notes": [bench.CACHE_NOTE],
+    }
+
+
+def test_cache_section_shows_each_path_its_lookups_and_the_ratios() -> None:
+    md = bench.render_markdown({"cache": cache_doc()})
+    assert "## Prediction cache: L1 hit, L2 hit and miss vs direct to the model server" in md
+    assert "Reproduce: `bluegreen bench cache --duration 10`" in md
+    assert "`BLUEGREEN_CACHE__L1_MAX_ENTRIES=1`" in md and "`BLUEGREEN_CACHE__TTL_S=3600`" in md
+    assert "128 distinct bodies" in md and "128 keys under `bluegreen:cache:`" in md
+    assert "in the order direct, L1 hit, L2 hit, miss; miss, L2 hit, L1 hit, direct" in md
+    # a run: throughput, latency, model server rows, lookups, Redis CPU, errors, CPU, CPU per request
+    assert "| 1 | L2 hit | 4,000 | 5.0 | 9.0 | 30.0 | 40,000 | 40,000 | 2% / 98% / 0% | 0.11 cores | 0 | 0 | " \
+           "0.12 cores | 0.80 cores | 20 | 0.10 cores | 40% |" in md
+    assert "| 1 | direct | 7,000 | 5.0 | 9.0 | 30.0 | 70,000 | 70,000 | - | - | 0 | 0 | 0.12 cores | - | - | " \
+           "0.50 cores | 40% |" in md
+    assert "Redis commands per request during the L2-hit runs (`INFO commandstats`): GET 1.00, SET 1.00." in md
+    assert "| Round | direct | L1 hit | L2 hit | miss | L1 hit / direct | L2 hit / direct | miss / direct |" in md
+    assert "| 1 | 7,000 | 12,000 | 4,000 | 3,500 | 1.71x | 0.57x | 0.50x |" in md
+    assert "| L1 hit / direct requests/s (median of 2 rounds) | 1.69x | ≥ 1.5x | met |" in md
+    assert "| L2 hit / direct requests/s (median of 2 rounds) | 0.64x | reported, no target | - |" in md
+    assert "**This run was flagged**" not in md and "⚠ |" not in md
+
+
+def test_a_cache_run_on_the_wrong_path_is_marked() -> None:
+    md = bench.render_markdown({"cache": cache_doc(wrong_path=True)})
+    assert "| 1 | L2 hit ⚠ | 4,000 |" in md and "100% / 0% / 0%" in md
+    assert "**This run was flagged**" in md
+    assert "| cache ⚠ | L1 hit / direct" in md  # the summary says so too
+
+
+def telemetry_doc() -> dict[str, Any]:
+    runs = []
+    for n, order in enumerate(bench.TELEMETRY_ROUNDS, start=1):
+        for target in order:
+            run = _sat(n, target, 4000.0 if target == "off" else 3900.0 - 100 * n)
+            run["cpu_s"] = {"gateway": 0.9, "model_server": 0.5}
+            runs.append(run)
+    table = bench.round_table(runs, "off")
+    return {
+        "suite": "telemetry", "title": "Telemetry on vs off", "command": "bluegreen bench telemetry --duration 10",
+        "date": "2025-03-04T05:06:07+00:00", "machine": MACHINE,
+        "settings": {"model": "digits:1", "request_headers": {"Cache-Control": "no-cache, no-store"},
+                     "server_command": "bluegreen serve-model --port <free port>", "connections": 32,
+                     "wrk_threads": 2, "duration_s": 10, "warmup_s": 2,
+                     "round_orders": [list(o) for o in bench.TELEMETRY_ROUNDS],
+                     "labels": {"on": "telemetry on", "off": "telemetry off"}},
+        "requests_recorded_in_metrics": {"on": 160000.0, "off": None},
+        "saturation": runs, "round_table": table,
+        "ratios": [bench._ratio("telemetry on / off requests/s (median of 4 rounds)",
+                                bench.median_round_ratio(table, "on"), bench.TARGET_TELEMETRY_ON_VS_OFF)],
+        "ok": True, "notes": [bench.TELEMETRY_NOTE],
+    }
+
+
+def test_telemetry_section_alternates_rounds_and_quotes_the_median() -> None:
+    md = bench.render_markdown({"telemetry": telemetry_doc()})
+    assert "## Telemetry on vs off" in md
+    assert "`BLUEGREEN_TELEMETRY=false`" in md and "`Cache-Control: no-cache, no-store`" in md
+    assert "alternated over 4 rounds (on, off; off, on; on, off; off, on)" in md
+    assert "on 160,000, off - (none is right for off)" in md
+    assert "| 2 | telemetry on | 3,700 |" in md
+    assert "| Round | telemetry off | telemetry on | telemetry on / telemetry off |" in md
+    assert "| 1 | 4,000 | 3,800 | 0.95x |" in md
+    assert "| telemetry on / off requests/s (median of 4 rounds) | 0.91x | ≥ 0.95x | **below target** |" in md
+    lines = "\n".join(bench._summary_lines(telemetry_doc()))
+    assert "round 1: off 4,000 req/s, on 3,800 req/s (0.95x)" in lines
+
+
+def shadow_doc() -> dict[str, Any]:
+    saturation = [_sat(1, "off", 4000.0), _sat(1, "on", 3400.0)]
+    saturation[1]["green_rows"] = 4000
+    half = [_half(1, "off", 3.0, 6.0, 0.3), _half(2, "on", 3.2, 7.0, 0.3), _half(3, "on", 3.3, 8.0, 0.3),
+            _half(4, "off", 3.1, 6.5, 0.3)]
+    for run in half:
+        run["latency_ms"]["p95"] = run["latency_ms"]["p50"] * 1.5
+        run["green_rows"] = 2000 if run["target"] == "on" else 0
+        run["shadow_share"] = 0.1 if run["target"] == "on" else None
+        run["cores"]["green_server"] = 0.1 if run["target"] == "on" else 0.0
+    medians = bench.median_latency_ms(half, bench.SHADOW_PERCENTILES)
+    return {
+        "suite": "shadow", "title": "Shadow traffic at 10%: client latency with vs without",
+        "command": "bluegreen bench shadow --duration 10", "date": "2025-03-04T05:06:07+00:00", "machine": MACHINE,
+        "settings": {"model": "digits:1", "green": "digits:2", "shadow_percent": 10, "bodies": 64,
+                     "request_headers": {"Cache-Control": "no-cache, no-store"},
+                     "server_commands": {"blue": "bluegreen serve-model --model digits:1 --port <free port>",
+                                         "green": "bluegreen serve-model --model digits:2 --port <free port>"},
+                     "connections": 32, "wrk_threads": 2, "duration_s": 10, "warmup_s": 2,
+                     "saturation_order": ["off", "on"], "half_load_fraction": 0.5,
+                     "half_load_order": list(bench.SHADOW_HALF_LOAD_ORDER),
+                     "labels": {"off": "no shadow", "on": "10% shadowed"}},
+        "saturation": saturation,
+        "half_load": {"rate_per_s": 1700.0, "basis_rps": 3400.0, "runs": half, "median_ms": medians},
+        "agreement": {"gateway": 0.890625, "offline": {"compared": 64, "agreed": 57, "ratio": 57 / 64}},
+        "ratios": [bench._ratio("p50 with / without shadowing at half load (median of 2 runs each)",
+                                medians["on"]["p50"] / medians["off"]["p50"], bench.TARGET_SHADOW_P50, at_most=True),
+                   bench._ratio("shadow agreement (bluegreen_shadow_agreement_ratio, digits 1 vs 2)", 0.890625, None,
+                                unit="")],
+        "ok": True, "notes": [bench.SHADOW_NOTE, bench.FIXED_RATE_NOTE],
+    }
+
+
+def test_shadow_section_has_latency_with_and_without_copies_and_agreement() -> None:
+    md = bench.render_markdown({"shadow": shadow_doc()})
+    assert "## Shadow traffic at 10%: client latency with vs without" in md
+    assert "`shadow_percent: 10`" in md and "64 held-out digits images" in md
+    assert "in the order no shadow, 10% shadowed, 10% shadowed, no shadow" in md
+    assert "| 1 | 10% shadowed | 3,400 |" in md and "| 4,000 | 0 | 0 |" in md  # green rows at saturation
+    assert "### Client latency at half load (1,700 requests/s)" in md
+    assert "| 2 | 10% shadowed | 1,500 | 3.20 | 6.40 | 4.80 | 7.00 |" in md
+    assert "| 2,000 | 10.0% | 0 | 0 | 0.30 cores |" in md
+    assert "| no shadow (median of 2 runs) | 3.05 | 6.10 | 4.58 | 6.25 |" in md
+    assert "| 10% shadowed (median of 2 runs) | 3.25 | 6.50 | 4.88 | 7.50 |" in md
+    assert "`bluegreen_shadow_agreement_ratio` after the runs): 0.891" in md
+    assert "57 of 64 agree (0.891)" in md
+    assert "| p50 with / without shadowing at half load (median of 2 runs each) | 1.07x | ≤ 1.1x | met |" in md
+    assert "| shadow agreement (bluegreen_shadow_agreement_ratio, digits 1 vs 2) | 0.89 | reported, no target | - |" \
+        in md
+    lines = "\n".join(bench._summary_lines(shadow_doc()))
+    assert "half load (1,700 req/s): off p50 3.05 ms, p99 6.25 ms (median), on p50 3.25 ms" in lines
+
+
+def test_summary_lists_every_ratio_of_every_suite_with_date_machine_and_command() -> None:
+    docs = {"shadow": shadow_doc(), "cache": cache_doc(), "gateway": gateway_doc(), "serving": serving_doc()}
+    md = bench.render_markdown(docs, plot="benchmarks.png")
+    summary = md.split("## Summary")[1].split("\n## ")[0]
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| Suite")]
+    assert len(rows) == sum(len(d["ratios"]) for d in docs.values())
+    assert [row.split(" | ")[0] for row in rows] == ["| serving"] * 2 + ["| gateway"] + ["| cache"] * 2 + \
+        ["| shadow"] * 2  # the report's suite order
+    assert "| cache | L1 hit / direct requests/s (median of 2 rounds) | 1.69x | ≥ 1.5x | met | " \
+           "2025-03-04T05:06:07+00:00 | Test CPU 9000, 2 cores | `bluegreen bench cache --duration 10` |" in rows
+    assert md.index("## Summary") < md.index("![") < md.index("## Serving")
+    assert "(benchmarks.png)" in md
+    assert "![" not in bench.render_markdown(docs)  # no plot drawn: none referenced

@@ -81,8 +81,8 @@ def test_distribution_is_in_milliseconds() -> None:
     assert d["p99"] == pytest.approx(10.0)
     assert d["max"] == pytest.approx(10.0)
     assert d["mean"] == pytest.approx(4.0)
-    assert fixed_rate.distribution_ms([]) == {"p50": None, "p90": None, "p99": None, "p99.9": None, "mean": None,
-                                              "max": None}
+    assert fixed_rate.distribution_ms([]) == {"p50": None, "p90": None, "p95": None, "p99": None, "p99.9": None,
+                                              "mean": None, "max": None}
 
 
 @pytest.mark.parametrize(("header", "expected"), [
@@ -166,3 +166,40 @@ async def test_drive_sends_every_request_and_reads_server_timing() -> None:
     assert report["server_timing_ms"]["gateway"]["count"] == 20
     assert report["cpu_s"]["generator"] is not None and report["cpu_s"]["me"] is not None
     json.dumps(report)  # the report is written as JSON as is
+
+
+async def test_drive_sends_several_bodies_in_turn() -> None:
+    seen: list[bytes] = []
+
+    async def infer(request: web.Request) -> web.Response:
+        seen.append(await request.read())
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/infer", infer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        schedule = Schedule(rate_per_s=200.0, duration_s=0.06)  # 12 requests, no warm-up
+        report = await fixed_rate.drive(f"http://127.0.0.1:{port}/infer", [b"a", b"b", b"c"],
+                                        {"Content-Type": "application/json"}, schedule, connections=1)
+    finally:
+        await runner.cleanup()
+    assert report["answered"] == 12
+    assert seen == [b"a", b"b", b"c"] * 4  # one connection: the order they were sent in
+    with pytest.raises(ValueError, match="no body"):
+        await fixed_rate.drive("http://127.0.0.1:9/", [], {}, schedule)
+
+
+def test_body_lines_file_must_hold_a_body(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lines = tmp_path / "bodies.jsonl"
+    lines.write_text("\n\n")
+    out = ["--duration", "1", "--out", str(tmp_path / "out.json")]
+    assert fixed_rate.main(["http://127.0.0.1:9/", "--rate", "10", "--body-lines", str(lines), *out]) == 2
+    assert "holds no body" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one body or several, not both
+        fixed_rate.main(["http://127.0.0.1:9/", "--rate", "10", "--body-lines", str(lines), "--body-file",
+                         str(lines), *out])
