@@ -201,6 +201,29 @@ def create_admin_app(settings: GatewaySettings, store: StateStore, plane: DataPl
                              action="set_color_forced" if force else "set_color", reason=reason)
         return _json(model_json(state), headers={"etag": state.etag})
 
+    async def get_shadow(request: Request) -> Response:
+        who(request)
+        state = store.get(request.path_params["model"])
+        ratio, samples = plane.shadow.agreement(state.name)
+        return _json({"percent": state.shadow_percent, "agreement": ratio, "compared": samples},
+                     headers={"etag": state.etag})
+
+    async def put_shadow(request: Request) -> Response:
+        """``{"percent": 0-100}``: the share of answered requests copied to the color not chosen."""
+        name = who(request)
+        model = request.path_params["model"]
+        store.get(model)
+        doc = await _body(request)
+        reason = _reason(doc)
+        percent = doc.pop("percent", None)
+        if doc:
+            raise BadRequest(f"unknown keys: {', '.join(sorted(doc))} (expected 'percent' and optional 'reason')")
+        if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
+            raise BadRequest("'percent' must be an integer from 0 to 100")
+        state = await store.update(model, _if_match(request), lambda s: _replace(s, shadow_percent=percent),
+                                   who=name, action="set_shadow", reason=reason)
+        return _json({"percent": state.shadow_percent}, headers={"etag": state.etag})
+
     async def stats(request: Request) -> Response:
         who(request)
         state = store.get(request.path_params["model"])
@@ -304,6 +327,8 @@ def create_admin_app(settings: GatewaySettings, store: StateStore, plane: DataPl
         Route(f"{prefix}/models/{{model}}/split", put_split, methods=["PUT"]),
         Route(f"{prefix}/models/{{model}}/colors/{{color}}", put_color, methods=["PUT"]),
         Route(f"{prefix}/models/{{model}}/stats", stats, methods=["GET"]),
+        Route(f"{prefix}/models/{{model}}/shadow", get_shadow, methods=["GET"]),
+        Route(f"{prefix}/models/{{model}}/shadow", put_shadow, methods=["PUT"]),
         Route(f"{prefix}/models/{{model}}/canary", get_canary, methods=["GET"]),
         Route(f"{prefix}/models/{{model}}/canary/{{command}}", canary_command, methods=["POST"]),
         Route(f"{prefix}/audit", audit, methods=["GET"]),

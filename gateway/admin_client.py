@@ -147,6 +147,18 @@ class AdminClient:
         response = self.request("PUT", f"/models/{_seg(model)}/split", json_body=body, headers={"if-match": etag})
         return _json(response), response.headers.get("etag", "")
 
+    def shadow(self, model: str) -> tuple[dict[str, Any], str]:
+        response = self.request("GET", f"/models/{_seg(model)}/shadow")
+        return _json(response), response.headers.get("etag", "*")
+
+    def put_shadow(self, model: str, percent: int, etag: str, reason: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"percent": percent}
+        if reason:
+            body["reason"] = reason
+        doc: dict[str, Any] = _json(self.request("PUT", f"/models/{_seg(model)}/shadow", json_body=body,
+                                                 headers={"if-match": etag}))
+        return doc
+
     def canary(self, model: str) -> dict[str, Any]:
         doc: dict[str, Any] = self.get(f"/models/{_seg(model)}/canary")
         return doc
@@ -362,6 +374,25 @@ def set_weights(client: AdminClient, model: str, specs: Sequence[str], reason: s
     before, etag = client.split(model)
     after, _ = put_weights(client, model, weights, etag, reason)
     print(f"{model}: weights {format_weights(after)} (were {format_weights(before)})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ shadow
+
+
+def shadow(client: AdminClient, model: str, percent: int | None, reason: str | None = None) -> int:
+    """Show the shadow share and agreement, or set the share (``If-Match`` on what was just read)."""
+    if percent is not None and not 0 <= percent <= 100:
+        raise UsageError(f"the shadow share must be 0-100, got {percent}")
+    current, etag = client.shadow(model)
+    agreement = current.get("agreement")
+    seen = f"agreement {agreement:.3f} over {current.get('compared', 0)} copies" if agreement is not None \
+        else "no copies compared yet"
+    if percent is None:
+        print(f"{model}: shadow {current['percent']}% ({seen})")
+        return 0
+    after = client.put_shadow(model, percent, etag, reason)
+    print(f"{model}: shadow {after['percent']}% (was {current['percent']}%; {seen})")
     return 0
 
 

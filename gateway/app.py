@@ -169,7 +169,8 @@ class Gateway:
     def data_app(self) -> ASGIApp:
         app: ASGIApp = DataApp(self.plane)
         app = BodyLimitMiddleware(app, self.settings.max_body_bytes)
-        self.shedder = ConcurrencyLimitMiddleware(app, self.settings.max_concurrency)
+        shedder = self.shedder = ConcurrencyLimitMiddleware(app, self.settings.max_concurrency)
+        self.telemetry.load_shed = lambda: shedder.shed
         return RequestIdMiddleware(self.shedder)
 
     def admin_app(self) -> ASGIApp:
@@ -265,8 +266,9 @@ class DataApp:
 
     async def _infer(self, scope: Scope, receive: Receive, model: str, version: str | None) -> Reply:
         self.plane.store.get(model)  # 404 before reading a body for a model that does not exist
-        req = InferRequest(model, await _read_body(receive), version=version,
-                           request_id=scope.get("state", {}).get("request_id"))
+        state = scope.get("state", {})
+        req = InferRequest(model, await _read_body(receive), version=version, request_id=state.get("request_id"),
+                           request_id_generated=state.get("request_id_generated", True))
         for key, value in scope["headers"]:
             field = _REQUEST_HEADERS.get(key)
             if field is not None:

@@ -244,7 +244,8 @@ class PredictionCache:
             return None
         t0 = self._monotonic()
         try:
-            result = await asyncio.wait_for(call, self.settings.redis_timeout_s)
+            async with asyncio.timeout(self.settings.redis_timeout_s):  # no extra task, unlike wait_for
+                result = await call
         except asyncio.CancelledError:
             # The request went away, which says nothing about Redis; but a half-open probe's slot must come
             # back, or the breaker stays half-open refusing every call and the cache never returns to Redis.

@@ -102,6 +102,13 @@ def _cmd_weights(args: argparse.Namespace) -> int:
                         lambda c: operator.set_weights(c, args.model, args.weights, args.reason))
 
 
+def _cmd_shadow(args: argparse.Namespace) -> int:
+    from gateway import admin_client as operator
+
+    return operator.run(args.admin_url, args.token_file,
+                        lambda c: operator.shadow(c, args.model, args.percent, args.reason))
+
+
 def _cmd_canary(args: argparse.Namespace) -> int:
     from gateway import admin_client as operator
 
@@ -189,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", help="recorded in the audit log")
     _admin_options(p)
     p.set_defaults(func=_cmd_weights)
+
+    p = sub.add_parser("shadow", help="show or set the share of requests copied to the other color")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("percent", nargs="?", type=int, metavar="PERCENT", help="0-100; omit to show the current share")
+    p.add_argument("--reason", help="recorded in the audit log")
+    _admin_options(p)
+    p.set_defaults(func=_cmd_shadow)
 
     p = sub.add_parser("canary", help="start, pause, resume, promote or abort a model's canary rollout")
     p.add_argument("model", metavar="MODEL")

@@ -95,6 +95,7 @@ class InferRequest:
     forced_color: str | None = None
     timeout_ms: str | None = None
     request_id: str | None = None
+    request_id_generated: bool = True  # made up by the gateway rather than sent by the client
     content_type: str | None = None
     traceparent: str | None = None
     tracestate: str | None = None
@@ -235,7 +236,7 @@ class DataPlane:
                     span.set_attribute("http.response.status_code", reply.status)
             outcome = _OUTCOMES.get(reply.status // 100, "error")
             if reply.status == 200 and note.state is not None:
-                self._after_answer(note.state, note.client_id or req.request_id, req, reply)
+                self._after_answer(note.state, note.client_id, req, reply)
             return reply
         except ServingError as exc:
             outcome = _OUTCOMES.get(exc.status // 100, "error")
@@ -394,11 +395,18 @@ class DataPlane:
             span.set_attribute("http.response.status_code", resp.status)
             return resp
 
-    def _after_answer(self, state: ModelState, request_id: str | None, req: InferRequest, reply: Reply) -> None:
-        """Off the answer's critical path: remember it for feedback, send a shadow copy if selected."""
+    def _after_answer(self, state: ModelState, client_id: str | None, req: InferRequest, reply: Reply) -> None:
+        """Off the answer's critical path: remember it for feedback, send a shadow copy if selected.
+
+        Feedback finds an answer by the V2 body's ``id``, else by ``x-request-id``. Only ids the client chose
+        are shared through Redis: a generated id (echoed in ``x-request-id``) is remembered in this replica's
+        bounded memory alone, so anonymous traffic costs no Redis write per request."""
         length = next((int(v) for k, v in reply.headers if k == b"inference-header-content-length"), None)
+        request_id = client_id or req.request_id
         if request_id is not None:
-            self.feedback.remember(state.name, request_id, reply.color, reply.version, reply.body, length)
+            shared = client_id is not None or not req.request_id_generated
+            self.feedback.remember(state.name, request_id, reply.color, reply.version, reply.body, length,
+                                   share=shared)
         if state.shadow_percent and reply.cache != "hit" and reply.color in COLORS:
             headers = {"content-type": req.content_type or "application/json"}
             if req.header_length is not None:

@@ -8,7 +8,8 @@ parsed only when feedback arrives, so remembering costs the hot path one dict in
 Accuracy is kept per (model, version) rather than per color: a color re-pointed at another version starts
 from zero instead of inheriting the old version's record.
 
-With Redis (several replicas), each answer is also written — version, color and predicted label, off the
+With Redis (several replicas), each answer whose id the client chose (the V2 body's ``id`` or its own
+``x-request-id``; not an id the gateway generated) is also written — version, color and predicted label, off the
 request's critical path, bounded — under ``bluegreen:answer:{model}:{id}`` with the TTL, so feedback can land
 on any replica. Each replica counts the labels it receives; the controller sums every replica's counts.
 """
@@ -30,10 +31,11 @@ log = logging.getLogger(__name__)
 ANSWER_PREFIX = "bluegreen:answer:"
 
 
-# An answer remembered: (color, version, body, JSON length of a binary body, monotonic time). A plain tuple of
-# atoms under a str key: the garbage collector stops tracking such tuples, so 50,000 remembered answers do
-# not lengthen every full collection (measured: they did, as dataclass instances under tuple keys).
-Answered = tuple[str, str, bytes, int | None, float]
+# An answer remembered: (color, version, body, JSON length of a binary body, monotonic time, written to Redis).
+# A plain tuple of atoms under a str key: the garbage collector stops tracking such tuples, so 50,000
+# remembered answers do not lengthen every full collection (measured: they did, as dataclass instances
+# under tuple keys).
+Answered = tuple[str, str, bytes, int | None, float, bool]
 
 
 def predicted_label(body: bytes, header_length: int | None) -> int | None:
@@ -63,13 +65,15 @@ class FeedbackStore:
         self.accuracy: dict[tuple[str, str], list[int]] = {}  # (model, version) -> [labelled, correct]
 
     def remember(self, model: str, request_id: str, color: str, version: str, body: bytes,
-                 header_length: int | None) -> None:
+                 header_length: int | None, share: bool = True) -> None:
+        """Remember an answer in memory; with Redis and ``share``, also for feedback landing on other replicas."""
         key = f"{model}\0{request_id}"
         self._answers.pop(key, None)
-        self._answers[key] = (color, version, body, header_length, self._clock())
+        shared = share and self.redis is not None and len(self._writes) < self.max_pending_writes
+        self._answers[key] = (color, version, body, header_length, self._clock(), shared)
         while len(self._answers) > self.max_entries:
             self._answers.popitem(last=False)
-        if self.redis is not None and len(self._writes) < self.max_pending_writes:
+        if shared:
             doc = orjson.dumps({"v": version, "c": color, "l": predicted_label(body, header_length)})
             task = asyncio.get_running_loop().create_task(
                 self.redis.set(f"{ANSWER_PREFIX}{model}:{request_id}", doc, px=int(self.ttl_s * 1000)))
@@ -114,15 +118,18 @@ class FeedbackStore:
                     or isinstance(item.get("label"), bool) or not isinstance(item.get("label"), int):
                 raise BadRequest(f'feedback[{i}] must be {{"id": "<request id>", "label": <int>}}')
         ids = list(dict.fromkeys(item["id"] for item in items))
-        known = await self._claim(model, ids)
-        if known is None:  # one process (or Redis down): this replica's memory
-            now = self._clock()
-            known = {}
-            for rid in ids:
-                answered = self._answers.get(f"{model}\0{rid}")
-                if answered is not None and now - answered[4] <= self.ttl_s:
-                    _, version, body, length, _ = answered
-                    known[rid] = (version, predicted_label(body, length))
+        claimed = await self._claim(model, ids)
+        known = claimed or {}
+        now = self._clock()
+        for rid in ids:
+            # This replica's memory: every answer without Redis or when Redis failed; with Redis only answers
+            # never written there (a shared one missing from Redis was labelled already, or expired).
+            answered = self._answers.get(f"{model}\0{rid}")
+            if rid in known or answered is None or now - answered[4] > self.ttl_s:
+                continue
+            _, version, body, length, _, shared = answered
+            if claimed is None or not shared:
+                known[rid] = (version, predicted_label(body, length))
         result = {"matched": 0, "unknown": 0, "unlabelled": 0}
         for item in items:
             rid = item["id"]

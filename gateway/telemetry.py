@@ -12,7 +12,7 @@ per request with an upstream client span; the W3C trace context goes to the mode
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from serving.metrics import Counters, MetricSet, make_tracer, shutdown_tracing, tracing_requested
@@ -35,6 +35,8 @@ class Telemetry(MetricSet):
             "bluegreen_cache_requests", "Cache results (hit, miss, stale, bypass) per model and color.",
             ("model", "color", "result"))
         self.tracer: Any = None
+        #: Requests refused by the concurrency limit (set by the app that owns the limiter).
+        self.load_shed: Callable[[], int] = lambda: 0
 
     # ------------------------------------------------------------------ hot path
 
@@ -59,6 +61,10 @@ class Telemetry(MetricSet):
         for key, counts, _ in self.request_duration.snapshot():
             requests.series[key] = sum(counts)
         yield requests
+        shed = Counters("bluegreen_load_shed", "Requests refused with 503 because the gateway had its limit of "
+                        "requests in flight (before any model or color was chosen).", ())
+        shed.series[()] = self.load_shed()
+        yield shed
 
     def start_exporters(self) -> None:
         if not self.enabled:

@@ -44,6 +44,7 @@ class ColorPool:
     def __init__(self, urls: list[str], breaker_settings: BreakerSettings) -> None:
         self.breaker_settings = breaker_settings
         self.backends = [Backend(u, Breaker(breaker_settings)) for u in urls]
+        self._turn = 0
 
     def update(self, urls: list[str]) -> None:
         """New membership (a re-pointed color, pods come and go); backends that stay keep their breakers."""
@@ -58,7 +59,12 @@ class ColorPool:
             b = self.backends[0]
             permit = b.breaker.acquire()
             return None if permit is None else (b, permit)
-        for b in sorted(self.backends, key=lambda b: b.outstanding):
+        # Ties (idle backends, sequential clients) go round robin: always taking the first would leave the
+        # others without traffic, so a dead pod among them would never be called and never open its breaker.
+        n = len(self.backends)
+        start = self._turn = (self._turn + 1) % n
+        for i in sorted(range(n), key=lambda i: (self.backends[i].outstanding, (i - start) % n)):
+            b = self.backends[i]
             permit = b.breaker.acquire()
             if permit is not None:
                 return b, permit

@@ -26,7 +26,6 @@ import functools
 import gc
 import json
 import os
-import platform
 import re
 import secrets
 import shutil
@@ -49,6 +48,8 @@ import httpx
 import numpy as np
 
 from loadtests.cpu import children_cpu_s, cpu_pressure_s, process_cpu_s
+from serving import machine as serving_machine
+from serving.machine import machine_line
 
 if TYPE_CHECKING:
     from serving.runtime import Device
@@ -596,50 +597,8 @@ def model_stats(url: str, model: str, version: str | None = None) -> tuple[int, 
 
 
 def describe_machine() -> dict[str, Any]:
-    """What the numbers were measured on: CPU, cores, memory, ONNX Runtime and its providers, GPU if any."""
-    import onnxruntime as ort
-
-    from serving.runtime import available_cpus
-
-    cpu_model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    mem_gib = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        kib = int(Path("/proc/meminfo").read_text().split("MemTotal:", 1)[1].split()[0])
-        mem_gib = round(kib / 2**20, 1)
-    gpus: list[str] = []
-    if shutil.which("nvidia-smi"):
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=10, check=False).stdout
-            gpus = [line.strip() for line in out.splitlines() if line.strip()]
-    commit = None
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10, check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10, check=False)
-        if rev.returncode == 0:
-            commit = rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    return {
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": available_cpus(),
-        "memory_gib": mem_gib,
-        "gpus": gpus,
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
-        "onnxruntime_providers": ort.get_available_providers(),
-        "wrk": _wrk_version(),
-        "commit": commit,
-        # The machines are shared: a high load average before the run says the figures are noisier than usual.
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
+    """The machine (serving/machine.py) and the wrk that drove the runs."""
+    return {**serving_machine.describe_machine(), "wrk": _wrk_version()}
 
 
 def _wrk_version() -> str | None:
@@ -1603,25 +1562,6 @@ def _fmt_cores(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f} cores"
 
 
-def _machine_line(machine: dict[str, Any]) -> str:
-    parts = [f"{machine.get('cpu_model', 'unknown CPU')}, {machine.get('cpu_count')} cores "
-             f"({machine.get('usable_cpus')} usable)"]
-    if machine.get("memory_gib"):
-        parts.append(f"{machine['memory_gib']} GiB RAM")
-    if machine.get("gpus"):
-        parts.append("GPU: " + "; ".join(machine["gpus"]))
-    parts.append(f"onnxruntime {machine.get('onnxruntime')} (providers offered: "
-                 f"{', '.join(machine.get('onnxruntime_providers') or [])})")
-    if machine.get("wrk"):
-        parts.append(str(machine["wrk"]))
-    parts.append(f"Python {machine.get('python')}, {machine.get('os')}")
-    if machine.get("commit"):
-        parts.append(f"commit `{machine['commit']}`")
-    if machine.get("load_average_at_start"):
-        parts.append("load average at start " + " / ".join(f"{x:g}" for x in machine["load_average_at_start"]))
-    return "; ".join(parts)
-
-
 def _ratio_target(r: Mapping[str, Any]) -> str:
     unit = r.get("unit", "x")
     if r.get("target") is None:
@@ -1648,7 +1588,7 @@ def render_serving_section(doc: dict[str, Any]) -> list[str]:
     s = doc["settings"]
     raw = doc["raw"]
     lines = [
-        f"Measured {doc['date']} on {_machine_line(doc['machine'])}.",
+        f"Measured {doc['date']} on {machine_line(doc['machine'])}.",
         "",
         f"Reproduce: `{doc['command']}` (model `{s['model']}`, {s['rows_per_request']} row per request, "
         f"wrk {s['wrk_threads']} threads x {s['connections']} connections, {s['warmup_s']} s warm-up then "
@@ -1710,7 +1650,7 @@ def render_gateway_section(doc: dict[str, Any]) -> list[str]:
     half = doc["half_load"]
     headers = ", ".join(f"`{k}: {v}`" for k, v in s.get("request_headers", {}).items()) or "none"
     lines = [
-        f"Measured {doc['date']} on {_machine_line(doc['machine'])}.",
+        f"Measured {doc['date']} on {machine_line(doc['machine'])}.",
         "",
         f"Reproduce: `{doc['command']}`. One model server (`{s['server_command']}`, default batching) and one "
         f"gateway in front of it routing `{s['model']}` as blue at weight 100 (green at 0, never called); "
@@ -1798,7 +1738,7 @@ def render_gateway_section(doc: dict[str, Any]) -> list[str]:
 
 def render_generic_section(doc: dict[str, Any]) -> list[str]:
     """For a suite without its own renderer: the date, the machine and the command, so nothing is hidden."""
-    return [f"Measured {doc.get('date', '?')} on {_machine_line(doc.get('machine', {}))}.", "",
+    return [f"Measured {doc.get('date', '?')} on {machine_line(doc.get('machine', {}))}.", "",
             f"Reproduce: `{doc.get('command', 'bluegreen bench ' + str(doc.get('suite')))}`; the figures are in "
             f"`bench-{doc.get('suite')}.json`."]
 
@@ -1860,7 +1800,7 @@ def render_cache_section(doc: dict[str, Any]) -> list[str]:
     l2 = s["gateway_settings"]["gateway-l2"]
     prewarm = doc.get("prewarm", {})
     lines = [
-        f"Measured {doc['date']} on {_machine_line(doc['machine'])}.",
+        f"Measured {doc['date']} on {machine_line(doc['machine'])}.",
         "",
         f"Reproduce: `{doc['command']}`. Direct: one model server (`{s['server_command']}`, default batching). "
         f"Through the gateway: a private `redis-server` and two gateways routing `{s['model']}` as blue at weight "
@@ -1902,7 +1842,7 @@ def render_telemetry_section(doc: dict[str, Any]) -> list[str]:
     recorded = doc.get("requests_recorded_in_metrics", {})
     headers = ", ".join(f"`{k}: {v}`" for k, v in s.get("request_headers", {}).items()) or "none"
     lines = [
-        f"Measured {doc['date']} on {_machine_line(doc['machine'])}.",
+        f"Measured {doc['date']} on {machine_line(doc['machine'])}.",
         "",
         f"Reproduce: `{doc['command']}`. One model server (`{s['server_command']}`) and two gateways in front of it "
         f"routing `{s['model']}` as blue at weight 100, one with telemetry (the default), one with "
@@ -1930,7 +1870,7 @@ def render_shadow_section(doc: dict[str, Any]) -> list[str]:
     agreement = doc.get("agreement", {})
     offline = agreement.get("offline") or {}
     lines = [
-        f"Measured {doc['date']} on {_machine_line(doc['machine'])}.",
+        f"Measured {doc['date']} on {machine_line(doc['machine'])}.",
         "",
         f"Reproduce: `{doc['command']}`. Blue: `{s['server_commands']['blue']}`; green: "
         f"`{s['server_commands']['green']}`. Two gateways route `{s['model']}` (blue) at weight 100, one with "

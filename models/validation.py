@@ -35,12 +35,10 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import re
 import resource
 import select
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -57,6 +55,7 @@ import numpy as np
 import orjson
 
 from models.build import DEFAULT_REPOSITORY
+from serving.machine import describe_machine, machine_line
 
 Result = Literal["PASS", "FAIL", "N/A"]
 
@@ -598,47 +597,6 @@ def served(repo: Path, name: str, version: str, device: str, log_dir: Path) -> I
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
-
-
-def describe_machine() -> dict[str, Any]:
-    """What the figures were measured on: CPU, cores, memory, GPU if any, ONNX Runtime, load at the start."""
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    memory_gib = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        kib = int(Path("/proc/meminfo").read_text().split("MemTotal:", 1)[1].split()[0])
-        memory_gib = round(kib / 2**20, 1)
-    gpus: list[str] = []
-    if shutil.which("nvidia-smi"):
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=10, check=False).stdout
-            gpus = [line.strip() for line in out.splitlines() if line.strip()]
-    ort_version, providers = None, []
-    with contextlib.suppress(ImportError):
-        import onnxruntime as ort
-
-        ort_version, providers = ort.__version__, list(ort.get_available_providers())
-    return {"cpu_model": cpu, "cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-            "memory_gib": memory_gib, "gpus": gpus, "onnxruntime": ort_version, "onnxruntime_providers": providers,
-            "python": platform.python_version(), "os": f"{platform.system()} {platform.release()}",
-            "hostname": platform.node(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
-
-
-def machine_line(m: dict[str, Any]) -> str:
-    parts = [f"{m.get('cpu_model')}, {m.get('cpu_count')} cores ({m.get('usable_cpus')} usable)"]
-    if m.get("memory_gib"):
-        parts.append(f"{m['memory_gib']} GiB RAM")
-    parts.append("GPU: " + "; ".join(m["gpus"]) if m.get("gpus") else "no GPU")
-    parts.append(f"onnxruntime {m.get('onnxruntime')}")
-    parts.append(f"Python {m.get('python')}, {m.get('os')}")
-    if m.get("load_average_at_start"):
-        parts.append("load average at start " + " / ".join(f"{x:g}" for x in m["load_average_at_start"]))
-    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------- the gate

@@ -1,5 +1,7 @@
 """Request ids: propagate a client's ``x-request-id`` (when sane) or generate one; echo it on the response
-and leave it in ``scope["state"]["request_id"]`` for the upstream call and logs."""
+and leave it in ``scope["state"]["request_id"]`` for the upstream call and logs.
+``scope["state"]["request_id_generated"]`` says whether the gateway made it up (the feedback store shares only
+ids a client chose across replicas)."""
 
 from __future__ import annotations
 
@@ -27,9 +29,12 @@ class RequestIdMiddleware:
             if key == b"x-request-id":
                 rid = value
                 break
-        if not _acceptable(rid):
+        generated = not _acceptable(rid)
+        if generated:
             rid = os.urandom(12).hex().encode()
-        scope.setdefault("state", {})["request_id"] = rid.decode()
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid.decode()
+        state["request_id_generated"] = generated
         header = (b"x-request-id", rid)
 
         async def send_with_id(message: Message) -> None:

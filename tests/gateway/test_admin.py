@@ -376,3 +376,37 @@ async def test_oversized_admin_body_is_413_and_changes_nothing(admin: httpx.Asyn
     r = await admin.put(SPLIT, content=chunked(), headers=auth())
     assert r.status_code == 413 and set(r.json()) == {"error"}
     assert unchanged(gateway) == before
+
+
+# ---------------------------------------------------------------- shadow traffic
+
+SHADOW = f"{API}/models/digits/shadow"
+
+
+async def test_shadow_share_is_read_and_set_with_etag_and_audit(admin: httpx.AsyncClient, gateway: Gateway) -> None:
+    r = await admin.get(SHADOW, headers=auth())
+    assert r.status_code == 200
+    assert r.json() == {"percent": 0, "agreement": None, "compared": 0}
+    etag = r.headers["etag"]
+    r = await admin.put(SHADOW, json={"percent": 10, "reason": "compare v2"}, headers={**auth(BOB), "if-match": etag})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"percent": 10} and r.headers["etag"] != etag
+    assert gateway.store.get("digits").shadow_percent == 10
+    entry = gateway.store.audit_log[-1]
+    assert (entry.who, entry.action, entry.old, entry.new, entry.reason) == (
+        "bob", "set_shadow", {"shadow_percent": 0}, {"shadow_percent": 10}, "compare v2")
+    before = unchanged(gateway)
+    r = await admin.put(SHADOW, json={"percent": 20}, headers={**auth(), "if-match": etag})  # the old ETag
+    assert r.status_code == 412
+    assert unchanged(gateway) == before and gateway.store.get("digits").shadow_percent == 10
+
+
+@pytest.mark.parametrize("body", [{"percent": 101}, {"percent": -1}, {"percent": 12.5}, {"percent": "10"},
+                                  {"percent": True}, {}, {"percent": 10, "colour": "green"}])
+async def test_invalid_shadow_share_is_400_and_changes_nothing(admin: httpx.AsyncClient, gateway: Gateway,
+                                                               body: dict[str, Any]) -> None:
+    before = unchanged(gateway)
+    r = await admin.put(SHADOW, json=body, headers=auth())
+    assert r.status_code == 400, r.text
+    assert set(r.json()) == {"error"}
+    assert unchanged(gateway) == before and gateway.store.get("digits").shadow_percent == 0

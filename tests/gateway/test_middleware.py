@@ -9,6 +9,7 @@ import orjson
 import pytest
 from starlette.types import Receive, Scope, Send
 
+from gateway.app import Gateway
 from gateway.middleware import BodyLimitMiddleware
 from gateway.middleware.concurrency import ConcurrencyLimitMiddleware
 from gateway.middleware.request_id import RequestIdMiddleware
@@ -155,3 +156,15 @@ async def test_stack_order_gives_shed_responses_a_request_id() -> None:
         await first
     assert shed.status_code == 503 and shed.headers["x-request-id"] == "shed-1"
 
+
+
+async def test_shed_requests_are_counted_in_the_gateways_metrics(gateway: Gateway) -> None:
+    app = gateway.data_app()
+    assert gateway.shedder is not None
+    gateway.shedder.in_flight = gateway.shedder.limit  # as if that many requests were being served
+    async with client(app) as c:
+        for _ in range(3):
+            assert (await c.post("/v2/models/digits/infer", content=b"{}")).status_code == 503
+        assert (await c.get("/v2/health/ready")).status_code == 200  # never shed, never counted
+    text = gateway.telemetry.prometheus_text().decode()
+    assert "bluegreen_load_shed_total 3.0" in text

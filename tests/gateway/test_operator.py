@@ -266,3 +266,17 @@ def test_unreachable_admin_url(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert f"cannot connect to the admin API at {url}" in err and "is the gateway running?" in err
     assert "Traceback" not in err
+
+
+def test_shadow_shows_and_sets_the_share(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        assert main(["shadow", "digits"]) == 0
+        assert capsys.readouterr().out.strip() == "digits: shadow 0% (no copies compared yet)"
+        assert main(["shadow", "digits", "10", "--reason", "compare"]) == 0
+        assert capsys.readouterr().out.strip() == "digits: shadow 10% (was 0%; no copies compared yet)"
+        assert main(["shadow", "digits", "150"]) == 2
+        assert "must be 0-100" in capsys.readouterr().err
+        assert main(["shadow", "digits"]) == 0
+        assert "shadow 10%" in capsys.readouterr().out
+    finally:
+        assert main(["shadow", "digits", "0"]) == 0

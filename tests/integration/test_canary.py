@@ -314,6 +314,18 @@ def test_feedback_reaches_any_replica_through_redis(blue: str, tmp_path: Path) -
         assert result == {"matched": 1, "unknown": 0, "unlabelled": 0}
         again = httpx.post(f"{data_a}/feedback/v1/models/digits", json={"id": "r5", "label": predicted}).json()
         assert again["unknown"] == 1  # one label per answer, wherever it arrives
+        # Without a V2 id or a client x-request-id, the gateway's generated id is remembered by the replica
+        # that answered only: nothing is written to Redis for anonymous traffic.
+        anonymous = orjson.dumps({k: v for k, v in orjson.loads(body(6)).items() if k != "id"})
+        r = httpx.post(f"{data_a}{INFER}", content=anonymous, headers=NO_CACHE)
+        generated = r.headers["x-request-id"]
+        predicted = next(o["data"][0] for o in r.json()["outputs"] if o["name"] == "label")
+        time.sleep(0.3)
+        assert redis_client.Redis(port=rport).keys("bluegreen:answer:digits:*") == []
+        item = {"id": generated, "label": predicted}
+        assert httpx.post(f"{data_b}/feedback/v1/models/digits", json=item).json()["unknown"] == 1
+        assert httpx.post(f"{data_a}/feedback/v1/models/digits", json=item).json()["matched"] == 1
+        assert httpx.post(f"{data_a}/feedback/v1/models/digits", json=item).json()["unknown"] == 1
     finally:
         a.stop()
         b.stop()

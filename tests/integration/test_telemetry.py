@@ -348,11 +348,14 @@ def test_otlp_metrics_and_traces_from_gateway_and_model_server(tmp_path: Path,
                 assert r.status_code == 200, r.text
                 colors.append(r.headers["x-bluegreen-color"])
 
-        def request_count() -> float:
-            points = latest_metrics(receiver).get("bluegreen-gateway", {}).get("bluegreen_requests_total", [])
+        def request_count(service: str, metric: str) -> float:
+            points = latest_metrics(receiver).get(service, {}).get(metric, [])
             return float(sum(p.as_int or p.as_double for p in points))
 
-        wait_until(lambda: request_count() == n, 15, interval=0.1, what="an OTLP export with every request")
+        # Each process exports on its own timer: wait for an export from each that counts every request.
+        wait_until(lambda: request_count("bluegreen-gateway", "bluegreen_requests_total") == n
+                   and request_count("bluegreen-model-server", "bluegreen_serving_requests_total") == n,
+                   15, interval=0.1, what="OTLP exports with every request from the gateway and the model server")
 
         metrics = latest_metrics(receiver)
         for svc, names in (("bluegreen-gateway", GATEWAY_METRICS), ("bluegreen-model-server", SERVING_METRICS)):
