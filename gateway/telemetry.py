@@ -63,7 +63,8 @@ class Telemetry(MetricSet):
         yield requests
         shed = Counters("bluegreen_load_shed", "Requests refused with 503 because the gateway had its limit of "
                         "requests in flight (before any model or color was chosen).", ())
-        shed.series[()] = self.load_shed()
+        if self.enabled:
+            shed.series[()] = self.load_shed()
         yield shed
 
     def start_exporters(self) -> None:

@@ -159,6 +159,7 @@ async def test_stack_order_gives_shed_responses_a_request_id() -> None:
 
 
 async def test_shed_requests_are_counted_in_the_gateways_metrics(gateway: Gateway) -> None:
+    gateway.telemetry.enabled = True  # the unit-test gateway records nothing by default
     app = gateway.data_app()
     assert gateway.shedder is not None
     gateway.shedder.in_flight = gateway.shedder.limit  # as if that many requests were being served
