@@ -25,7 +25,8 @@ Rules (DESIGN.md, "Release lifecycle"): a stage passes when its hold time has el
 - shadow agreement below ``min_shadow_agreement``, only where a policy sets one;
 - every candidate backend's breaker open: immediate rollback;
 - no candidate requests in an interval: hold, even at 100%; more than ``max_no_data_intervals`` such intervals
-  in a row: rollback ("no data" never promotes).
+  in a row: rollback ("no data" never promotes). While paused the count stands still; an operator's resume
+  or promote resets it.
 """
 
 from __future__ import annotations
@@ -378,7 +379,12 @@ def step(policy: Policy, status: Status, snap: Snapshot, now: float) -> tuple[St
         return status, []
     candidate = status.candidate
     result = analyse(policy, snap)
-    no_data = status.no_data_intervals + 1 if snap.new_candidate_requests == 0 else 0
+    # Paused, nothing can advance, so a quiet candidate proves nothing either way: the count of intervals
+    # without data stands still (it would otherwise roll back a release waiting for approval over a lull).
+    if snap.new_candidate_requests:
+        no_data = 0
+    else:
+        no_data = status.no_data_intervals + (status.phase != Phase.PAUSED)
     base = dataclasses.replace(status, last_analysis=now, no_data_intervals=no_data)
 
     def decide(st: Status, kind: str, reason: str) -> Status:
@@ -459,13 +465,15 @@ def operator(command: str, status: Status, now: float, who: str) -> tuple[Status
     if command == "resume":
         if status.phase != Phase.PAUSED:
             raise ValueError("not paused")
+        # An operator's resume or promote starts a fresh count of intervals without data.
         if status.paused_by == "approval":
-            return advance(policy, status, now, {}, f"stage {status.stage} approved by {who}")
-        return dataclasses.replace(status, phase=_running(policy, status), paused_by=None,
+            return advance(policy, dataclasses.replace(status, no_data_intervals=0), now, {},
+                           f"stage {status.stage} approved by {who}")
+        return dataclasses.replace(status, phase=_running(policy, status), paused_by=None, no_data_intervals=0,
                                    last_decision=decision), []
     if command == "promote":
         st = dataclasses.replace(status, phase=Phase.PROMOTING, stage=len(policy.stages) + 1, stage_started=now,
-                                 paused_by=None, last_analysis=now, last_decision=decision)
+                                 paused_by=None, last_analysis=now, no_data_intervals=0, last_decision=decision)
         return st, [SetWeight(cand, 100)]
     if command == "abort":
         st = dataclasses.replace(status, phase=Phase.ROLLED_BACK, finished_at=now, paused_by=None,

@@ -1,4 +1,4 @@
-"""The ``bluegreen`` command: one console script, one sub-command per verb (see DESIGN.md, "CLI")."""
+"""The ``bluegreen`` command: one console script, one sub-command per verb (README.md, "Commands")."""
 
 from __future__ import annotations
 
@@ -83,7 +83,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _admin_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-url", help="the gateway's admin listener (default: $BLUEGREEN_ADMIN_URL, else "
                    "http://127.0.0.1:8081)")
-    p.add_argument("--token-file", type=Path, help="read the admin token from FILE (default: $BLUEGREEN_ADMIN_TOKEN)")
+    p.add_argument("--token-file", type=Path,
+                   help="read the admin token from FILE (default: the token in $BLUEGREEN_ADMIN_TOKEN)")
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

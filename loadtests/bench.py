@@ -1982,7 +1982,7 @@ def render_markdown(docs: dict[str, dict[str, Any]], plot: str | None = None) ->
         "section, and rerunning a suite replaces only its own. Do not edit by hand.",
         "",
         "The machines are small and shared, so the figures to quote are the **ratios measured within one run**;",
-        "absolute rows/s and latencies describe that run's machine only (DESIGN.md, \"How we measure performance\").",
+        "absolute rows/s and latencies describe that run's machine only.",
         "`bluegreen bench` with no suite named runs them all (" + ", ".join(SUITE_ORDER) + ").",
     ]
     order = [s for s in SUITE_ORDER if s in docs] + sorted(s for s in docs if s not in SUITE_ORDER)

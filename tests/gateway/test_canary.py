@@ -567,6 +567,28 @@ def test_approving_the_last_stage_promotes() -> None:
     assert (promoted.phase, actions) == (Phase.PROMOTING, [SetWeight("green", 100)])
 
 
+def test_a_quiet_pause_for_approval_neither_rolls_back_nor_carries_its_lull_into_the_next_stage() -> None:
+    """A release waiting for approval over a traffic lull: the count of intervals without data stands still
+    while paused, and the operator's resume starts a fresh one."""
+    quiet = snap(new=0)
+    limit = APPROVE_2.max_no_data_intervals
+    status = at_stage(2, APPROVE_2)
+    status, _ = drive(status, CLEAN, status.stage_started + 30, APPROVE_2)
+    assert status.paused_by == "approval"
+    status, _ = step(APPROVE_2, status, quiet, status.last_analysis + 10)
+    status, _ = step(APPROVE_2, status, quiet, status.last_analysis + 10)
+    assert status.no_data_intervals == 0  # not counted while paused
+    status = dataclasses.replace(status, no_data_intervals=limit)  # a lull counted before the pause
+    for _ in range(3 * limit):
+        status, actions = step(APPROVE_2, status, quiet, status.last_analysis + 10)
+        assert (status.phase, actions) == (Phase.PAUSED, [])
+    for command in ("resume", "promote"):
+        resumed, _ = operator(command, status, status.last_analysis + 1, "alice")
+        assert resumed.no_data_intervals == 0, command
+        held, actions = step(APPROVE_2, resumed, quiet, resumed.last_analysis + 10)
+        assert (held.no_data_intervals, actions) == (1, []) and held.phase in (Phase.PROGRESSING, Phase.PROMOTING)
+
+
 # ----------------------------------------------------------------------------------------------- operators
 
 
