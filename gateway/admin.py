@@ -149,12 +149,17 @@ def create_admin_app(settings: GatewaySettings, store: StateStore, plane: DataPl
         state = store.get(request.path_params["model"])
         return _json(dict(state.weights), headers={"etag": state.etag})
 
-    async def put_split(request: Request) -> Response:
+    async def write_request(request: Request) -> tuple[str, str, dict[str, Any], str | None]:
+        """A model write's common start: the token's name, a model that exists, the JSON object body and its
+        optional reason (taken out of the body)."""
         name = who(request)
         model = request.path_params["model"]
         store.get(model)
         doc = await _body(request)
-        reason = _reason(doc)
+        return name, model, doc, _reason(doc)
+
+    async def put_split(request: Request) -> Response:
+        name, model, doc, reason = await write_request(request)
         try:
             weights = check_weights(doc)
         except ValueError as exc:
@@ -210,11 +215,7 @@ def create_admin_app(settings: GatewaySettings, store: StateStore, plane: DataPl
 
     async def put_shadow(request: Request) -> Response:
         """``{"percent": 0-100}``: the share of answered requests copied to the color not chosen."""
-        name = who(request)
-        model = request.path_params["model"]
-        store.get(model)
-        doc = await _body(request)
-        reason = _reason(doc)
+        name, model, doc, reason = await write_request(request)
         percent = doc.pop("percent", None)
         if doc:
             raise BadRequest(f"unknown keys: {', '.join(sorted(doc))} (expected 'percent' and optional 'reason')")
