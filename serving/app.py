@@ -1,4 +1,4 @@
-"""The V2 model server's REST layer: thin handlers over :class:`ModelServer` (the data plane).
+"""The V2 model server's REST layer: one raw ASGI application over :class:`ModelServer` (the data plane).
 
 Endpoints (Open Inference Protocol, REST)::
 
@@ -8,6 +8,12 @@ Endpoints (Open Inference Protocol, REST)::
     GET  /v2/models/{m}[/versions/{v}]/stats      executions and batch sizes (Triton-style)
     GET  /metrics                                  Prometheus: queue depth, batch size, inference time
     POST /v2/models/{m}[/versions/{v}]/infer      JSON tensors or the binary tensor extension
+
+No web framework: a framework's routing, request objects, middleware stack and exception handlers cost more
+CPU per request than a tiny model's whole run (measured: docs/architecture.md, "Model server"). The routes are
+few and fixed, so the path is split once and matched by hand; response headers are built from precomputed
+parts; the body limit is checked while the body streams in (a declared Content-Length over the limit before any
+byte is read). Every error is rendered as ``{"error": message}`` with its status.
 
 The process is live as soon as it listens and ready once every model is loaded and warmed up; models load
 on a worker thread after start-up so liveness probes answer meanwhile. A model that fails to load stops the
@@ -20,22 +26,15 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
-import uvicorn
-from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from serving import protocol
 from serving.batching import QueueFull
-from serving.errors import InferenceFailed, NotFound, ServingError, Unavailable, exception_handlers
-from serving.lifecycle import GracefulServer, tune_gc
-from serving.limits import BodyLimitMiddleware
+from serving.errors import InferenceFailed, MethodNotAllowed, NotFound, ServingError, Unavailable
 from serving.metrics import MetricSet, make_tracer, shutdown_tracing, tracing_requested
 from serving.model import Model
 from serving.repository import ModelRef, Repository
@@ -48,9 +47,15 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data"]
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 
-def _json(doc: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(doc), status_code=status, media_type="application/json")
+_CONTENT_TYPE_JSON = (b"content-type", b"application/json")
+_CONTENT_TYPE_BINARY = (b"content-type", b"application/octet-stream")
+_CONTENT_TYPE_METRICS = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+_HEADER_LENGTH = protocol.HEADER_LENGTH.encode()
 
 
 class ModelServer:
@@ -66,7 +71,9 @@ class ModelServer:
             self.models[(name, version)] = Model(
                 name, version, folder, device=settings.device, threads=settings.threads,
                 max_batch_size=settings.max_batch_size, max_queue_delay_ms=settings.max_queue_delay_ms,
-                max_queue_size=settings.max_queue_size, warmup_runs=settings.warmup_runs)
+                max_queue_size=settings.max_queue_size, warmup_runs=settings.warmup_runs,
+                instances=settings.instances, spin_wait=settings.spin_wait,
+                inline_run_max_us=settings.inline_run_max_us)
         for name, version in sorted(self.models, key=lambda k: (k[0], int(k[1]) if k[1].isdigit() else -1)):
             self.latest[name] = version
         self.load_error: str | None = None
@@ -151,79 +158,213 @@ class ModelServer:
         return protocol.encode_response(model.name, model.version, request, outputs, model.signature.outputs)
 
 
-def create_app(settings: ServingSettings, server: ModelServer | None = None,
-               on_load_failure: Any = None) -> Starlette:
-    core = server or ModelServer(settings)
+# ---------------------------------------------------------------------------------------------------- routing
 
-    async def live(request: Request) -> Response:
-        return _json({"live": True})
+# (what, model, version) for every path the server answers; what names the handler.
+Route = tuple[str, str | None, str | None]
+_FIXED_ROUTES: dict[str, Route] = {
+    "/v2/health/live": ("live", None, None), "/v2/health/ready": ("ready", None, None),
+    "/v2": ("server", None, None), "/v2/": ("server", None, None), "/metrics": ("metrics", None, None),
+}
+_MODEL_ACTIONS = {"": "metadata", "ready": "model_ready", "stats": "stats", "infer": "infer"}
 
-    async def ready(request: Request) -> Response:
-        ok = core.ready
-        return _json({"ready": ok}, 200 if ok else 503)
 
-    async def server_metadata(request: Request) -> Response:
-        return _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+def route(path: str) -> Route | None:
+    """Match ``path`` against the endpoint table; None when nothing matches (404)."""
+    fixed = _FIXED_ROUTES.get(path)
+    if fixed is not None:
+        return fixed
+    if not path.startswith("/v2/models/"):
+        return None
+    parts = path[len("/v2/models/"):].split("/")
+    if not parts[0]:
+        return None
+    name, version, rest = parts[0], None, parts[1:]
+    if len(rest) >= 2 and rest[0] == "versions" and rest[1]:
+        version, rest = rest[1], rest[2:]
+    if len(rest) > 1:
+        return None
+    action = _MODEL_ACTIONS.get(rest[0] if rest else "")
+    return None if action is None else (action, name, version)
 
-    def _model(request: Request) -> Model:
-        return core.get(request.path_params["model"], request.path_params.get("version"))
 
-    async def model_metadata(request: Request) -> Response:
-        model = _model(request)
-        if model.session is None:
-            raise Unavailable(f"model {model.name}:{model.version} is still loading")
-        return _json(model.metadata_json(core.versions(model.name)))
+def _method_for(action: str) -> str:
+    return "POST" if action == "infer" else "GET"
 
-    async def model_ready(request: Request) -> Response:
-        model = _model(request)
-        return _json({"name": model.name, "version": model.version, "ready": model.ready},
-                     200 if model.ready else 503)
 
-    async def model_stats(request: Request) -> Response:
-        """Triton-style statistics: how many inferences ran and in batches of which sizes."""
-        model = _model(request)
-        stats = model.batcher.stats if model.batcher is not None else None
-        doc = {"name": model.name, "version": model.version,
-               "inference_count": stats.rows if stats else 0, "execution_count": stats.batches if stats else 0,
-               "queue_depth": model.batcher.queue_depth if model.batcher else 0,
-               "batch_stats": [{"batch_size": size, "compute_infer": {"count": count}}
-                               for size, count in sorted(stats.sizes.items())] if stats else []}
-        return _json({"model_stats": [doc]})
+# ---------------------------------------------------------------------------------------------------- ASGI
 
-    async def infer(request: Request) -> Response:
-        model = _model(request)
+
+async def _respond(send: Send, status: int, body: bytes, content_type: tuple[bytes, bytes] = _CONTENT_TYPE_JSON,
+                   extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [content_type, (b"content-length", b"%d" % len(body))]
+    if extra:
+        headers.extend(extra)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _respond_json(send: Send, doc: Any, status: int = 200) -> None:
+    await _respond(send, status, orjson.dumps(doc))
+
+
+async def _respond_error(send: Send, exc: ServingError) -> None:
+    extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()]
+    await _respond(send, exc.status, orjson.dumps({"error": exc.message}), extra=extra)
+
+
+class ModelServerApp:
+    """The ASGI application of one model server (uvicorn runs it; tests may mount it in-process)."""
+
+    def __init__(self, settings: ServingSettings, core: ModelServer,
+                 on_load_failure: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self.core = core
+        self.state = SimpleNamespace(core=core)  # where tests and tools find the data plane
+        self._on_load_failure = on_load_failure
+        self._max_body = settings.max_body_bytes
+        self._load_task: asyncio.Task[None] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    # -------------------------------------------------------------------------------------------- requests
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        where = route(path)
+        try:
+            if where is None:
+                raise NotFound(f"no route for {method} {path}")
+            what, name, version = where
+            if method != _method_for(what) and not (method == "HEAD" and what != "infer"):
+                raise MethodNotAllowed(f"method {method} not allowed on {path}")
+            if what == "infer":
+                assert name is not None
+                await self._infer(scope, receive, send, name, version)
+            else:
+                await self._get(send, what, name, version)
+        except ServingError as exc:
+            await _respond_error(send, exc)
+        except Exception:
+            log.exception("unexpected error on %s %s", method, path)
+            await _respond_error(send, ServingError("internal server error"))
+
+    async def _get(self, send: Send, what: str, name: str | None, version: str | None) -> None:
+        core = self.core
+        if what == "live":
+            await _respond_json(send, {"live": True})
+        elif what == "ready":
+            ok = core.ready
+            await _respond_json(send, {"ready": ok}, 200 if ok else 503)
+        elif what == "server":
+            await _respond_json(send, {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+        elif what == "metrics":
+            await _respond(send, 200, core.metrics.prometheus_text(), _CONTENT_TYPE_METRICS)
+        else:
+            assert name is not None
+            model = core.get(name, version)
+            if what == "metadata":
+                if model.session is None:
+                    raise Unavailable(f"model {model.name}:{model.version} is still loading")
+                await _respond_json(send, model.metadata_json(core.versions(model.name)))
+            elif what == "model_ready":
+                await _respond_json(send, {"name": model.name, "version": model.version, "ready": model.ready},
+                                    200 if model.ready else 503)
+            else:
+                await _respond_json(send, {"model_stats": [_stats(model)]})
+
+    async def _infer(self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None) -> None:
+        core = self.core
+        model = core.get(name, version)
         code = 500
         try:
+            header_length: str | None = None
+            declared = -1
+            for key, value in scope["headers"]:
+                if key == b"content-length":
+                    try:
+                        declared = int(value)
+                    except ValueError:
+                        raise _Refused(400, "invalid Content-Length") from None
+                elif key == _HEADER_LENGTH:
+                    header_length = value.decode("latin-1")
+            if declared > self._max_body:
+                raise _Refused(413, f"request body of {declared} bytes exceeds the limit of {self._max_body} bytes")
+            body = await self._read_body(receive)
             if core.tracer is None:
-                response = await _infer(request, model)
+                payload, json_length = await core.infer(model, body, header_length)
             else:
-                from opentelemetry.propagate import extract
-                from opentelemetry.trace import SpanKind
-
-                with core.tracer.start_as_current_span(f"infer {model.name}:{model.version}",
-                                                       context=extract(dict(request.headers)), kind=SpanKind.SERVER):
-                    response = await _infer(request, model)
-            code = response.status_code
-            return response
+                payload, json_length = await self._traced_infer(scope, model, body, header_length)
+            code = 200
+            if json_length is None:
+                await _respond(send, 200, payload)
+            else:
+                await _respond(send, 200, payload, _CONTENT_TYPE_BINARY,
+                               [(_HEADER_LENGTH, b"%d" % json_length)])
+        except _Refused as exc:
+            # Refused before the body was read whole: the connection cannot be reused for the next request.
+            code = exc.status
+            await _respond(send, exc.status, orjson.dumps({"error": exc.message}),
+                           extra=[(b"connection", b"close")])
         except ServingError as exc:
             code = exc.status
             raise
         finally:
             core.requests.inc((model.name, model.version, str(code)))
 
-    async def metrics(request: Request) -> Response:
-        return Response(core.metrics.prometheus_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def _read_body(self, receive: Receive) -> bytes:
+        limit = self._max_body
+        message = await receive()
+        body: bytes = message.get("body", b"")
+        if not message.get("more_body", False):
+            if len(body) > limit:
+                raise _Refused(413, f"request body exceeds the limit of {limit} bytes")
+            return body
+        chunks = [body]
+        received = len(body)
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Refused(400, "the client went away before the body was complete")
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limit:
+                raise _Refused(413, f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
-    async def _infer(request: Request, model: Model) -> Response:
-        body = await request.body()
-        payload, json_length = await core.infer(model, body, request.headers.get(protocol.HEADER_LENGTH))
-        if json_length is None:
-            return Response(payload, media_type="application/json")
-        return Response(payload, media_type="application/octet-stream",
-                        headers={"inference-header-content-length": str(json_length)})
+    async def _traced_infer(self, scope: Scope, model: Model, body: bytes,
+                            header_length: str | None) -> tuple[bytes, int | None]:
+        from opentelemetry.propagate import extract
+        from opentelemetry.trace import SpanKind
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        with self.core.tracer.start_as_current_span(f"infer {model.name}:{model.version}",
+                                                    context=extract(carrier), kind=SpanKind.SERVER):
+            return await self.core.infer(model, body, header_length)
+
+    # -------------------------------------------------------------------------------------------- lifespan
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        message = await receive()
+        if message["type"] != "lifespan.startup":
+            return
+        self._start()
+        await send({"type": "lifespan.startup.complete"})
+        message = await receive()
+        await self._stop()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    def _start(self) -> None:
+        core = self.core
+
         async def load() -> None:
             try:
                 await core.load_all()
@@ -231,47 +372,57 @@ def create_app(settings: ServingSettings, server: ModelServer | None = None,
             except Exception as exc:
                 core.load_error = f"{type(exc).__name__}: {exc}"
                 log.error("model load failed: %s", core.load_error)
-                if on_load_failure is not None:
-                    on_load_failure()
+                if self._on_load_failure is not None:
+                    self._on_load_failure()
 
-        task = asyncio.create_task(load())
+        self._load_task = asyncio.create_task(load())
         core.metrics.start_otlp()
         if tracing_requested():
             core.tracer = make_tracer("bluegreen-model-server", otlp=True)
-        try:
-            yield
-        finally:
-            core.metrics.stop_otlp()
-            if core.tracer is not None:
-                shutdown_tracing()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await core.unload_all()
 
-    routes = [
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/v2/health/live", live, methods=["GET"]),
-        Route("/v2/health/ready", ready, methods=["GET"]),
-        Route("/v2", server_metadata, methods=["GET"]),
-        Route("/v2/models/{model}", model_metadata, methods=["GET"]),
-        Route("/v2/models/{model}/versions/{version}", model_metadata, methods=["GET"]),
-        Route("/v2/models/{model}/ready", model_ready, methods=["GET"]),
-        Route("/v2/models/{model}/versions/{version}/ready", model_ready, methods=["GET"]),
-        Route("/v2/models/{model}/stats", model_stats, methods=["GET"]),
-        Route("/v2/models/{model}/versions/{version}/stats", model_stats, methods=["GET"]),
-        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
-        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
-    ]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    middleware=[Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)],
-                    exception_handlers=exception_handlers())
-    app.state.core = core
-    return app
+    async def _stop(self) -> None:
+        core = self.core
+        core.metrics.stop_otlp()
+        if core.tracer is not None:
+            shutdown_tracing()
+        if self._load_task is not None:
+            self._load_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._load_task
+        await core.unload_all()
+
+
+class _Refused(Exception):
+    """A request refused while its body streams in (413, a bad Content-Length): answered with Connection: close."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _stats(model: Model) -> dict[str, Any]:
+    """Triton-style statistics: how many inferences ran and in batches of which sizes."""
+    runner = model.batcher
+    stats = runner.stats if runner is not None else None
+    return {"name": model.name, "version": model.version,
+            "inference_count": stats.rows if stats else 0, "execution_count": stats.batches if stats else 0,
+            "queue_depth": runner.queue_depth if runner is not None else 0,
+            "batch_stats": [{"batch_size": size, "compute_infer": {"count": count}}
+                            for size, count in sorted(stats.sizes.items())] if stats else []}
+
+
+def create_app(settings: ServingSettings, server: ModelServer | None = None,
+               on_load_failure: Callable[[], None] | None = None) -> ModelServerApp:
+    return ModelServerApp(settings, server or ModelServer(settings), on_load_failure)
 
 
 def serve(settings: ServingSettings) -> int:
     """Run one model-server process until SIGTERM/SIGINT; in-flight requests finish first. Returns the exit code."""
+    import uvicorn
+
+    from serving.lifecycle import GracefulServer, tune_gc
+
     failed = False
     holder: dict[str, GracefulServer] = {}
 
@@ -288,7 +439,8 @@ def serve(settings: ServingSettings) -> int:
     app = create_app(settings, core, on_load_failure)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
                             lifespan="on", access_log=False, log_level="warning", proxy_headers=False,
-                            timeout_graceful_shutdown=int(settings.graceful_shutdown_s), backlog=4096)
+                            server_header=False, timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
+                            backlog=4096)
     server = GracefulServer(config)
     tune_gc()
     holder["server"] = server

@@ -1,13 +1,21 @@
-"""Dynamic batching, Triton-style: combine queued requests into one model run.
+"""How requests reach a model run: dynamic batching (Triton's semantics) or a plain call.
 
-One runner task per model takes the oldest waiting request, then keeps adding requests until the batch holds
-``max_batch_size`` rows or the oldest request has waited ``max_queue_delay``; the batch runs on a worker
-thread (never on the event loop) and each request gets exactly its own rows back. While a batch runs the
-next one accumulates, so under load batches form without waiting at all. A request larger than
-``max_batch_size`` runs alone. ``max_batch_size=1`` turns batching off: requests run one at a time.
+:class:`DynamicBatcher` never waits for nothing. A request that finds a free model instance runs at the next
+turn of the event loop — after the requests the loop has already parsed in this turn, so a burst that arrived
+together goes together, but never after a timer. While every instance is busy, arrivals queue; when a run ends
+the queue is taken in order, up to ``max_batch_size`` rows, and runs at once. Under load batches therefore form
+by themselves (their size is what arrived during the previous run), and an idle server answers a lone request
+with no added latency. ``max_queue_delay_s`` is only an upper bound: no request waits for a batch to fill longer
+than that, and with this scheme none waits for a batch to fill at all. A request larger than
+``max_batch_size`` runs alone; requests whose inner shapes or dtypes differ are never stacked.
 
-The queue is bounded by ``max_queue_size`` requests; a full queue is refused at once (:class:`QueueFull`,
-answered 503 with Retry-After) instead of letting latency grow without limit.
+A run goes to a worker thread (``executor``, one per model instance) unless the model is tiny: then the hop to
+a thread (a future, a thread wake-up, the GIL handed back and forth) costs more CPU than the run itself, and the
+run is a plain call on the event loop (``executor=None``). :class:`DirectRunner` is the unbatched path
+(``max_batch_size`` 1): no queue at all, one call per request.
+
+Both bound what waits: ``max_queue_size`` requests, beyond which a request is refused at once
+(:class:`QueueFull`, answered 503 with Retry-After) instead of letting latency grow without limit.
 """
 
 from __future__ import annotations
@@ -22,17 +30,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 Tensors = dict[str, np.ndarray]
+Run = Callable[[Tensors], Tensors]
+OnBatch = Callable[[int, float], None]
 
 
 class QueueFull(Exception):
     pass
 
 
+SHUTTING_DOWN = "the model is shutting down"
+
+
 @dataclass(slots=True)
 class _Pending:
     inputs: Tensors
     rows: int
-    enqueued: float
     future: asyncio.Future[Tensors]
 
 
@@ -46,23 +58,35 @@ class BatchStats:
     rejected: int = 0
     sizes: dict[int, int] = field(default_factory=dict)  # batch rows -> number of runs
 
+    def record(self, rows: int, requests: int) -> None:
+        self.batches += 1
+        self.rows += rows
+        self.requests += requests
+        self.sizes[rows] = self.sizes.get(rows, 0) + 1
+
 
 class DynamicBatcher:
-    def __init__(self, run: Callable[[Tensors], Tensors], executor: Executor, *, max_batch_size: int,
-                 max_queue_delay_s: float, max_queue_size: int,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+    """Combines queued requests into model runs; ``instances`` runs at most at once (one per worker thread)."""
+
+    def __init__(self, run: Run, executor: Executor | None, *, max_batch_size: int, max_queue_delay_s: float,
+                 max_queue_size: int, instances: int = 1, on_batch: OnBatch | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        if instances < 1:
+            raise ValueError("instances must be >= 1")
         self._run = run
         self._executor = executor
         self.max_batch_size = max_batch_size
-        self.max_queue_delay_s = max(0.0, max_queue_delay_s)
+        self.max_queue_delay_s = max(0.0, max_queue_delay_s)  # an upper bound; see the module notes
         self.max_queue_size = max_queue_size
+        self.instances = 1 if executor is None else instances  # on the loop, runs are one at a time anyway
         self._on_batch = on_batch
         self._queue: deque[_Pending] = deque()
-        self._queued_rows = 0
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._free = self.instances
+        self._kick_scheduled = False
+        self._running: list[list[_Pending]] = []
+        self._stopped = True
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = BatchStats()
 
     @property
@@ -70,97 +94,80 @@ class DynamicBatcher:
         return len(self._queue)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._runner(), name="batcher")
+        self._loop = asyncio.get_running_loop()
+        self._stopped = False
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        while self._queue:
-            item = self._queue.popleft()
-            if not item.future.done():
-                item.future.set_exception(QueueFull("the model is shutting down"))
+        """Refuse what waits and what runs (a run in a thread cannot be interrupted; its answer is dropped)."""
+        self._stopped = True
+        error = QueueFull(SHUTTING_DOWN)
+        for batch in [*self._running, list(self._queue)]:
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(error)
+        self._queue.clear()
+        self._running.clear()
 
     async def submit(self, inputs: Tensors, rows: int) -> Tensors:
+        if self._stopped or self._loop is None:
+            raise QueueFull(SHUTTING_DOWN)
         if len(self._queue) >= self.max_queue_size:
             self.stats.rejected += 1
             raise QueueFull(f"the queue is full ({self.max_queue_size} requests waiting)")
-        future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(inputs, rows, time.monotonic(), future))
-        self._queued_rows += rows
-        self._wakeup.set()
+        future: asyncio.Future[Tensors] = self._loop.create_future()
+        self._queue.append(_Pending(inputs, rows, future))
+        if self._free and not self._kick_scheduled:
+            # Not now but at the next turn: the requests this turn has already parsed join this batch.
+            self._kick_scheduled = True
+            self._loop.call_soon(self._kick)
         return await future
 
-    async def _runner(self) -> None:
-        while True:
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            if self.max_batch_size > 1 and self._queued_rows < self.max_batch_size:
-                deadline = self._queue[0].enqueued + self.max_queue_delay_s
-                while self._queued_rows < self.max_batch_size:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self._wakeup.wait(), remaining)
-                    except TimeoutError:
-                        break
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        if self._stopped:
+            return
+        while self._free and self._queue:
             batch = self._take_batch()
-            if batch:
-                await self._execute(batch)
+            if not batch:
+                return
+            if self._executor is None:
+                self._run_here(batch)
+                if self._queue and not self._kick_scheduled:
+                    # One batch per turn on the loop: what arrived while it ran is read before the next one.
+                    self._kick_scheduled = True
+                    self._loop.call_soon(self._kick)  # type: ignore[union-attr]
+                return
+            self._free -= 1
+            self._running.append(batch)
+            inputs, total = _stack(batch)
+            started = time.perf_counter()
+            job = self._loop.run_in_executor(self._executor, self._run, inputs)  # type: ignore[union-attr]
+            job.add_done_callback(lambda f, b=batch, n=total, t=started: self._finished(b, n, t, f))
 
-    def _take_batch(self) -> list[_Pending]:
-        batch: list[_Pending] = []
-        rows = 0
-        while self._queue:
-            head = self._queue[0]
-            if head.future.done():  # the client went away while waiting
-                self._queue.popleft()
-                self._queued_rows -= head.rows
-                continue
-            if batch and (rows + head.rows > self.max_batch_size or not _stackable(batch[0].inputs, head.inputs)):
-                break
-            self._queue.popleft()
-            self._queued_rows -= head.rows
-            batch.append(head)
-            rows += head.rows
-            if rows >= self.max_batch_size:
-                break
-        return batch
-
-    async def _execute(self, batch: list[_Pending]) -> None:
-        if len(batch) == 1:
-            inputs = batch[0].inputs
+    def _finished(self, batch: list[_Pending], total: int, started: float, job: asyncio.Future[Tensors]) -> None:
+        self._free += 1
+        if batch in self._running:
+            self._running.remove(batch)
+        exc = QueueFull(SHUTTING_DOWN) if job.cancelled() else job.exception()
+        if exc is None:
+            self._deliver(batch, total, started, job.result())
         else:
-            inputs = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
-        total = sum(p.rows for p in batch)
+            _fail(batch, exc)
+        self._kick()  # whatever gathered during the run goes now
+
+    def _run_here(self, batch: list[_Pending]) -> None:
+        inputs, total = _stack(batch)
         started = time.perf_counter()
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, inputs)
-        except asyncio.CancelledError:
-            # stop() while this batch runs: its requests are off the queue, so only this can answer them.
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(QueueFull("the model is shutting down"))
-            raise
+            outputs = self._run(inputs)
         except Exception as exc:  # delivered to every request of the batch
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
+            _fail(batch, exc)
             return
+        self._deliver(batch, total, started, outputs)
+
+    def _deliver(self, batch: list[_Pending], total: int, started: float, outputs: Tensors) -> None:
         elapsed = time.perf_counter() - started
-        self.stats.batches += 1
-        self.stats.rows += total
-        self.stats.requests += len(batch)
-        self.stats.sizes[total] = self.stats.sizes.get(total, 0) + 1
+        self.stats.record(total, len(batch))
         if self._on_batch is not None:
             self._on_batch(total, elapsed)
         if len(batch) == 1:
@@ -169,10 +176,7 @@ class DynamicBatcher:
             return
         for name, arr in outputs.items():
             if arr.ndim == 0 or arr.shape[0] != total:
-                err = RuntimeError(f"output {name!r} has shape {arr.shape}: not batch-major, cannot split a batch")
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(err)
+                _fail(batch, RuntimeError(f"output {name!r} has shape {arr.shape}: not batch-major, cannot split"))
                 return
         offset = 0
         for p in batch:
@@ -180,6 +184,93 @@ class DynamicBatcher:
             offset += p.rows
             if not p.future.done():
                 p.future.set_result(part)
+
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        rows = 0
+        queue = self._queue
+        while queue:
+            head = queue[0]
+            if head.future.done():  # the client went away while waiting
+                queue.popleft()
+                continue
+            if batch and (rows + head.rows > self.max_batch_size or not _stackable(batch[0].inputs, head.inputs)):
+                break
+            queue.popleft()
+            batch.append(head)
+            rows += head.rows
+            if rows >= self.max_batch_size:
+                break
+        return batch
+
+
+class DirectRunner:
+    """The unbatched path (``max_batch_size`` 1): every request is one run, a plain call.
+
+    On the loop (``executor=None``) nothing ever waits, so there is no queue; on worker threads, at most
+    ``instances`` run and ``max_queue_size`` more wait (in the executor's own queue) before new ones are refused.
+    """
+
+    max_batch_size = 1
+
+    def __init__(self, run: Run, executor: Executor | None, *, max_queue_size: int, instances: int = 1,
+                 on_batch: OnBatch | None = None) -> None:
+        self._run = run
+        self._executor = executor
+        self.max_queue_size = max_queue_size
+        self.instances = 1 if executor is None else instances
+        self._on_batch = on_batch
+        self._in_flight = 0
+        self._stopped = True
+        self.stats = BatchStats()
+
+    @property
+    def queue_depth(self) -> int:
+        return max(0, self._in_flight - self.instances)
+
+    def start(self) -> None:
+        self._stopped = False
+
+    async def stop(self) -> None:
+        self._stopped = True
+
+    async def submit(self, inputs: Tensors, rows: int) -> Tensors:
+        if self._stopped:
+            raise QueueFull(SHUTTING_DOWN)
+        started = time.perf_counter()
+        if self._executor is None:
+            outputs = self._run(inputs)
+        else:
+            if self._in_flight >= self.max_queue_size + self.instances:
+                self.stats.rejected += 1
+                raise QueueFull(f"the queue is full ({self.max_queue_size} requests waiting)")
+            self._in_flight += 1
+            try:
+                outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, inputs)
+            finally:
+                self._in_flight -= 1
+            if self._stopped:
+                raise QueueFull(SHUTTING_DOWN)
+        self.stats.record(rows, 1)
+        if self._on_batch is not None:
+            self._on_batch(rows, time.perf_counter() - started)
+        return outputs
+
+
+Runner = DynamicBatcher | DirectRunner
+
+
+def _stack(batch: list[_Pending]) -> tuple[Tensors, int]:
+    if len(batch) == 1:
+        return batch[0].inputs, batch[0].rows
+    inputs = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
+    return inputs, sum(p.rows for p in batch)
+
+
+def _fail(batch: list[_Pending], exc: BaseException) -> None:
+    for p in batch:
+        if not p.future.done():
+            p.future.set_exception(exc)
 
 
 def _stackable(a: Tensors, b: Tensors) -> bool:

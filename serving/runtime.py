@@ -1,10 +1,10 @@
 """ONNX Runtime sessions: provider choice, CPU thread sizing, IO binding on CUDA.
 
 ``auto`` takes CUDA (TensorRT is left to explicit configuration) when the installed runtime offers it, else
-the CPU. CPU sessions turn intra-op spinning off — a spinning pool burns the cores the event loop and the
-HTTP parser need — and size their threads to the cores this process may actually use (affinity and the
-cgroup CPU quota, so a Kubernetes CPU limit is respected). On CUDA, runs go through IO binding so outputs
-are allocated on the device and copied back once.
+the CPU. CPU sessions turn intra-op spinning off by default — a spinning pool burns the cores the event loop
+and the HTTP parser need (``spin_wait`` turns it on, for cores nothing else wants) — and size their threads to
+the cores this process may actually use (affinity and the cgroup CPU quota, so a Kubernetes CPU limit is
+respected). On CUDA, runs go through IO binding so outputs are allocated on the device and copied back once.
 """
 
 from __future__ import annotations
@@ -60,19 +60,21 @@ def resolve_providers(device: Device) -> list[str]:
 class Session:
     """One ONNX Runtime session; :meth:`run` is synchronous and is called off the event loop."""
 
-    def __init__(self, path: Path, device: Device = "auto", threads: int = 0) -> None:
+    def __init__(self, path: Path, device: Device = "auto", threads: int = 0, spin_wait: bool = False) -> None:
         providers = resolve_providers(device)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.intra_op_num_threads = threads or available_cpus()
         opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        spin = "1" if spin_wait else "0"
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
         self._session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         self.providers: list[str] = list(self._session.get_providers())
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
         self.threads = opts.intra_op_num_threads
+        self.spin_wait = spin_wait
         self.output_names = [o.name for o in self._session.get_outputs()]
 
     def io_specs(self) -> tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]:

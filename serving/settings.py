@@ -26,10 +26,19 @@ class ServingSettings(BaseSettings):
     """``auto`` takes CUDA when the installed onnxruntime offers it, else the CPU."""
     threads: int = Field(0, ge=0)
     """ONNX Runtime intra-op threads; 0 sizes them to the cores this process may use."""
+    spin_wait: bool = False
+    """Let ONNX Runtime's intra-op threads spin between runs (faster hand-offs, but they burn cores the HTTP
+    side needs on a shared machine)."""
+    instances: int = Field(1, ge=1)
+    """Model instances (worker threads) per model, each running one batch at a time (Triton's instance groups)."""
+    inline_run_max_us: float = Field(200.0, ge=0)
+    """Models whose largest batch runs within this (measured at warm-up) run on the event loop, without the hop
+    to a worker thread, which costs more than they do; 0 always uses worker threads."""
     max_batch_size: int = Field(64, ge=1)
-    """Most rows combined into one run; 1 turns dynamic batching off."""
+    """Most rows combined into one run; 1 turns dynamic batching off (every request is one plain run)."""
     max_queue_delay_ms: float = Field(2.0, ge=0)
-    """How long the oldest queued request may wait for a batch to fill."""
+    """Upper bound on how long a queued request may wait for a batch to fill; the batcher never waits when a
+    model instance is free (a lone request runs at once; arrivals during a run go together when it ends)."""
     max_queue_size: int = Field(1024, ge=1)
     """Requests waiting per model beyond which new ones get 503 + Retry-After."""
     max_request_rows: int = Field(1024, ge=1)
