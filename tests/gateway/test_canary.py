@@ -445,6 +445,21 @@ def test_stages_pass_on_hold_time_and_minimum_sample() -> None:
     assert (status.stage, actions) == (3, [SetWeight("green", 50)])
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_candidate_with_5_percent_errors_is_rolled_back_at_the_first_analysis_of_any_stage(stage: int) -> None:
+    """The default policy: the first analysis of a stage that sees min_requests requests since the stage's
+    start, 5% of them errors, rolls back; it never waits for a second interval."""
+    policy = Policy()
+    status = start(policy, "green", 0.0)[0] if stage == 1 else at_stage(stage, policy)
+    n = policy.min_requests
+    first = status.last_analysis + policy.interval_s
+    status, actions = step(policy, status, Snapshot(ColorSample(n, n // 20, n), ColorSample(19 * n, 0, 19 * n),
+                                                    n), first)
+    assert (status.phase, actions) == (Phase.ROLLED_BACK, [SetWeight("green", 0)])
+    assert status.last_decision is not None and status.last_decision.time == first
+    assert status.last_decision.reason.startswith(f"error rate {n // 20}/{n}")
+
+
 def test_step_is_idempotent_within_the_interval() -> None:
     status = at_stage(2)
     t = status.last_analysis + P.interval_s
