@@ -13,7 +13,9 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
+from typing import Any, Protocol
 
 import uvicorn
 
@@ -44,7 +46,17 @@ class GracefulServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-async def serve_together(servers: Sequence[GracefulServer]) -> None:
+class Server(Protocol):
+    """What :func:`serve_together` needs of a server: uvicorn's and ``serving.http_server``'s both fit."""
+
+    should_exit: bool
+
+    async def serve(self) -> None: ...
+
+    def handle_exit(self, sig: int, frame: Any) -> None: ...
+
+
+async def serve_together(servers: Sequence[Server]) -> None:
     """Run several servers (built with ``manage_signals=False``) on this loop until a signal or until any
     one of them stops; then all of them drain and stop."""
     loop = asyncio.get_running_loop()
@@ -79,16 +91,59 @@ def tune_gc() -> None:
     gc.set_threshold(10_000, 50, 100)
 
 
+class FailureStreak:
+    """Logs the failures of one repeated task as streaks: the first failure of a streak with its traceback,
+    then nothing per failure — only a one-line reminder every ``remind_s`` while it lasts — and one line with
+    the count when the task succeeds again. A Redis outage made every background round log a whole traceback
+    (1,586 lines in 20 s), which buried the one line that mattered and cost CPU while the gateway was busy."""
+
+    def __init__(self, name: str, *, remind_s: float = 300.0, clock: Callable[[], float] = time.monotonic,
+                 logger: logging.Logger = log) -> None:
+        self.name = name
+        self.remind_s = remind_s
+        self.clock = clock
+        self.logger = logger
+        self.failures = 0
+        """Failures in the current streak (0: the last attempt succeeded)."""
+        self._since = 0.0
+        self._reminded = 0.0
+
+    def failed(self, exc: BaseException) -> None:
+        now = self.clock()
+        self.failures += 1
+        if self.failures == 1:
+            self._since = self._reminded = now
+            self.logger.error("%s failed: %s (further failures are counted, not logged, until it recovers)",
+                              self.name, _summary(exc), exc_info=exc)
+        elif now - self._reminded >= self.remind_s:
+            self._reminded = now
+            self.logger.error("%s still failing: %d failures in %.0f s, the last: %s", self.name, self.failures,
+                              now - self._since, _summary(exc))
+
+    def succeeded(self) -> None:
+        if self.failures:
+            self.logger.warning("%s recovered after %d failure%s in %.1f s", self.name, self.failures,
+                                "" if self.failures == 1 else "s", self.clock() - self._since)
+            self.failures = 0
+
+
+def _summary(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
 class Periodic:
     """A background loop: ``work()`` every ``interval_s`` on the running loop until :meth:`stop`. A failing
-    round is logged and the loop goes on: one bad round must not end a controller, a lease or a refresher."""
+    round is logged as part of a :class:`FailureStreak` and the loop goes on: one bad round must not end a
+    controller, a lease or a refresher, and an outage must not log a traceback per round."""
 
     def __init__(self, name: str, interval_s: float, work: Callable[[], Awaitable[None]], *,
-                 first_after_s: float | None = None) -> None:
+                 first_after_s: float | None = None, streak: FailureStreak | None = None) -> None:
         self.name = name
         self.interval_s = interval_s
         self.work = work
         self.first_after_s = interval_s if first_after_s is None else first_after_s
+        self.streak = streak or FailureStreak(f"{name}: background round")
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -106,6 +161,8 @@ class Periodic:
         while True:
             try:
                 await self.work()
-            except Exception:
-                log.exception("%s: a round failed", self.name)
+            except Exception as exc:
+                self.streak.failed(exc)
+            else:
+                self.streak.succeeded()
             await asyncio.sleep(self.interval_s)
