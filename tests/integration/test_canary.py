@@ -107,6 +107,48 @@ def test_a_failing_green_is_rolled_back_by_itself(blue: str, tmp_path: Path) -> 
     assert set(codes) == {200}, "a client saw an error: failed green attempts are retried on blue"
 
 
+@pytest.mark.parametrize("shared", ["embedded", "redis"])
+def test_a_candidate_with_5_percent_errors_is_rolled_back_at_the_first_analysis(blue: str, tmp_path: Path,
+                                                                                 shared: str) -> None:
+    """The first analysis of the stage sees every candidate request since the start (with Redis: every
+    replica's published counts) and rolls back; before, it saw none ("no candidate requests") and the rollback
+    waited for the second. Every 20th green call fails (5%); 60 requests with 3 errors are already evidence."""
+    interval = 4.0
+    policy = {"stages": [{"weight": 50, "hold_s": 3600}], "interval_s": interval, "min_requests": 60}
+    rproc = None
+    env = {}
+    if shared == "redis":
+        rproc, rport = start_redis(tmp_path)
+        env = {"BLUEGREEN_REDIS_URL": f"redis://127.0.0.1:{rport}/0"}
+    green, green_url = start_model_server(tmp_path, ["digits:2"], extra=["--fault-error-rate", "0.05"])
+    gw, data, admin = start_gateway(tmp_path, routing([blue], [green_url]), env)
+    load = Load(data)
+    try:
+        wait_until(lambda: len(load.codes) >= 20, 20, what="traffic before the start")
+        started = canary(admin, "start", {"force": True, "policy": policy})
+        wait_until(lambda: canary(admin)["phase"] != "progressing", 4 * interval, interval=0.1,
+                   what="a decision")
+        status = canary(admin)
+        decision = status["last_decision"]
+        assert status["phase"] == "rolled_back" and decision["result"] == "rollback", status
+        assert "error rate" in decision["reason"]
+        evidence = decision["evidence"]["candidate"]
+        assert evidence["requests"] >= policy["min_requests"] and evidence["errors"] >= 3
+        # The first analysis is due one interval after the start (ticks every 0.25 s); the second one
+        # interval later: the rollback came from the first.
+        assert interval <= decision["time"] - started["started_at"] < 2 * interval, decision["time"]
+        assert status["last_analysis"] == decision["time"]
+        entry = next(e for e in audit(admin) if e["action"] == "canary_rollback")
+        assert entry["evidence"]["candidate"]["requests"] == evidence["requests"]
+    finally:
+        codes = load.stop()
+        gw.stop()
+        green.stop()
+        if rproc is not None:
+            rproc.stop()
+    assert set(codes) == {200}, "a client saw an error: failed green attempts are retried on blue"
+
+
 def test_a_healthy_green_is_promoted_then_a_release_to_blue_works_the_same(blue: str, tmp_path: Path) -> None:
     green, green_url = start_model_server(tmp_path, ["digits:2"])
     gw, data, admin = start_gateway(tmp_path, routing([blue], [green_url]))
