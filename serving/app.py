@@ -35,6 +35,7 @@ import orjson
 from serving import protocol
 from serving.batching import QueueFull
 from serving.errors import InferenceFailed, MethodNotAllowed, NotFound, ServingError, Unavailable
+from serving.http_server import HttpServer, Limits, Request, Response
 from serving.metrics import MetricSet, make_tracer, shutdown_tracing, tracing_requested
 from serving.model import Model
 from serving.repository import ModelRef, Repository
@@ -192,29 +193,27 @@ def _method_for(action: str) -> str:
     return "POST" if action == "infer" else "GET"
 
 
-# ---------------------------------------------------------------------------------------------------- ASGI
+# ---------------------------------------------------------------------------------------------------- answers
+
+Headers = list[tuple[bytes, bytes]]
+Answer = tuple[int, bytes, Headers]  # status, body, headers (no content-length: the front end adds it)
+_JSON_HEADERS: Headers = [_CONTENT_TYPE_JSON]
 
 
-async def _respond(send: Send, status: int, body: bytes, content_type: tuple[bytes, bytes] = _CONTENT_TYPE_JSON,
-                   extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    headers = [content_type, (b"content-length", b"%d" % len(body))]
-    if extra:
-        headers.extend(extra)
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+def _json(doc: Any, status: int = 200) -> Answer:
+    return status, orjson.dumps(doc), _JSON_HEADERS
 
 
-async def _respond_json(send: Send, doc: Any, status: int = 200) -> None:
-    await _respond(send, status, orjson.dumps(doc))
-
-
-async def _respond_error(send: Send, exc: ServingError) -> None:
+def _error(exc: ServingError) -> Answer:
     extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()]
-    await _respond(send, exc.status, orjson.dumps({"error": exc.message}), extra=extra)
+    headers = [_CONTENT_TYPE_JSON, *extra]
+    return exc.status, orjson.dumps({"error": exc.message}), headers
 
 
 class ModelServerApp:
-    """The ASGI application of one model server (uvicorn runs it; tests may mount it in-process)."""
+    """The model server's request handling, behind two front ends: :meth:`handle` for the lean HTTP server
+    (:mod:`serving.http_server`, what ``bluegreen serve-model`` runs) and ``__call__``, an ASGI application
+    (for in-process tests and any ASGI server)."""
 
     def __init__(self, settings: ServingSettings, core: ModelServer,
                  on_load_failure: Callable[[], None] | None = None) -> None:
@@ -225,18 +224,8 @@ class ModelServerApp:
         self._max_body = settings.max_body_bytes
         self._load_task: asyncio.Task[None] | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "lifespan":
-            await self._lifespan(receive, send)
-
-    # -------------------------------------------------------------------------------------------- requests
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope["path"]
-        method: str = scope["method"]
+    async def answer(self, method: str, path: str, headers: Headers, body: bytes) -> Answer:
+        """Answer one complete request; every error becomes ``{"error": message}`` with its status."""
         where = route(path)
         try:
             if where is None:
@@ -246,88 +235,100 @@ class ModelServerApp:
                 raise MethodNotAllowed(f"method {method} not allowed on {path}")
             if what == "infer":
                 assert name is not None
-                await self._infer(scope, receive, send, name, version)
-            else:
-                await self._get(send, what, name, version)
+                return await self._infer(headers, body, name, version)
+            return self._get(what, name, version)
         except ServingError as exc:
-            await _respond_error(send, exc)
+            return _error(exc)
         except Exception:
             log.exception("unexpected error on %s %s", method, path)
-            await _respond_error(send, ServingError("internal server error"))
+            return _error(ServingError("internal server error"))
 
-    async def _get(self, send: Send, what: str, name: str | None, version: str | None) -> None:
+    def _get(self, what: str, name: str | None, version: str | None) -> Answer:
         core = self.core
         if what == "live":
-            await _respond_json(send, {"live": True})
-        elif what == "ready":
+            return _json({"live": True})
+        if what == "ready":
             ok = core.ready
-            await _respond_json(send, {"ready": ok}, 200 if ok else 503)
-        elif what == "server":
-            await _respond_json(send, {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
-        elif what == "metrics":
-            await _respond(send, 200, core.metrics.prometheus_text(), _CONTENT_TYPE_METRICS)
-        else:
-            assert name is not None
-            model = core.get(name, version)
-            if what == "metadata":
-                if model.session is None:
-                    raise Unavailable(f"model {model.name}:{model.version} is still loading")
-                await _respond_json(send, model.metadata_json(core.versions(model.name)))
-            elif what == "model_ready":
-                await _respond_json(send, {"name": model.name, "version": model.version, "ready": model.ready},
-                                    200 if model.ready else 503)
-            else:
-                await _respond_json(send, {"model_stats": [_stats(model)]})
+            return _json({"ready": ok}, 200 if ok else 503)
+        if what == "server":
+            return _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+        if what == "metrics":
+            return 200, core.metrics.prometheus_text(), [_CONTENT_TYPE_METRICS]
+        assert name is not None
+        model = core.get(name, version)
+        if what == "metadata":
+            if model.session is None:
+                raise Unavailable(f"model {model.name}:{model.version} is still loading")
+            return _json(model.metadata_json(core.versions(model.name)))
+        if what == "model_ready":
+            return _json({"name": model.name, "version": model.version, "ready": model.ready},
+                         200 if model.ready else 503)
+        return _json({"model_stats": [_stats(model)]})
 
-    async def _infer(self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None) -> None:
+    async def _infer(self, headers: Headers, body: bytes, name: str, version: str | None) -> Answer:
         core = self.core
         model = core.get(name, version)
         code = 500
         try:
             header_length: str | None = None
-            declared = -1
-            for key, value in scope["headers"]:
-                if key == b"content-length":
-                    try:
-                        declared = int(value)
-                    except ValueError:
-                        raise _Refused(400, "invalid Content-Length") from None
-                elif key == _HEADER_LENGTH:
+            for key, value in headers:
+                if key == _HEADER_LENGTH:
                     header_length = value.decode("latin-1")
-            if declared > self._max_body:
-                raise _Refused(413, f"request body of {declared} bytes exceeds the limit of {self._max_body} bytes")
-            body = await self._read_body(receive)
+                    break
             if core.tracer is None:
                 payload, json_length = await core.infer(model, body, header_length)
             else:
-                payload, json_length = await self._traced_infer(scope, model, body, header_length)
+                payload, json_length = await self._traced_infer(headers, model, body, header_length)
             code = 200
             if json_length is None:
-                await _respond(send, 200, payload)
-            else:
-                await _respond(send, 200, payload, _CONTENT_TYPE_BINARY,
-                               [(_HEADER_LENGTH, b"%d" % json_length)])
-        except _Refused as exc:
-            # Refused before the body was read whole: the connection cannot be reused for the next request.
-            code = exc.status
-            await _respond(send, exc.status, orjson.dumps({"error": exc.message}),
-                           extra=[(b"connection", b"close")])
+                return 200, payload, _JSON_HEADERS
+            return 200, payload, [_CONTENT_TYPE_BINARY, (_HEADER_LENGTH, b"%d" % json_length)]
         except ServingError as exc:
             code = exc.status
             raise
         finally:
             core.requests.inc((model.name, model.version, str(code)))
 
-    async def _read_body(self, receive: Receive) -> bytes:
+    # -------------------------------------------------------------------------------------------- front ends
+
+    async def handle(self, request: Request) -> Response:
+        """The lean server's handler: it has already read the whole body under the size limit."""
+        status, body, headers = await self.answer(request.method, request.path, request.headers, request.body)
+        return Response(status, body, headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._asgi_http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _asgi_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            body = await self._read_body(scope, receive)
+        except _Refused as exc:
+            # Refused before the body was read whole: the connection cannot be reused for the next request.
+            answer = (exc.status, orjson.dumps({"error": exc.message}), [_CONTENT_TYPE_JSON, (b"connection", b"close")])
+        else:
+            answer = await self.answer(scope["method"], scope["path"], scope["headers"], body)
+        status, payload, headers = answer
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*headers, (b"content-length", b"%d" % len(payload))]})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         limit = self._max_body
-        message = await receive()
-        body: bytes = message.get("body", b"")
-        if not message.get("more_body", False):
-            if len(body) > limit:
-                raise _Refused(413, f"request body exceeds the limit of {limit} bytes")
-            return body
-        chunks = [body]
-        received = len(body)
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise _Refused(400, "invalid Content-Length") from None
+                if declared > limit:
+                    raise _Refused(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+                break
+        chunks: list[bytes] = []
+        received = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -338,14 +339,14 @@ class ModelServerApp:
                 raise _Refused(413, f"request body exceeds the limit of {limit} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def _traced_infer(self, scope: Scope, model: Model, body: bytes,
+    async def _traced_infer(self, headers: Headers, model: Model, body: bytes,
                             header_length: str | None) -> tuple[bytes, int | None]:
         from opentelemetry.propagate import extract
         from opentelemetry.trace import SpanKind
 
-        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
         with self.core.tracer.start_as_current_span(f"infer {model.name}:{model.version}",
                                                     context=extract(carrier), kind=SpanKind.SERVER):
             return await self.core.infer(model, body, header_length)
@@ -356,13 +357,14 @@ class ModelServerApp:
         message = await receive()
         if message["type"] != "lifespan.startup":
             return
-        self._start()
+        self.start()
         await send({"type": "lifespan.startup.complete"})
         message = await receive()
-        await self._stop()
+        await self.stop()
         await send({"type": "lifespan.shutdown.complete"})
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Load the models in the background and start telemetry (the server answers liveness meanwhile)."""
         core = self.core
 
         async def load() -> None:
@@ -380,7 +382,7 @@ class ModelServerApp:
         if tracing_requested():
             core.tracer = make_tracer("bluegreen-model-server", otlp=True)
 
-    async def _stop(self) -> None:
+    async def stop(self) -> None:
         core = self.core
         core.metrics.stop_otlp()
         if core.tracer is not None:
@@ -419,32 +421,40 @@ def create_app(settings: ServingSettings, server: ModelServer | None = None,
 
 def serve(settings: ServingSettings) -> int:
     """Run one model-server process until SIGTERM/SIGINT; in-flight requests finish first. Returns the exit code."""
-    import uvicorn
-
-    from serving.lifecycle import GracefulServer, tune_gc
-
-    failed = False
-    holder: dict[str, GracefulServer] = {}
-
-    def on_load_failure() -> None:
-        nonlocal failed
-        failed = True
-        holder["server"].should_exit = True
+    from serving.lifecycle import HANDLED_SIGNALS, tune_gc
 
     try:
         core = ModelServer(settings)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    failed = False
+    server: HttpServer | None = None
+
+    def on_load_failure() -> None:
+        nonlocal failed
+        failed = True
+        if server is not None:
+            server.handle_exit()
+
     app = create_app(settings, core, on_load_failure)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-                            lifespan="on", access_log=False, log_level="warning", proxy_headers=False,
-                            server_header=False, timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
-                            backlog=4096)
-    server = GracefulServer(config)
+
+    async def main() -> None:
+        nonlocal server
+        loop = asyncio.get_running_loop()
+        server = HttpServer(app.handle, settings.host, settings.port, graceful_s=settings.graceful_shutdown_s,
+                            limits=Limits(max_body_bytes=settings.max_body_bytes), name="model server")
+        await server.start()
+        for sig in HANDLED_SIGNALS:  # a clean drain on SIGTERM ends in exit status 0 (serving/lifecycle.py)
+            loop.add_signal_handler(sig, server.handle_exit)
+        app.start()
+        try:
+            await server.serve()
+        finally:
+            await app.stop()
+
     tune_gc()
-    holder["server"] = server
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.info("model server on http://%s:%d (%s)", settings.host, settings.port, ", ".join(settings.models))
-    server.run()
+    asyncio.run(main())
     return 1 if failed else 0

@@ -21,6 +21,7 @@ Both bound what waits: ``max_queue_size`` requests, beyond which a request is re
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -142,7 +143,7 @@ class DynamicBatcher:
             inputs, total = _stack(batch)
             started = time.perf_counter()
             job = self._loop.run_in_executor(self._executor, self._run, inputs)  # type: ignore[union-attr]
-            job.add_done_callback(lambda f, b=batch, n=total, t=started: self._finished(b, n, t, f))
+            job.add_done_callback(functools.partial(self._finished, batch, total, started))
 
     def _finished(self, batch: list[_Pending], total: int, started: float, job: asyncio.Future[Tensors]) -> None:
         self._free += 1
