@@ -1,9 +1,12 @@
 """The gateway process: a data listener (V2 endpoints for client apps) and an admin listener, one event loop.
 
-The data app is plain ASGI — no framework routing on the hot path — wrapped in pure ASGI middleware
-(outermost first): request id → load shedding → body-size limit. The admin app is Starlette. Both share one
-:class:`Gateway`, which owns the state store and the data plane; :func:`run` starts both listeners and, on
-SIGTERM, stops accepting, lets in-flight requests finish, closes the upstream pool and exits 0.
+Both listeners run on ``serving.http_server`` — a lean HTTP/1.1 server that reads each request whole, under
+header and body deadlines and size limits, before any handler sees it. The data listener's handler is
+:class:`DataApp`: hand-written V2 routing, load shedding and request ids in one class, over the data plane
+(no ASGI and no middleware chain on the hot path). The admin app is Starlette, served through an ASGI adapter
+with the same limits. Both share one :class:`Gateway`, which owns the state store and the data plane;
+:func:`run` starts both listeners and, on SIGTERM, stops accepting, lets in-flight requests finish, closes
+the upstream pool and exits 0.
 
 The gateway's own ``/v2/health/ready`` means *the gateway* can serve (config loaded, listeners up), not that
 backends are healthy: a gateway with both colors down still answers clients with clear 503s (or, with the
@@ -13,12 +16,12 @@ cache, stale answers). ``/v2/models/{m}/ready`` reflects the backends.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.admin import Authenticator, create_admin_app
@@ -27,15 +30,13 @@ from gateway.cache import PredictionCache, RedisL2
 from gateway.canary import Phase, Status
 from gateway.controller import Controller, LocalMetrics
 from gateway.dataplane import DataPlane, InferRequest, Reply
-from gateway.errors import BadRequest, MethodNotAllowed, NotFound, ServingError, Unavailable
-from gateway.middleware import BodyLimitMiddleware
-from gateway.middleware.concurrency import ConcurrencyLimitMiddleware
-from gateway.middleware.request_id import RequestIdMiddleware
+from gateway.errors import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, ServingError, Unavailable
 from gateway.settings import COLORS, GatewaySettings
 from gateway.state import MemoryStateStore, StateStore
 from gateway.state_redis import Lease, MergedMetrics, MetricsPublisher, RedisStateStore
 from gateway.telemetry import Telemetry
-from serving.lifecycle import GracefulServer, serve_together, tune_gc
+from serving.http_server import AsgiHandler, HttpServer, Request, Response
+from serving.lifecycle import serve_together, tune_gc
 
 log = logging.getLogger("bluegreen.gateway")
 
@@ -58,7 +59,8 @@ class Gateway:
     controller: Controller
     lease: Lease | None = None
     publisher: MetricsPublisher | None = None
-    shedder: ConcurrencyLimitMiddleware | None = None
+    data: DataApp | None = None
+    listeners: dict[str, HttpServer] = field(default_factory=dict)
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> Gateway:
@@ -107,7 +109,7 @@ class Gateway:
                     yield (name, color), state.weights[color]
 
         def in_flight() -> Iterator[tuple[tuple[str, ...], float]]:
-            yield (), self.shedder.in_flight if self.shedder is not None else plane.in_flight
+            yield (), self.data.in_flight if self.data is not None else plane.in_flight
 
         def canary_stage() -> Iterator[tuple[tuple[str, ...], float]]:
             for name, state in store.models.items():
@@ -166,62 +168,99 @@ class Gateway:
         self.telemetry.shutdown()
         await self.store.aclose()
 
-    def data_app(self) -> ASGIApp:
-        app: ASGIApp = DataApp(self.plane)
-        app = BodyLimitMiddleware(app, self.settings.max_body_bytes)
-        shedder = self.shedder = ConcurrencyLimitMiddleware(app, self.settings.max_concurrency)
-        self.telemetry.load_shed = lambda: shedder.shed
-        return RequestIdMiddleware(self.shedder)
+    def data_app(self) -> DataApp:
+        if self.data is None:
+            data = self.data = DataApp(self.plane, self.settings.max_concurrency, self.settings.max_body_bytes)
+            self.telemetry.load_shed = lambda: data.shed
+        return self.data
 
     def admin_app(self) -> ASGIApp:
         return create_admin_app(self.settings, self.store, self.plane, self.auth, self.canary_defaults)
 
 
-async def _send(send: Send, reply: Reply) -> None:
-    headers = [*reply.headers, (b"content-length", str(len(reply.body)).encode())]
-    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-    await send({"type": "http.response.body", "body": reply.body})
+_HEALTH_PREFIX = "/v2/health"
+_SERVER_META = orjson.dumps({"name": "bluegreen-gateway", "version": VERSION, "extensions": ["binary_tensor_data"]})
+_LIVE = orjson.dumps({"live": True})
+_READY = orjson.dumps({"ready": True})
+_REQUEST_ID_MAX = 128
 
 
 def _json_reply(doc: object, status: int = 200) -> Reply:
     return Reply(status, orjson.dumps(doc), list(_JSON))
 
 
-class _ClientGone(Exception):
-    """The client disconnected before its body arrived: nothing to answer."""
+def _request_id(value: bytes | None) -> tuple[bytes, bool]:
+    """A client's ``x-request-id`` when sane (1-128 visible ASCII characters), else a fresh one; and whether it
+    was generated (the feedback store shares only ids a client chose across replicas)."""
+    if value is not None and 0 < len(value) <= _REQUEST_ID_MAX and value.isascii() and all(
+            0x21 <= c <= 0x7E for c in value):
+        return value, False
+    return os.urandom(12).hex().encode(), True
 
 
 class DataApp:
-    """Routes the V2 paths by hand: ``/v2/models/{m}[/versions/{v}][/infer|/ready]`` and the health checks."""
+    """The data listener: the V2 paths routed by hand, load shedding and request ids, in one place.
 
-    def __init__(self, plane: DataPlane) -> None:
+    ``/v2/models/{m}[/versions/{v}][/infer|/ready]``, the health checks and feedback. A request reaches
+    :meth:`handle` only once its body is complete (the server reads it under deadlines and limits), so the
+    in-flight count that sheds load counts requests being served, not clients being slow. Health probes are
+    never shed. Every answer carries ``x-request-id``. :meth:`__call__` is the same app over ASGI, for
+    in-process tests."""
+
+    def __init__(self, plane: DataPlane, max_concurrency: int, max_body_bytes: int) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be positive")
         self.plane = plane
+        self.limit = max_concurrency
+        self.max_body_bytes = max_body_bytes
+        self.in_flight = 0
+        self.shed = 0
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
-        try:
-            reply = await self._route(scope, receive)
-        except _ClientGone:
-            return
-        except ServingError as exc:
-            headers = [*_JSON, *((k.encode(), v.encode()) for k, v in exc.headers.items())]
-            if isinstance(exc, Unavailable):
-                headers.append((b"x-bluegreen-degraded", b"unavailable"))
-            reply = Reply(exc.status, orjson.dumps({"error": exc.message}), headers)
-        await _send(send, reply)
+    async def serve(self, request: Request) -> Response:
+        """The handler for :class:`~serving.http_server.HttpServer`."""
+        reply = await self.handle(request.method, request.path, request.headers, request.body)
+        return Response(reply.status, reply.body, reply.headers)
 
-    async def _route(self, scope: Scope, receive: Receive) -> Reply:
-        path: str = scope["path"]
-        method: str = scope["method"]
+    async def handle(self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> Reply:
+        rid_header = None
+        for key, value in headers:
+            if key == b"x-request-id":
+                rid_header = value
+                break
+        rid, generated = _request_id(rid_header)
+        if path.startswith(_HEALTH_PREFIX):
+            reply = self._health(method, path)
+        elif self.in_flight >= self.limit:
+            self.shed += 1
+            reply = Reply(503, orjson.dumps({"error": f"gateway overloaded: {self.limit} requests in flight"}),
+                          [*_JSON, (b"retry-after", b"1"), (b"x-bluegreen-degraded", b"load-shed")])
+        else:
+            self.in_flight += 1
+            try:
+                reply = await self._route(method, path, headers, body, rid.decode(), generated)
+            except ServingError as exc:
+                reply = _error_reply(exc)
+            finally:
+                self.in_flight -= 1
+        reply.headers.append((b"x-request-id", rid))
+        return reply
+
+    def _health(self, method: str, path: str) -> Reply:
+        if method != "GET":
+            return _error_reply(MethodNotAllowed(f"method {method} not allowed on {path}"))
+        if path == "/v2/health/live":
+            return Reply(200, _LIVE, list(_JSON))
+        if path == "/v2/health/ready":
+            return Reply(200, _READY, list(_JSON))
+        return _error_reply(NotFound(f"no route for {method} {path}"))
+
+    async def _route(self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
+                     request_id: str, generated: bool) -> Reply:
         parts = path.strip("/").split("/")
         if parts[:3] == ["feedback", "v1", "models"] and len(parts) == 4:
             if method != "POST":
                 raise MethodNotAllowed(f"method {method} not allowed on {path}")
-            return await self._feedback(receive, parts[3])
+            return await self._feedback(body, parts[3])
         if parts[0] != "v2":
             raise NotFound(f"no route for {method} {path}")
         if len(parts) >= 3 and parts[1] == "models":
@@ -237,7 +276,7 @@ class DataApp:
             if action == "infer":
                 if method != "POST":
                     raise MethodNotAllowed(f"method {method} not allowed on {path}")
-                return await self._infer(scope, receive, model, version)
+                return await self._infer(headers, body, model, version, request_id, generated)
             if method != "GET":
                 raise MethodNotAllowed(f"method {method} not allowed on {path}")
             if action == "ready":
@@ -248,28 +287,22 @@ class DataApp:
         if method != "GET":
             raise MethodNotAllowed(f"method {method} not allowed on {path}")
         if parts == ["v2"]:
-            return _json_reply({"name": "bluegreen-gateway", "version": VERSION, "extensions": ["binary_tensor_data"]})
-        if parts == ["v2", "health", "live"]:
-            return _json_reply({"live": True})
-        if parts == ["v2", "health", "ready"]:
-            return _json_reply({"ready": True})
+            return Reply(200, _SERVER_META, list(_JSON))
         raise NotFound(f"no route for {method} {path}")
 
-    async def _feedback(self, receive: Receive, model: str) -> Reply:
+    async def _feedback(self, body: bytes, model: str) -> Reply:
         self.plane.store.get(model)
-        body = await _read_body(receive)
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"malformed JSON: {exc}") from None
         return _json_reply(await self.plane.feedback.record(model, doc))
 
-    async def _infer(self, scope: Scope, receive: Receive, model: str, version: str | None) -> Reply:
-        self.plane.store.get(model)  # 404 before reading a body for a model that does not exist
-        state = scope.get("state", {})
-        req = InferRequest(model, await _read_body(receive), version=version, request_id=state.get("request_id"),
-                           request_id_generated=state.get("request_id_generated", True))
-        for key, value in scope["headers"]:
+    async def _infer(self, headers: list[tuple[bytes, bytes]], body: bytes, model: str, version: str | None,
+                     request_id: str, generated: bool) -> Reply:
+        self.plane.store.get(model)  # 404 for a model that does not exist
+        req = InferRequest(model, body, version=version, request_id=request_id, request_id_generated=generated)
+        for key, value in headers:
             field = _REQUEST_HEADERS.get(key)
             if field is not None:
                 setattr(req, field, value if field == "key" else value.decode("latin-1"))
@@ -304,14 +337,58 @@ class DataApp:
                             "inputs": [s.as_json() for s in sig.inputs],
                             "outputs": [s.as_json() for s in sig.outputs]})
 
+    # ------------------------------------------------------------------ ASGI, for in-process tests
 
-async def _read_body(receive: Receive) -> bytes:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        headers = [(k.lower(), v) for k, v in scope["headers"]]
+        try:
+            body = await _read_body(receive, headers, self.max_body_bytes)
+        except _ClientGone:
+            return
+        except ServingError as exc:
+            reply = _error_reply(exc)
+            reply.headers.append((b"connection", b"close"))
+        else:
+            reply = await self.handle(scope["method"], scope["path"], headers, body)
+        out = [*reply.headers, (b"content-length", str(len(reply.body)).encode())]
+        await send({"type": "http.response.start", "status": reply.status, "headers": out})
+        await send({"type": "http.response.body", "body": reply.body})
+
+
+def _error_reply(exc: ServingError) -> Reply:
+    headers = [*_JSON, *((k.encode(), v.encode()) for k, v in exc.headers.items())]
+    if isinstance(exc, Unavailable):
+        headers.append((b"x-bluegreen-degraded", b"unavailable"))
+    return Reply(exc.status, orjson.dumps({"error": exc.message}), headers)
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its body arrived: nothing to answer."""
+
+
+async def _read_body(receive: Receive, headers: list[tuple[bytes, bytes]], limit: int) -> bytes:
+    for key, value in headers:
+        if key == b"content-length":
+            if not value.isdigit():
+                raise BadRequest("invalid Content-Length")
+            if int(value) > limit:
+                raise PayloadTooLarge(f"request body of {int(value)} bytes exceeds the limit of {limit} bytes")
     chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise _ClientGone
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
 
@@ -331,17 +408,18 @@ async def run_gateway(settings: GatewaySettings) -> None:
     if not gateway.auth.enabled:
         log.warning("no admin tokens configured: the admin API refuses every request")
     await gateway.start()
-    common: dict[str, Any] = {"loop": "none", "http": "httptools", "lifespan": "off", "access_log": False,
-                              "log_level": "warning", "backlog": 4096, "server_header": False,
-                              "proxy_headers": False,
-                              "timeout_graceful_shutdown": int(settings.graceful_shutdown_s)}
-    data = GracefulServer(uvicorn.Config(gateway.data_app(), host=settings.data.host, port=settings.data.port,
-                                         **common), manage_signals=False)
-    admin = GracefulServer(uvicorn.Config(gateway.admin_app(), host=settings.admin.host, port=settings.admin.port,
-                                          **common), manage_signals=False)
-    log.info("gateway data on http://%s:%d, admin on http://%s:%d", settings.data.host, settings.data.port,
-             settings.admin.host, settings.admin.port)
+    limits = settings.limits.for_listener(settings.max_body_bytes)
+    graceful = settings.graceful_shutdown_s
+    data = HttpServer(gateway.data_app().serve, settings.data.host, settings.data.port, limits=limits,
+                      graceful_s=graceful, name="data")
+    admin = HttpServer(AsgiHandler(gateway.admin_app()), settings.admin.host, settings.admin.port,
+                       limits=limits, graceful_s=graceful, name="admin")
+    gateway.listeners = {"data": data, "admin": admin}
     try:
+        await data.start()
+        await admin.start()
+        log.info("gateway data on http://%s:%d, admin on http://%s:%d", settings.data.host, data.port,
+                 settings.admin.host, admin.port)
         await serve_together([data, admin])
     finally:
         await gateway.close()

@@ -21,11 +21,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from gateway.cache import Entry, PredictionCache, digest
 from gateway.discovery import Discovery, FileResolver, Resolver, SystemResolver, is_dynamic
 from gateway.errors import BadRequest, ServingError, Unavailable, UpstreamFailure
 from gateway.feedback import FeedbackStore
+from gateway.http_client import Endpoint
 from gateway.router import Router
 from gateway.settings import COLORS, Color, GatewaySettings, other
 from gateway.shadow import Shadow
@@ -116,6 +118,7 @@ class DataPlane:
         self.windows: dict[tuple[str, Color], Window] = {}
         self.totals: dict[tuple[str, Color], list[int]] = {}  # cumulative [attempts, errors]: the canary's counts
         self.signatures: dict[tuple[str, str], Signature] = {}
+        self._targets: dict[tuple[str, str], bytes] = {}
         self.in_flight = 0
         self.retries_in_flight = 0
         self._signature_refresh: asyncio.Task[None] | None = None
@@ -307,11 +310,7 @@ class DataPlane:
         """Send the original bytes to ``color``, then (unless pinned) the other color; record every attempt."""
         pinned = req.version is not None or req.forced_color is not None
         order: tuple[Color, ...] = (color,) if pinned else (color, other(color))
-        headers = {"content-type": req.content_type or "application/json"}
-        for name, value in ((protocol.HEADER_LENGTH, req.header_length), ("x-request-id", req.request_id),
-                            ("traceparent", req.traceparent), ("tracestate", req.tracestate)):
-            if value is not None:
-                headers[name] = value
+        header_lines = _header_lines(req)
         end = self._clock() + deadline_s
         failures: list[str] = []
         sent_failure = False
@@ -335,16 +334,17 @@ class DataPlane:
                 backend, permit = picked
                 timeout = min(remaining, self.settings.upstream.attempt_timeout_s)
                 version = state.colors[c].version
-                url = f"{backend.url}/v2/models/{state.name}/versions/{version}/infer"
+                endpoint = self.upstream.endpoint(backend.url)
+                target = self._target(state.name, version)
                 backend.outstanding += 1
                 if is_retry:
                     self.retries_in_flight += 1
                 t0 = time.perf_counter()
                 try:
                     if self.telemetry.tracer is None:
-                        resp = await self.upstream.post(url, req.body, headers, timeout)
+                        resp = await endpoint.request(target + header_lines, req.body, timeout)
                     else:
-                        resp = await self._traced_post(url, req.body, headers, timeout, c, version)
+                        resp = await self._traced_post(endpoint, target, req, timeout, c, version)
                 except UpstreamFailure as exc:
                     self._settle(backend, permit, state.name, c, version, is_retry, False, time.perf_counter() - t0)
                     failures.append(f"{c}: {exc.reason}")
@@ -379,8 +379,16 @@ class DataPlane:
             totals[1] += not ok
             self.telemetry.record_attempt(model, color, version, ok, elapsed)
 
-    async def _traced_post(self, url: str, body: bytes, headers: dict[str, str], timeout_s: float, color: Color,
-                           version: str) -> UpstreamResponse:
+    def _target(self, model: str, version: str) -> bytes:
+        """The request line of an inference call, built once per (model, version)."""
+        line = self._targets.get((model, version))
+        if line is None:
+            line = self._targets[(model, version)] = (
+                f"POST /v2/models/{quote(model)}/versions/{quote(version)}/infer HTTP/1.1\r\n".encode())
+        return line
+
+    async def _traced_post(self, endpoint: Endpoint, target: bytes, req: InferRequest, timeout_s: float,
+                           color: Color, version: str) -> UpstreamResponse:
         """The upstream call in a client span whose context goes to the model server (W3C traceparent)."""
         from opentelemetry.propagate import inject
         from opentelemetry.trace import SpanKind
@@ -388,10 +396,13 @@ class DataPlane:
         with self.telemetry.tracer.start_as_current_span("upstream", kind=SpanKind.CLIENT) as span:
             span.set_attribute("bluegreen.color", color)
             span.set_attribute("bluegreen.model_version", version)
-            span.set_attribute("url.full", url)
-            traced = dict(headers)
-            inject(traced)
-            resp = await self.upstream.post(url, body, traced, timeout_s)
+            span.set_attribute("url.full", f"{endpoint.url}{target.split(b' ')[1].decode()}")
+            carrier: dict[str, str] = {}
+            inject(carrier)
+            traced = InferRequest(req.model, req.body, header_length=req.header_length, request_id=req.request_id,
+                                  content_type=req.content_type, traceparent=carrier.get("traceparent"),
+                                  tracestate=carrier.get("tracestate"))
+            resp = await endpoint.request(target + _header_lines(traced), req.body, timeout_s)
             span.set_attribute("http.response.status_code", resp.status)
             return resp
 
@@ -470,6 +481,20 @@ class DataPlane:
                     break
             result[color] = ready
         return result
+
+
+def _header_lines(req: InferRequest) -> bytes:
+    """The forwarded request headers, as HTTP/1.1 lines."""
+    lines = b"content-type: %s\r\n" % (req.content_type or "application/json").encode("latin-1")
+    if req.header_length is not None:
+        lines += b"inference-header-content-length: %s\r\n" % req.header_length.encode("latin-1")
+    if req.request_id is not None:
+        lines += b"x-request-id: %s\r\n" % req.request_id.encode("latin-1")
+    if req.traceparent is not None:
+        lines += b"traceparent: %s\r\n" % req.traceparent.encode("latin-1")
+        if req.tracestate is not None:
+            lines += b"tracestate: %s\r\n" % req.tracestate.encode("latin-1")
+    return lines
 
 
 def _signature(doc: object) -> Signature | None:

@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from serving.http_server import Limits
+
 Color = Literal["blue", "green"]
 COLORS: tuple[Color, Color] = ("blue", "green")
 
@@ -58,13 +60,45 @@ class UpstreamSettings(BaseModel):
     connect_timeout_s: float = Field(0.5, gt=0)
     """Opening a connection; a connection that could not be opened is always retried on the other color."""
     pool_size: int = Field(512, ge=1)
-    """Most open connections to all backends together (aiohttp connector limit)."""
+    """Most open connections to each backend; a request beyond waits for one to come free, within its deadline."""
     keepalive_s: float = Field(30.0, gt=0)
     """Idle upstream connections are kept this long for reuse."""
+    max_response_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    """Largest upstream response body accepted; a larger one fails the attempt."""
     retry_budget_ratio: float = Field(0.2, ge=0, le=1)
     """See ``retry_budget_min``."""
     retry_budget_min: int = Field(10, ge=0)
     """Retries after a sent request are allowed while retries in flight < max(ratio × in flight, min)."""
+
+
+class ListenerLimits(BaseModel):
+    """What the data and admin listeners tolerate from a client (both listeners, the same limits)."""
+
+    model_config = ConfigDict(extra="forbid")
+    header_timeout_s: float = Field(10.0, gt=0)
+    """The request line and headers must arrive within this time of the request's first byte (else 408)."""
+    body_gap_timeout_s: float = Field(15.0, gt=0)
+    """Longest silence while a request body is arriving (else 408)."""
+    body_timeout_s: float = Field(60.0, gt=0)
+    """A whole request body must arrive within this time of the end of its headers (else 408)."""
+    keepalive_timeout_s: float = Field(30.0, gt=0)
+    """An idle keep-alive client connection is closed after this long."""
+    max_headers: int = Field(100, ge=8)
+    """Most header lines in a request (else 431)."""
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    """Most bytes of request line and headers together (else 431)."""
+    body_budget_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    """Request body bytes buffered by all connections together; a body that would pass it gets 503 +
+    Retry-After before it is read (a declared Content-Length counts in full at once)."""
+    max_connections: int = Field(10_000, ge=1)
+    """Open client connections per listener; beyond it a new connection is closed at once."""
+
+    def for_listener(self, max_body_bytes: int) -> Limits:
+        return Limits(header_timeout_s=self.header_timeout_s, body_gap_timeout_s=self.body_gap_timeout_s,
+                      body_timeout_s=self.body_timeout_s, keepalive_timeout_s=self.keepalive_timeout_s,
+                      max_headers=self.max_headers, max_header_bytes=self.max_header_bytes,
+                      max_body_bytes=max_body_bytes, body_budget_bytes=self.body_budget_bytes,
+                      max_connections=self.max_connections)
 
 
 class CacheSettings(BaseModel):
@@ -181,7 +215,8 @@ class GatewaySettings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     """Request bodies larger than this get 413, checked while the body streams in (chunked bodies too)."""
     max_concurrency: int = Field(2048, ge=1)
-    """Requests in flight on the data listener beyond which new ones are shed with 503 + Retry-After."""
+    """Requests in flight on the data listener (counted once their body is complete) beyond which new ones are
+    shed with 503 + Retry-After."""
     state_file: Path | None = None
     """Where the embedded state store keeps weights, colors and the audit log across restarts."""
     window_s: float = Field(60.0, gt=0)
@@ -204,6 +239,7 @@ class GatewaySettings(BaseSettings):
     breaker: BreakerSettings = BreakerSettings()
     cache: CacheSettings = CacheSettings()
     upstream: UpstreamSettings = UpstreamSettings()
+    limits: ListenerLimits = ListenerLimits()
 
     def routing(self) -> RoutingFile:
         if self.config is None:

@@ -30,11 +30,11 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import NotFound, PreconditionFailed, Unavailable
+from gateway.errors import NotFound, PreconditionFailed
 from gateway.settings import COLORS, Color, RoutingFile
 from gateway.state import AUDIT_LIMIT, AuditEntry, ColorState, Listener, ModelState, changes
 from gateway.windows import Snapshot
-from serving.lifecycle import Periodic
+from serving.lifecycle import FailureStreak, Periodic
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,14 @@ if ARGV[3] ~= '' then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'entry', ARGV[3])
 end
 redis.call('PUBLISH', KEYS[3], ARGV[5])
+return 1
+"""
+
+_SEED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'entry', ARGV[2])
+redis.call('PUBLISH', KEYS[3], ARGV[3])
 return 1
 """
 
@@ -89,6 +97,7 @@ class RedisStateStore:
         self._listeners: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._cas = self.redis.register_script(_CAS)
+        self._seed = self.redis.register_script(_SEED)
         self.fence: Callable[[], str | None] = lambda: None
         self._refresher = Periodic("state-refresh", refresh_s, self.reload)  # covers lost pub/sub messages
 
@@ -114,11 +123,35 @@ class RedisStateStore:
         await self.redis.aclose()
 
     async def reload(self, only: str | None = None) -> None:
+        """Read the models' states from Redis; one that is missing there (Redis restarted empty) is re-seeded
+        from this replica's copy, so the refresh loop restores it within ``refresh_s`` even without writes."""
         names = [only] if only else list(self.models)
         values = await self.redis.mget([_state_key(n) for n in names])
         for name, raw in zip(names, values, strict=True):
-            if isinstance(raw, bytes) and raw != self._raw.get(name):
+            if raw is None:
+                await self.recover(name)
+            elif isinstance(raw, bytes) and raw != self._raw.get(name):
                 self._apply(name, raw)
+
+    async def recover(self, name: str) -> bool:
+        """Put this replica's last known state of ``name`` back into Redis if the key is missing, audited as a
+        recovery, atomically (of replicas racing to do it, one wins; the others find the key and read it).
+        The state keeps its revision, so ETags that clients hold stay valid. True when this replica seeded."""
+        state = self.models[name]
+        raw = self._raw.get(name) or _encode(state)
+        phase = (state.canary or {}).get("phase", "idle")
+        entry = AuditEntry(time.time(), f"gateway:{self.replica}", "state_recovered", name, {},
+                           {"revision": state.revision, "weights": dict(state.weights), "canary": phase},
+                           f"the state of {name!r} was missing from Redis (restarted empty?); re-seeded from this "
+                           f"replica's last known state, revision {state.revision}",
+                           {"state": state.as_json(), "seen_in_redis": name in self._raw})
+        seeded = await self._seed(keys=[_state_key(name), AUDIT, EVENTS],
+                                  args=[raw, orjson.dumps(dataclasses.asdict(entry)), name, AUDIT_LIMIT])
+        if seeded == 1:
+            log.warning("the state of %s was missing from Redis: re-seeded it at revision %d", name, state.revision)
+            if raw != self._raw.get(name):
+                self._apply(name, raw)
+        return bool(seeded == 1)
 
     def _apply(self, name: str, raw: bytes) -> None:
         try:
@@ -135,6 +168,7 @@ class RedisStateStore:
             listener(state)
 
     async def _listen(self, pubsub: Any) -> None:
+        streak = FailureStreak("state events")
         while True:
             try:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
@@ -142,11 +176,12 @@ class RedisStateStore:
                     name = message["data"].decode()
                     if name in self.models:
                         await self.reload(name)
+                streak.succeeded()
             except asyncio.CancelledError:
                 await pubsub.aclose()
                 raise
             except Exception as exc:  # Redis gone: the refresh loop and a new subscription take over
-                log.warning("state events: %s", exc)
+                streak.failed(exc)
                 await asyncio.sleep(1.0)
                 with contextlib.suppress(Exception):
                     await pubsub.subscribe(EVENTS)
@@ -181,8 +216,9 @@ class RedisStateStore:
         fence = (self.fence() or "\x00no-lease") if fenced else ""
         for _ in range(5):
             raw = await self.redis.get(_state_key(name))
-            if raw is None:
-                raise Unavailable(f"the state of {name!r} is missing from Redis")
+            if raw is None:  # Redis restarted empty: put the last known state back, then write on top of it
+                await self.recover(name)
+                continue
             current = ModelState.from_json(orjson.loads(raw))
             if if_revision is not None and current.revision != if_revision:
                 raise PreconditionFailed(f"stale ETag: model {name!r} is at revision {current.revision}, "
@@ -297,13 +333,17 @@ class MergedMetrics:
         self._docs: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
     async def refresh(self) -> None:
+        # One round trip for every model and color: the controller reads the counters every tick.
+        keys = [(model, color) for model in self.store.models for color in COLORS]
+        pipe = self.store.redis.pipeline(transaction=False)
+        for model, color in keys:
+            pipe.hgetall(f"{PREFIX}metrics:{model}:{color}")
+        results = await pipe.execute()
         now = time.time()
         docs: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for model in self.store.models:
-            for color in COLORS:
-                rows = await self.store.redis.hgetall(f"{PREFIX}metrics:{model}:{color}")
-                live = [orjson.loads(v) for v in rows.values()]
-                docs[(model, color)] = [d for d in live if now - d["t"] <= self.stale_s]
+        for key, rows in zip(keys, results, strict=True):
+            live = [orjson.loads(v) for v in rows.values()]
+            docs[key] = [d for d in live if now - d["t"] <= self.stale_s]
         self._docs = docs
 
     def counts(self, model: str, color: Color, version: str) -> Any:

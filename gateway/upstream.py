@@ -1,29 +1,23 @@
-"""Backend pools and the one aiohttp client session that talks to them.
+"""Backend pools and the one upstream client that talks to them.
 
 A color has one or more backends; each backend has its own breaker and a count of outstanding requests, and
 :meth:`ColorPool.pick` takes the admitted backend with the fewest outstanding (least outstanding requests,
-as Envoy's LEAST_REQUEST does with full information). aiohttp errors are translated here, and only here,
-into :class:`UpstreamFailure`, which says whether the request may have reached the backend.
+as Envoy's LEAST_REQUEST does with full information). The client (``http_client.py``) raises only
+:class:`UpstreamFailure`, which says whether the request may have reached the backend.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
-import aiohttp
+import orjson
 
 from gateway.breaker import Breaker
 from gateway.errors import UpstreamFailure
+from gateway.http_client import ClientLimits, Endpoint, HttpClient, UpstreamResponse
 from gateway.settings import BreakerSettings, UpstreamSettings
 
-
-@dataclass(slots=True)
-class UpstreamResponse:
-    status: int
-    body: bytes
-    content_type: str
-    header_length: str | None  # Inference-Header-Content-Length of a binary response
+__all__ = ["Backend", "ColorPool", "Upstream", "UpstreamResponse"]
 
 
 class Backend:
@@ -75,46 +69,56 @@ class ColorPool:
 
 
 class Upstream:
-    """The process-wide client: one connection pool with keep-alive for every backend."""
+    """The process-wide upstream client: a pool of keep-alive connections per backend (``http_client.py``)."""
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
-        self._session: aiohttp.ClientSession | None = None
+        self.client: HttpClient | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.settings.pool_size, limit_per_host=0,
-                                         keepalive_timeout=self.settings.keepalive_s, enable_cleanup_closed=True)
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=(
-            "User-Agent", "Accept-Encoding"), cookie_jar=aiohttp.DummyCookieJar())
+        s = self.settings
+        self.client = HttpClient(ClientLimits(pool_size=s.pool_size, keepalive_s=s.keepalive_s,
+                                              connect_timeout_s=s.connect_timeout_s,
+                                              max_body_bytes=s.max_response_bytes))
+        self.client.start()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+
+    def endpoint(self, base_url: str) -> Endpoint:
+        assert self.client is not None, "start() first"
+        return self.client.endpoint(base_url)
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float) -> UpstreamResponse:
-        assert self._session is not None, "start() first"
-        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, self.settings.connect_timeout_s))
-        try:
-            async with self._session.post(url, data=body, headers=headers, timeout=timeout) as resp:
-                payload = await resp.read()
-                return UpstreamResponse(resp.status, payload, resp.headers.get("content-type", "application/json"),
-                                        resp.headers.get("inference-header-content-length"))
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            raise UpstreamFailure(f"connect failed: {type(exc).__name__}", sent=False) from None
-        except TimeoutError:
-            raise UpstreamFailure("deadline exceeded", sent=True) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamFailure(f"{type(exc).__name__}: {exc}"[:200], sent=True) from None
+        """POST to a full URL (the shadow copies and tests; the request path builds its bytes itself)."""
+        base, target = _split_url(url)
+        head = b"POST %s HTTP/1.1\r\n%s" % (target, b"".join(
+            b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()))
+        return await self.endpoint(base).request(head, body, timeout_s)
 
     async def get_json(self, url: str, timeout_s: float) -> object | None:
         """A best-effort GET for metadata and readiness: None on any failure."""
-        assert self._session is not None, "start() first"
+        base, target = _split_url(url)
         try:
-            async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-                if resp.status != 200:
-                    return None
-                doc: object = await resp.json(content_type=None)
-                return doc
-        except (aiohttp.ClientError, TimeoutError, ValueError):
+            resp = await self.endpoint(base).request(b"GET %s HTTP/1.1\r\n" % target, b"", timeout_s)
+        except UpstreamFailure:
             return None
+        if resp.status != 200:
+            return None
+        try:
+            doc: object = orjson.loads(resp.body)
+        except orjson.JSONDecodeError:
+            return None
+        return doc
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {} if self.client is None else self.client.stats()
+
+
+def _split_url(url: str) -> tuple[str, bytes]:
+    """``http://host:port/path?q`` → (``http://host:port``, ``b"/path?q"``)."""
+    scheme, sep, rest = url.partition("://")
+    host, _, path = rest.partition("/")
+    return f"{scheme}{sep}{host}", ("/" + path).encode("utf-8")
