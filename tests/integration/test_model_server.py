@@ -285,3 +285,18 @@ def test_unknown_model_on_the_command_line_fails_fast(tmp_path: Path) -> None:
     assert proc.wait(30) == 2
     assert "not found" in proc.log()
     proc.stop()
+
+
+def test_an_idle_server_answers_at_once_whatever_the_queue_delay(tmp_path: Path) -> None:
+    proc, url = start_model_server(tmp_path, ["digits:1", "wide:1"], extra=["--max-queue-delay-ms", "5000"])
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            for model, width in (("digits", 64), ("wide", 512)):  # on the event loop, and on a worker thread
+                body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, width], "data": [0.0] * width}]}
+                for _ in range(3):
+                    started = time.monotonic()
+                    r = c.post(f"/v2/models/{model}/infer", json=body)
+                    assert r.status_code == 200, r.text
+                    assert time.monotonic() - started < 2.0  # waiting for the 5 s delay would be unmistakable
+    finally:
+        assert proc.stop() == 0

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from loadtests import bench
@@ -71,23 +72,29 @@ def _run(rows_per_s: float, p50: float, *, flagged: bool = False) -> dict[str, A
 
 
 def serving_doc(*, flagged: bool = False) -> dict[str, Any]:
+    runs = {"digits batched, JSON": _run(9000.0, 3.0), "digits unbatched, JSON": _run(5000.0, 6.0),
+            "wide batched, JSON": _run(3000.0, 20.0, flagged=flagged), "wide unbatched, JSON": _run(600.0, 100.0)}
+    runs["digits batched, JSON"]["server_cpu_us_per_request"] = 80.0
+    runs["digits batched, JSON"]["cpu_pressure"] = 0.25
     return {
         "suite": "serving",
-        "title": "Serving: dynamic batching on vs off vs raw ONNX Runtime",
+        "title": "Serving: the model server vs raw ONNX Runtime",
         "command": "bluegreen bench serving --duration 10",
         "date": "2025-01-02T03:04:05+00:00",
         "machine": {"cpu_model": "Test CPU 9000", "cpu_count": 2, "usable_cpus": 2, "onnxruntime": "1.99.0",
                     "onnxruntime_providers": ["CPUExecutionProvider"], "python": "3.11.7", "os": "Linux 6"},
         "settings": {"model": "wide:1", "rows_per_request": 1, "connections": 64, "wrk_threads": 2,
-                     "duration_s": 10, "warmup_s": 2, "batched": {"max_batch_size": 64, "max_queue_delay_ms": 2.0},
-                     "unbatched": {"max_batch_size": 1}},
-        "runs": {"batched": _run(3000.0, 20.0, flagged=flagged), "unbatched": _run(600.0, 100.0)},
+                     "digits_connections": 32, "digits_wrk_threads": 1, "duration_s": 10, "warmup_s": 2},
+        "runs": runs,
         "raw": {"providers": ["CPUExecutionProvider"], "threads": 2, "seconds_per_batch": 2.0, "best_batch": 64,
-                "best_rows_per_s": 4500.0,
-                "by_batch": [{"batch": 1, "runs": 1200, "rows_per_s": 600.0, "ms_per_run": 1.67},
-                             {"batch": 64, "runs": 140, "rows_per_s": 4500.0, "ms_per_run": 14.2}]},
+                "best_spin_wait": True, "best_rows_per_s": 4500.0,
+                "by_batch": [{"batch": 16, "spin_wait": False, "runs": 1200, "rows_per_s": 600.0, "ms_per_run": 1.67},
+                             {"batch": 64, "spin_wait": True, "runs": 140, "rows_per_s": 4500.0,
+                              "ms_per_run": 14.2}]},
         "ratios": [bench._ratio("batched / unbatched rows/s", 5.0, 3.0, 4.0),
-                   bench._ratio("batched / raw ONNX Runtime (batch 64) rows/s", 3000 / 4500, 0.6)],
+                   bench._ratio("batched / raw ONNX Runtime (batch 64) rows/s", 3000 / 4500, 0.6),
+                   bench._ratio("digits batched, server CPU per request", 80.0, 100.0, 60.0, at_most=True,
+                                unit=" µs")],
         "ok": not flagged,
         "notes": [bench.SHARED_CORES_NOTE],
     }
@@ -96,24 +103,37 @@ def serving_doc(*, flagged: bool = False) -> dict[str, Any]:
 def test_serving_section_has_the_date_machine_command_throughput_latency_ratios_and_cpu() -> None:
     md = bench.render_markdown({"serving": serving_doc()})
     assert md.startswith("# Benchmarks\n")
-    assert "## Serving: dynamic batching on vs off vs raw ONNX Runtime" in md
+    assert "## Serving: the model server vs raw ONNX Runtime" in md
     assert "2025-01-02T03:04:05+00:00" in md and "Test CPU 9000" in md
     assert "`bluegreen bench serving --duration 10`" in md
-    assert "| batched | max batch size 64, max queue delay ms 2 | CPUExecutionProvider | 3,000 | 20.0 | 30.0 | " \
-           "40.0 |" in md
-    assert "| unbatched | max batch size 1 |" in md
+    assert "| wide batched, JSON | CPUExecutionProvider | 3,000 | 20.0 | 40.0 |" in md
+    assert "| digits batched, JSON | CPUExecutionProvider | 9,000 | 3.0 | 6.0 |" in md
+    assert "| 80 | 25.0 | 25% |" in md  # CPU µs per request, rows per run, CPU pressure
     assert "| batched / unbatched rows/s | 5.00x | ≥ 3x (stretch 4x) | met, stretch met |" in md
     assert "| batched / raw ONNX Runtime (batch 64) rows/s | 0.67x | ≥ 0.6x | met |" in md
+    assert "| digits batched, server CPU per request | 80.00 µs | ≤ 100 µs (stretch 60 µs) | met |" in md
+    assert "| 64 | on | 4,500 | 14.20 |" in md  # raw ONNX Runtime by batch and spin-wait
     assert "0.25 cores" in md  # the load generator's CPU
     assert "share its cores" in md
     assert "flagged" not in md
+
+
+def test_serving_binary_body_is_exact_in_the_wrk_script() -> None:
+    body, length = bench.v2_binary_body("input", [0.5, -1.0, 2.0])
+    header = json.loads(body[:length])
+    assert header["inputs"][0]["parameters"] == {"binary_data_size": 12}
+    assert header["parameters"] == {"binary_data_output": True}
+    assert body[length:] == np.asarray([0.5, -1.0, 2.0], dtype="<f4").tobytes()
+    script = bench.wrk_lua_binary_script(body, length)
+    assert f'wrk.headers[ [=[Inference-Header-Content-Length]=] ] = [=[{length}]=]' in script
+    assert "wrk.body = \"" + "".join(f"\\{b}" for b in body) + "\"" in script
 
 
 def test_a_flagged_run_is_marked_and_a_missed_target_says_so() -> None:
     doc = serving_doc(flagged=True)
     doc["ratios"][1] = bench._ratio("batched / raw", 0.5, 0.6)
     md = bench.render_markdown({"serving": doc})
-    assert "| batched ⚠ |" in md
+    assert "| wide batched, JSON ⚠ |" in md
     assert "**This run was flagged**" in md
     assert "| batched / raw | 0.50x | ≥ 0.6x | **below target** |" in md
 
@@ -161,7 +181,7 @@ def test_suite_table_names_every_cli_choice() -> None:
     assert bench.SUITES["cache"] is bench.run_cache
     assert bench.SUITES["telemetry"] is bench.run_telemetry
     assert bench.SUITES["shadow"] is bench.run_shadow
-    assert set(bench.SECTIONS) == set(bench.SUITES)
+    assert set(bench.SECTIONS) == set(bench.SUITES) | {"serving-cuda"}  # serving --device cuda: its own section
     assert build_parser().parse_args(["bench"]).suites == []  # none named: every suite
     assert build_parser().parse_args(["bench", "nope"]).suites == ["nope"]  # refused by the runner (exit 2)
     assert build_parser().parse_args(["bench", "shadow", "cache"]).suites == ["shadow", "cache"]
@@ -687,7 +707,7 @@ def test_summary_lists_every_ratio_of_every_suite_with_date_machine_and_command(
     summary = md.split("## Summary")[1].split("\n## ")[0]
     rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| Suite")]
     assert len(rows) == sum(len(d["ratios"]) for d in docs.values())
-    assert [row.split(" | ")[0] for row in rows] == ["| serving"] * 2 + ["| gateway"] + ["| cache"] * 2 + \
+    assert [row.split(" | ")[0] for row in rows] == ["| serving"] * 3 + ["| gateway"] + ["| cache"] * 2 + \
         ["| shadow"] * 2  # the report's suite order
     assert "| cache | L1 hit / direct requests/s (median of 2 rounds) | 1.69x | ≥ 1.5x | met | " \
            "2025-03-04T05:06:07+00:00 | Test CPU 9000, 2 cores | `bluegreen bench cache --duration 10` |" in rows

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.batching import DynamicBatcher, QueueFull, Tensors
+from serving.batching import DirectRunner, DynamicBatcher, QueueFull, Tensors
 from serving.runtime import Session
 
 
@@ -288,3 +288,56 @@ async def test_stop_answers_queued_and_running_requests(session: Session, make_b
 def test_max_batch_size_must_be_positive(executor: ThreadPoolExecutor) -> None:
     with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
         DynamicBatcher(lambda x: x, executor, max_batch_size=0, max_queue_delay_s=0.0, max_queue_size=1)
+
+
+# ------------------------------------------------------------------------------------------ never waits for nothing
+
+
+@pytest.mark.parametrize("on_loop", [False, True], ids=["worker-thread", "event-loop"])
+async def test_an_idle_batcher_answers_a_lone_request_without_waiting_the_queue_delay(
+        session: Session, executor: ThreadPoolExecutor, on_loop: bool) -> None:
+    batcher = DynamicBatcher(session.run, None if on_loop else executor, max_batch_size=64, max_queue_delay_s=5.0,
+                             max_queue_size=16)
+    batcher.start()
+    try:
+        for seed in range(3):
+            started = time.monotonic()
+            got = await asyncio.wait_for(batcher.submit(rows(1, seed), 1), timeout=30)
+            assert time.monotonic() - started < 1.0  # a 5 s delay: waiting for it would be unmistakable
+            assert_same(got, session.run(rows(1, seed)))
+    finally:
+        await batcher.stop()
+    assert batcher.stats.sizes == {1: 3}
+
+
+async def test_arrivals_during_a_run_go_together_when_it_ends(session: Session, make_batcher) -> None:  # type: ignore[no-untyped-def]
+    gate = Gate(session.run)
+    batcher = make_batcher(gate, max_batch_size=64, max_queue_delay_s=5.0)
+    plug = await plugged(batcher, gate)  # running: everything below arrives during this run
+    inputs = [rows(2, seed=i) for i in range(5)]
+    tasks = [asyncio.create_task(batcher.submit(x, 2)) for x in inputs]
+    await until(lambda: batcher.queue_depth == 5)
+
+    started = time.monotonic()
+    gate.open()
+    results = await asyncio.gather(*tasks)
+    assert time.monotonic() - started < 1.0  # the batch of 10 rows did not wait to fill up to 64
+
+    await plug
+    for x, got in zip(inputs, results, strict=True):
+        assert_same(got, session.run(x))
+    assert batcher.stats.sizes == {1: 1, 10: 1}
+
+
+async def test_unbatched_runs_are_plain_calls(session: Session, executor: ThreadPoolExecutor) -> None:
+    for pool in (None, executor):
+        runner = DirectRunner(session.run, pool, max_queue_size=4)
+        runner.start()
+        inputs = [rows(n, seed=n) for n in (1, 3, 2)]
+        results = await asyncio.gather(*(runner.submit(x, len(x["input"])) for x in inputs))
+        for x, got in zip(inputs, results, strict=True):
+            assert_same(got, session.run(x))
+        assert runner.stats.sizes == {1: 1, 3: 1, 2: 1} and runner.queue_depth == 0
+        await runner.stop()
+        with pytest.raises(QueueFull, match="shutting down"):
+            await runner.submit(inputs[0], 1)
