@@ -453,8 +453,12 @@ def serve(settings: ServingSettings) -> int:
         finally:
             await app.stop()
 
+    import uvloop
+
     tune_gc()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.info("model server on http://%s:%d (%s)", settings.host, settings.port, ", ".join(settings.models))
-    asyncio.run(main())
+    # uvloop: the same lean server costs ~83 us of CPU per digits request instead of ~124 on asyncio's loop
+    # (docs/architecture.md, "Model server").
+    uvloop.run(main())
     return 1 if failed else 0
