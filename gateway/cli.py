@@ -66,7 +66,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from loadtests.bench import main as bench_main
 
-    code: int = bench_main(args.suites, duration_s=args.duration, out_dir=args.out, repo=args.repo)  # none: all
+    code: int = bench_main(args.suites, duration_s=args.duration, out_dir=args.out, repo=args.repo,  # none: all
+                           device=args.device)
     return code
 
 
@@ -173,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per measured wrk run")
     p.add_argument("--out", type=Path, default=None, help="where to write JSON + markdown (default docs/)")
     p.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="the serving suite's device (cuda: its own report section); other suites ignore it")
     p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("validate", help="the release plan's validation gate for one model version")
     p.add_argument("--model", required=True, metavar="NAME:VERSION")
