@@ -85,8 +85,18 @@ class RedisStateStore:
     def __init__(self, url: str, routing: RoutingFile, *, refresh_s: float = 1.0,
                  replica: str | None = None) -> None:
         from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
 
-        self.redis = Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        # A Redis that restarted leaves every pooled connection dead, and each would fail one command (an admin
+        # write among them) with 503: retry once, at once, on a new connection. Only on a connection error: a
+        # timeout may mean the command ran.
+        self.redis = Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0,
+                                    retry=Retry(NoBackoff(), 1, (RedisConnectionError,)))
+        # The subscription has a client of its own, without that retry: redis-py's pub/sub, retrying a read on a
+        # dead connection, swallowed the cancellation at shutdown and never returned.
+        self._events = Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self.refresh_s = refresh_s
         self.replica = replica or f"{socket.gethostname()}-{os.getpid()}"
         self.models: dict[str, ModelState] = {
@@ -96,6 +106,7 @@ class RedisStateStore:
         self._raw: dict[str, bytes] = {}
         self._listeners: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
         self._cas = self.redis.register_script(_CAS)
         self._seed = self.redis.register_script(_SEED)
         self.fence: Callable[[], str | None] = lambda: None
@@ -108,19 +119,22 @@ class RedisStateStore:
         for name, state in self.models.items():
             await self.redis.set(_state_key(name), _encode(state), nx=True)
         await self.reload()
-        pubsub = self.redis.pubsub()
+        pubsub = self._events.pubsub()
         await pubsub.subscribe(EVENTS)
         self._tasks = [asyncio.get_running_loop().create_task(self._listen(pubsub), name="state-events")]
         self._refresher.start()
 
     async def aclose(self) -> None:
         await self._refresher.stop()
+        # The flag, not the cancellation alone, ends the listener: redis-py's get_message, reading on a
+        # connection that Redis closed, swallowed the cancellation and the shutdown waited forever.
+        self._closing = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=3.0)  # a listener's read times out within a second
         await self.redis.aclose()
+        await self._events.aclose()
 
     async def reload(self, only: str | None = None) -> None:
         """Read the models' states from Redis; one that is missing there (Redis restarted empty) is re-seeded
@@ -169,22 +183,23 @@ class RedisStateStore:
 
     async def _listen(self, pubsub: Any) -> None:
         streak = FailureStreak("state events")
-        while True:
-            try:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if message is not None:
-                    name = message["data"].decode()
-                    if name in self.models:
-                        await self.reload(name)
-                streak.succeeded()
-            except asyncio.CancelledError:
+        try:
+            while not self._closing:
+                try:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None:
+                        name = message["data"].decode()
+                        if name in self.models:
+                            await self.reload(name)
+                    streak.succeeded()
+                except Exception as exc:  # Redis gone: the refresh loop and a new subscription take over
+                    streak.failed(exc)
+                    await asyncio.sleep(1.0)
+                    with contextlib.suppress(Exception):
+                        await pubsub.subscribe(EVENTS)
+        finally:
+            with contextlib.suppress(Exception):
                 await pubsub.aclose()
-                raise
-            except Exception as exc:  # Redis gone: the refresh loop and a new subscription take over
-                streak.failed(exc)
-                await asyncio.sleep(1.0)
-                with contextlib.suppress(Exception):
-                    await pubsub.subscribe(EVENTS)
 
     # ------------------------------------------------------------------ reads
 

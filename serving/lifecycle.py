@@ -145,12 +145,16 @@ class Periodic:
         self.first_after_s = interval_s if first_after_s is None else first_after_s
         self.streak = streak or FailureStreak(f"{name}: background round")
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
 
     async def stop(self) -> None:
         if self._task is not None:
+            # The flag ends the loop even where a library swallows the cancellation (redis-py's pub/sub did).
+            self._stopping = True
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -158,7 +162,7 @@ class Periodic:
 
     async def _run(self) -> None:
         await asyncio.sleep(self.first_after_s)
-        while True:
+        while not self._stopping:
             try:
                 await self.work()
             except Exception as exc:
