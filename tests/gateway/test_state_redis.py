@@ -109,7 +109,9 @@ async def test_replicas_racing_to_recover_seed_once(server: Server, store: Redis
         await other.reload()
         server.restart_empty()
         results = await asyncio.gather(*(s.recover(MODEL) for s in (store, other, store, other)))
-        assert sorted(results) == [False, False, False, True]
+        # At most one of these seeded (a listener's reload of the write's event may have come first): the
+        # invariant is one seed, one audit entry.
+        assert sum(results) <= 1
         assert [e.action for e in await store.read_audit()] == ["state_recovered"]
         assert other.get(MODEL).weights == store.get(MODEL).weights == {"blue": 60, "green": 40}
         # An existing state is never overwritten by a recovery.
