@@ -128,10 +128,151 @@ def test_integer_inputs_refuse_values_out_of_range(values: list[int]) -> None:
     assert message.startswith("input 'mask': data is not valid INT32")
 
 
-def test_integer_inputs_accept_the_full_range_and_booleans() -> None:
-    request = check({"inputs": [pixels(2), mask(2, data=[-(2**31), 2**31 - 1, True, False])]})
+def test_integer_inputs_accept_the_full_range() -> None:
+    request = check({"inputs": [pixels(2), mask(2, data=[-(2**31), 2**31 - 1, 1, 0])]})
     got = decode_inputs(request, memoryview(b""))["mask"]
     np.testing.assert_array_equal(got, np.array([[-(2**31), 2**31 - 1], [1, 0]], dtype=np.int32))
+
+
+# ------------------------------------------------------------------------------------------ strict values
+# One function for the gateway and the model server: every case below is refused by check_request alone
+# (what the gateway calls), before any conversion the model server would do.
+
+def sig_of(datatype: str, width: int = 2) -> Signature:
+    return Signature((TensorSpec("x", datatype, (-1, width)),), (TensorSpec("y", "FP32", (-1,)),))
+
+
+def strict_refusal(datatype: str, data: list[Any], *, rows: int = 1, width: int = 2) -> str:
+    header = {"inputs": [{"name": "x", "datatype": datatype, "shape": [rows, width], "data": data}]}
+    with pytest.raises(BadRequest) as info:
+        check_request(header, 0, sig_of(datatype, width))
+    assert info.value.status == 400 and "input 'x'" in info.value.message
+    return info.value.message
+
+
+@pytest.mark.parametrize(("datatype", "data", "needle"), [
+    ("FP32", ["1.5", 2.0], "found string where integer or number values are required"),
+    ("FP32", [True, 2.0], "found boolean"),
+    ("FP32", [False, 0], "found boolean"),
+    ("FP32", [{"v": 1}, 2.0], "found object"),
+    ("FP32", [None, 2.0], "found null"),
+    ("FP32", [[1.0, "2"]], "found string"),
+    ("FP32", [[1.0, True]], "found boolean"),
+    ("FP32", [[1.0], 2.0], "mixed"),
+    ("FP64", ["1e3", 1.0], "found string"),
+    ("FP16", [True, 1.0], "found boolean"),
+    ("FP32", [1e39, 0.0], "overflows FP32"),
+    ("FP32", [[-3.5e38, 0.0]], "overflows FP32"),
+    ("FP16", [70000.0, 0.0], "overflows FP16"),
+    ("INT8", [128, 0], "outside [-128, 127]"),
+    ("INT8", [-129, 0], "outside [-128, 127]"),
+    ("UINT8", [256, 0], "outside [0, 255]"),
+    ("UINT8", [-1, 0], "outside [0, 255]"),
+    ("INT32", [2**31, 0], "outside [-2147483648, 2147483647]"),
+    ("INT32", [1.0, 2], "found number where integer values are required"),
+    ("INT32", [True, 2], "found boolean"),
+    ("INT64", ["7", 2], "found string"),
+    ("BOOL", [1, 0], "found integer where boolean values are required"),
+    ("BOOL", ["true", False], "found string"),
+    ("BOOL", [1.0, True], "found number"),
+    ("BYTES", [1, "a"], "found integer where string values are required"),
+    ("BYTES", [True, "a"], "found boolean"),
+])
+def test_strict_element_types_ranges_and_overflow(datatype: str, data: list[Any], needle: str) -> None:
+    message = strict_refusal(datatype, data)
+    assert f"not valid {datatype}" in message and needle in message, message
+
+
+@pytest.mark.parametrize(("datatype", "data", "want"), [
+    ("FP32", [1, 2.5], np.array([[1.0, 2.5]], np.float32)),  # JSON integers are numbers
+    ("FP32", [3.4e38, -3.4e38], np.array([[3.4e38, -3.4e38]], np.float32)),  # the largest finite still fits
+    ("FP64", [1e300, -1e-300], np.array([[1e300, -1e-300]], np.float64)),
+    ("INT8", [-128, 127], np.array([[-128, 127]], np.int8)),
+    ("UINT8", [0, 255], np.array([[0, 255]], np.uint8)),
+    ("BOOL", [True, False], np.array([[True, False]])),
+])
+def test_strict_values_that_fit_are_accepted_and_converted_once(datatype: str, data: list[Any],
+                                                               want: np.ndarray) -> None:
+    header = {"inputs": [{"name": "x", "datatype": datatype, "shape": [1, 2], "data": data}]}
+    request = check_request(header, 0, sig_of(datatype))
+    assert request.inputs[0].array is not None
+    got = decode_inputs(request, memoryview(b""))["x"]
+    assert got is request.inputs[0].array  # the model server reuses the check's array
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+def test_bytes_inputs_take_strings() -> None:
+    header = {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1, 2], "data": ["a", "b"]}]}
+    assert check_request(header, 0, sig_of("BYTES")).inputs[0].data == ["a", "b"]
+
+
+def test_json_cannot_carry_nan_or_infinity() -> None:
+    # So NaN/Inf can only reach a model through binary tensors (or an overflow, refused above).
+    for text in (b"NaN", b"Infinity", b"-Infinity", b"1e400"):
+        with pytest.raises(BadRequest):
+            split_body(b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [%s]}]}' % text, None)
+
+
+def binary_request(datatype: str, values: np.ndarray) -> tuple[dict[str, Any], memoryview]:
+    blob = values.tobytes()
+    header = {"inputs": [{"name": "x", "datatype": datatype, "shape": list(values.shape),
+                          "parameters": {"binary_data_size": len(blob)}}]}
+    return header, memoryview(blob)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_nan_and_inf_in_binary_tensors_are_refused_unless_allowed(bad: float, dtype: type) -> None:
+    values = np.array([[1.0, bad]], dtype=dtype)
+    datatype = {np.float16: "FP16", np.float32: "FP32", np.float64: "FP64"}[dtype]
+    header, tail = binary_request(datatype, values)
+    with pytest.raises(BadRequest, match=r"input 'x': binary .* holds NaN or Inf"):
+        check_request(header, tail, sig_of(datatype))
+    # Allowed by the caller, or by the model's own signature (what the gateway learns from /config):
+    got = check_request(header, tail, sig_of(datatype), allow_non_finite=True).inputs[0].array
+    assert got is not None and np.array_equal(got, values, equal_nan=True)
+    lenient = Signature(sig_of(datatype).inputs, sig_of(datatype).outputs, allow_non_finite=True)
+    assert check_request(header, tail, lenient).inputs[0].array is not None
+    # Given only the tail's length, as before, the sizes are checked and the values are not.
+    assert check_request(header, len(tail), sig_of(datatype)).inputs[0].array is None
+
+
+def test_binary_bool_bytes_must_be_0_or_1() -> None:
+    header, _ = binary_request("BOOL", np.array([[True, False]]))
+    assert check_request(header, memoryview(b"\x01\x00"), sig_of("BOOL")).inputs[0].array is not None
+    with pytest.raises(BadRequest, match="bytes other than 0 and 1"):
+        check_request(header, memoryview(b"\x01\x02"), sig_of("BOOL"))
+
+
+def test_batch_limit_from_the_signature_or_the_caller_the_smaller_wins() -> None:
+    header = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [3, 2], "data": [0.0] * 6}]}
+    limited = Signature(sig_of("FP32").inputs, sig_of("FP32").outputs, max_batch_size=2)
+    with pytest.raises(BadRequest, match="batch size 3 exceeds the limit of 2"):
+        check_request(header, 0, limited)
+    with pytest.raises(BadRequest, match="batch size 3 exceeds the limit of 2"):
+        check_request(header, 0, Signature(limited.inputs, limited.outputs, max_batch_size=8), 2)
+    with pytest.raises(BadRequest, match="batch size 3 exceeds the limit of 2"):
+        check_request(header, 0, limited, 8)
+    assert check_request(header, 0, sig_of("FP32"), 3).batch_size == 3
+
+
+def test_large_inputs_are_checked_in_slices_with_the_same_result() -> None:
+    rows = 3000  # 3000 x 64 = 192,000 elements: above CHUNK_ELEMENTS
+    values = np.random.default_rng(3).standard_normal((rows, 64)).astype(np.float32)
+    for data in (values.ravel().tolist(), values.tolist()):
+        header = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [rows, 64], "data": data}]}
+        got = check_request(header, 0, DIGITS).inputs[0].array
+        assert got is not None
+        np.testing.assert_array_equal(got, values)
+    bad = values.tolist()
+    bad[rows - 1][63] = True
+    header = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [rows, 64], "data": bad}]}
+    with pytest.raises(BadRequest, match="found boolean"):
+        check_request(header, 0, DIGITS)
+    bad[rows - 1][63] = 1e39
+    with pytest.raises(BadRequest, match="overflows FP32"):
+        check_request(header, 0, DIGITS)
 
 
 def test_float_inputs_refuse_non_numbers() -> None:
