@@ -26,7 +26,7 @@ def _cmd_serve_model(args: argparse.Namespace) -> int:
         "repo": args.repo, "models": args.model, "host": args.host, "port": args.port, "device": args.device,
         "threads": args.threads, "max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
         "max_queue_size": args.max_queue_size, "fault_latency_ms": args.fault_latency_ms,
-        "fault_error_rate": args.fault_error_rate,
+        "fault_error_rate": args.fault_error_rate, "allow_non_finite": args.allow_non_finite,
     }.items() if v is not None}
     try:
         settings = ServingSettings(**overrides)
@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, help="rows per batched run; 1 turns batching off (default 64)")
     p.add_argument("--max-queue-delay-ms", type=float, help="longest wait for a batch to fill (default 2)")
     p.add_argument("--max-queue-size", type=int, help="queued requests beyond which 503 (default 1024)")
+    p.add_argument("--allow-non-finite", action="store_true", default=None,
+                   help="accept NaN/Inf in floating-point inputs (default: refused with 400)")
     p.add_argument("--fault-latency-ms", type=float, help="drills: latency added to every inference")
     p.add_argument("--fault-error-rate", type=float, help="drills: fraction of inferences answered 500")
     p.set_defaults(func=_cmd_serve_model)

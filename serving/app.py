@@ -6,6 +6,8 @@ Endpoints (Open Inference Protocol, REST)::
     GET  /v2/models/{m}[/versions/{v}]            metadata
     GET  /v2/models/{m}[/versions/{v}]/ready
     GET  /v2/models/{m}[/versions/{v}]/stats      executions and batch sizes (Triton-style)
+    GET  /v2/models/{m}[/versions/{v}]/config     Triton-style configuration: max_batch_size (rows one request
+                                                   may carry), allow_non_finite, inputs/outputs
     GET  /metrics                                  Prometheus: queue depth, batch size, inference time
     POST /v2/models/{m}[/versions/{v}]/infer      JSON tensors or the binary tensor extension
 
@@ -136,7 +138,9 @@ class ModelServer:
         if not model.ready:
             raise Unavailable(f"model {model.name}:{model.version} is not ready")
         header, binary = protocol.split_body(body, header_length)
-        request = protocol.check_request(header, len(binary), model.signature, self.settings.max_request_rows)
+        # The same check as the gateway's: every value, the row limit and NaN/Inf (binary tensors included).
+        request = protocol.check_request(header, binary, model.signature, self.settings.max_request_rows,
+                                         allow_non_finite=self.settings.allow_non_finite)
         inputs = protocol.decode_inputs(request, binary)
         s = self.settings
         if s.fault_latency_ms:
@@ -167,7 +171,7 @@ _FIXED_ROUTES: dict[str, Route] = {
     "/v2/health/live": ("live", None, None), "/v2/health/ready": ("ready", None, None),
     "/v2": ("server", None, None), "/v2/": ("server", None, None), "/metrics": ("metrics", None, None),
 }
-_MODEL_ACTIONS = {"": "metadata", "ready": "model_ready", "stats": "stats", "infer": "infer"}
+_MODEL_ACTIONS = {"": "metadata", "ready": "model_ready", "stats": "stats", "config": "config", "infer": "infer"}
 
 
 def route(path: str) -> Route | None:
@@ -263,6 +267,10 @@ class ModelServerApp:
         if what == "model_ready":
             return _json({"name": model.name, "version": model.version, "ready": model.ready},
                          200 if model.ready else 503)
+        if what == "config":
+            if model.session is None:
+                raise Unavailable(f"model {model.name}:{model.version} is still loading")
+            return _json(_config(model, self.settings))
         return _json({"model_stats": [_stats(model)]})
 
     async def _infer(self, headers: Headers, body: bytes, name: str, version: str | None) -> Answer:
@@ -412,6 +420,25 @@ def _stats(model: Model) -> dict[str, Any]:
             "queue_depth": runner.queue_depth if runner is not None else 0,
             "batch_stats": [{"batch_size": size, "compute_infer": {"count": count}}
                             for size, count in sorted(stats.sizes.items())] if stats else []}
+
+
+def _config(model: Model, settings: ServingSettings) -> dict[str, Any]:
+    """Triton-style model configuration. ``max_batch_size`` is the most rows one request may carry (Triton's
+    meaning: larger requests are refused), i.e. ``max_request_rows``; the dynamic batcher's run size is
+    ``dynamic_batching.max_batch_rows``. Dimensions exclude the batch dimension, as in Triton."""
+    def tensors(specs: tuple[protocol.TensorSpec, ...]) -> list[dict[str, Any]]:
+        return [{"name": t.name, "data_type": f"TYPE_{t.datatype}", "dims": list(t.shape[1:])} for t in specs]
+
+    doc: dict[str, Any] = {
+        "name": model.name, "version": model.version, "platform": model.platform, "backend": "onnxruntime",
+        "max_batch_size": settings.max_request_rows,
+        "input": tensors(model.signature.inputs), "output": tensors(model.signature.outputs),
+        "parameters": {"allow_non_finite": {"string_value": "true" if settings.allow_non_finite else "false"}},
+    }
+    if settings.max_batch_size > 1:
+        doc["dynamic_batching"] = {"max_batch_rows": settings.max_batch_size,
+                                   "max_queue_delay_microseconds": int(settings.max_queue_delay_ms * 1000)}
+    return doc
 
 
 def create_app(settings: ServingSettings, server: ModelServer | None = None,

@@ -43,6 +43,9 @@ class ServingSettings(BaseSettings):
     """Requests waiting per model beyond which new ones get 503 + Retry-After."""
     max_request_rows: int = Field(1024, ge=1)
     """Largest batch dimension one request may carry (larger requests run alone, beyond this they get 400)."""
+    allow_non_finite: bool = False
+    """Accept NaN and ±Inf in floating-point inputs (binary tensors; JSON cannot carry them). Off: such requests
+    get 400 before any model run. Reported by ``GET /v2/models/{m}/config``, so the gateway refuses the same."""
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     """Request bodies larger than this get 413, checked while the body streams in (chunked bodies too)."""
     warmup_runs: int = Field(3, ge=0)

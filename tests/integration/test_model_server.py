@@ -210,6 +210,60 @@ def test_bad_requests_are_refused_clearly(server: str, body: bytes, status: int,
     healthy(server)
 
 
+@pytest.mark.parametrize(("data", "needle"), [
+    (["0.5"] * 64, "found string"),
+    ([True] + [0.0] * 63, "found boolean"),
+    ([{"v": 1}] + [0.0] * 63, "found object"),
+    ([[0.0] * 63 + ["1"]], "found string"),
+    ([1e39] + [0.0] * 63, "overflows FP32"),
+])
+def test_strict_values_are_refused_before_any_run(server: str, data: list, needle: str) -> None:  # type: ignore[type-arg]
+    before = httpx.get(f"{server}/v2/models/digits/versions/2/stats").json()["model_stats"][0]["execution_count"]
+    started = time.monotonic()
+    r = httpx.post(f"{server}/v2/models/digits/versions/2/infer", json=_with(data=data))
+    assert time.monotonic() - started < 1.0
+    assert r.status_code == 400 and "input 'input'" in r.json()["error"] and needle in r.json()["error"], r.text
+    after = httpx.get(f"{server}/v2/models/digits/versions/2/stats").json()["model_stats"][0]["execution_count"]
+    assert after == before
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_a_binary_tensor_is_refused(server: str, bad: float) -> None:
+    header = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                       "parameters": {"binary_data_size": 256}}]})
+    data = np.zeros(64, np.float32)
+    data[5] = bad
+    r = httpx.post(f"{server}/v2/models/digits/infer", content=header + data.tobytes(),
+                   headers={"inference-header-content-length": str(len(header))})
+    assert r.status_code == 400 and "NaN or Inf" in r.json()["error"], r.text
+
+
+def test_config_reports_the_row_limit_and_non_finite_setting(server: str) -> None:
+    for path in ("/v2/models/digits/config", "/v2/models/digits/versions/1/config"):
+        doc = httpx.get(f"{server}{path}").json()
+        assert doc["name"] == "digits" and doc["max_batch_size"] == 256  # BLUEGREEN_SERVING_MAX_REQUEST_ROWS
+        assert doc["parameters"]["allow_non_finite"] == {"string_value": "false"}
+        assert doc["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [64]}]
+        assert doc["dynamic_batching"]["max_batch_rows"] == 16
+    assert httpx.get(f"{server}/v2/models/nope/config").status_code == 404
+
+
+def test_allow_non_finite_flag_lets_nan_through(tmp_path: Path) -> None:
+    proc, url = start_model_server(tmp_path, ["digits:1"], extra=["--allow-non-finite"])
+    try:
+        config = httpx.get(f"{url}/v2/models/digits/config").json()
+        assert config["parameters"]["allow_non_finite"] == {"string_value": "true"}
+        header = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                           "parameters": {"binary_data_size": 256}}]})
+        data = np.zeros(64, np.float32)
+        data[0] = np.nan
+        r = httpx.post(f"{url}/v2/models/digits/infer", content=header + data.tobytes(),
+                       headers={"inference-header-content-length": str(len(header))})
+        assert r.status_code == 200, r.text
+    finally:
+        assert proc.stop() == 0
+
+
 def test_binary_length_mismatches(server: str) -> None:
     header = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
                                        "parameters": {"binary_data_size": 256}}]})
