@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.http_server import Limits
@@ -171,6 +171,12 @@ class ModelRoute(BaseModel):
     """The color a release goes to; default: the color at 0% (green when both carry traffic)."""
     shadow_percent: int = Field(0, ge=0, le=100)
     canary: dict[str, Any] = Field(default_factory=dict)
+    max_batch_size: StrictInt | None = Field(None, ge=1)
+    """Most rows one request may carry, checked before any backend is called; default: the model servers'
+    ``max_batch_size`` from ``/v2/models/{m}/versions/{v}/config`` (the smaller one when both are known)."""
+    allow_non_finite: StrictBool | None = None
+    """Accept NaN/±Inf in floating-point inputs; default: what the model servers' config says (refused when
+    unknown). A model server that refuses them still answers 400."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelRoute:
