@@ -35,7 +35,7 @@ from gateway.settings import COLORS, GatewaySettings
 from gateway.state import MemoryStateStore, StateStore
 from gateway.state_redis import Lease, MergedMetrics, MetricsPublisher, RedisStateStore
 from gateway.telemetry import Telemetry
-from serving.http_server import AsgiHandler, HttpServer, Request, Response
+from serving.http_server import AsgiHandler, HttpServer, Request
 from serving.lifecycle import serve_together, tune_gc
 
 log = logging.getLogger("bluegreen.gateway")
@@ -183,6 +183,7 @@ _SERVER_META = orjson.dumps({"name": "bluegreen-gateway", "version": VERSION, "e
 _LIVE = orjson.dumps({"live": True})
 _READY = orjson.dumps({"ready": True})
 _REQUEST_ID_MAX = 128
+_MAX_ROUTES = 1024
 
 
 def _json_reply(doc: object, status: int = 200) -> Reply:
@@ -215,11 +216,11 @@ class DataApp:
         self.max_body_bytes = max_body_bytes
         self.in_flight = 0
         self.shed = 0
+        self._infer_routes: dict[str, tuple[str, str | None]] = {}  # path -> (model, version), once parsed
 
-    async def serve(self, request: Request) -> Response:
-        """The handler for :class:`~serving.http_server.HttpServer`."""
-        reply = await self.handle(request.method, request.path, request.headers, request.body)
-        return Response(reply.status, reply.body, reply.headers)
+    async def serve(self, request: Request) -> Reply:
+        """The handler for :class:`~serving.http_server.HttpServer` (a :class:`Reply` is a response to it)."""
+        return await self.handle(request.method, request.path, request.headers, request.body)
 
     async def handle(self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> Reply:
         rid_header = None
@@ -256,6 +257,9 @@ class DataApp:
 
     async def _route(self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
                      request_id: str, generated: bool) -> Reply:
+        known = self._infer_routes.get(path)
+        if known is not None and method == "POST":  # an inference path seen before: no parsing
+            return await self._infer(headers, body, known[0], known[1], request_id, generated)
         parts = path.strip("/").split("/")
         if parts[:3] == ["feedback", "v1", "models"] and len(parts) == 4:
             if method != "POST":
@@ -276,6 +280,10 @@ class DataApp:
             if action == "infer":
                 if method != "POST":
                     raise MethodNotAllowed(f"method {method} not allowed on {path}")
+                self.plane.store.get(model)  # 404 for a model that does not exist
+                if len(self._infer_routes) >= _MAX_ROUTES:  # versions in paths are the client's: bounded
+                    self._infer_routes.clear()
+                self._infer_routes[path] = (model, version)
                 return await self._infer(headers, body, model, version, request_id, generated)
             if method != "GET":
                 raise MethodNotAllowed(f"method {method} not allowed on {path}")
@@ -300,7 +308,6 @@ class DataApp:
 
     async def _infer(self, headers: list[tuple[bytes, bytes]], body: bytes, model: str, version: str | None,
                      request_id: str, generated: bool) -> Reply:
-        self.plane.store.get(model)  # 404 for a model that does not exist
         req = InferRequest(model, body, version=version, request_id=request_id, request_id_generated=generated)
         for key, value in headers:
             field = _REQUEST_HEADERS.get(key)

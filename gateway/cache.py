@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -85,19 +86,30 @@ class Entry:
         return body, None if self.header_length is None else self.header_length + len(prefix) - 1
 
 
-def digest(header: Mapping[str, Any], binary: memoryview) -> str:
-    """Canonical digest of what determines a prediction: inputs (name, datatype, shape, data or binary size),
-    requested outputs and output encoding. The request id and other parameters are left out."""
-    inputs = sorted(
-        ({"n": i.get("name"), "d": i.get("datatype"), "s": i.get("shape"), "v": i.get("data"),
-          "b": (i.get("parameters") or {}).get("binary_data_size")} for i in header.get("inputs", ())),
-        key=lambda i: str(i["n"]))
-    outputs = header.get("outputs")
-    params = header.get("parameters") or {}
-    canonical = orjson.dumps({"i": inputs, "o": outputs, "bo": params.get("binary_data_output")},
-                             option=orjson.OPT_SORT_KEYS)
-    h = hashlib.blake2b(canonical, digest_size=20)
-    h.update(binary)
+_ID_MEMBER = re.compile(rb'"id"\s*:\s*')
+
+
+def digest(body: bytes, header_length: str | None, request_id: str | None) -> str:
+    """Digest of a request's own bytes (JSON header and binary tail), the value of its top-level ``id`` left out.
+
+    Hashing the bytes the gateway already holds costs about a microsecond and no memory, where re-serialising
+    the parsed JSON canonically cost ~5 µs for a 64-value row and a second copy of a large body. The price:
+    the same tensors sent with other spacing or key order get another key (a miss, never a wrong answer).
+    The id's value is cut out when the ``"id":`` member appears exactly once; otherwise the whole body is
+    hashed, so ids then only make the key more specific. The header length (binary requests) is part of it."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(b"%d|" % (-1 if header_length is None else len(header_length)))
+    if header_length is not None:
+        h.update(header_length.encode("latin-1"))
+    if request_id is not None:
+        value = orjson.dumps(request_id)
+        matches = [m for m in _ID_MEMBER.finditer(body)]
+        if len(matches) == 1 and body.startswith(value, matches[0].end()):
+            cut = matches[0].end()
+            h.update(memoryview(body)[:cut])
+            h.update(memoryview(body)[cut + len(value):])
+            return h.hexdigest()
+    h.update(body)
     return h.hexdigest()
 
 
@@ -131,6 +143,13 @@ class RedisL2:
         await self._redis.aclose()
 
 
+_NOBODY: Any = object()
+
+
+class LeaderGone(Exception):
+    """The request leading a single flight went away before its answer: followers ask for themselves."""
+
+
 @dataclass(slots=True)
 class Lookup:
     entry: Entry | None = None  # a fresh hit
@@ -149,7 +168,7 @@ class PredictionCache:
         self._monotonic = monotonic
         self._l1: OrderedDict[str, Entry] = OrderedDict()
         self._l1_bytes = 0
-        self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self._inflight: dict[str, asyncio.Future[Any] | None] = {}
         self._writes: set[asyncio.Task[None]] = set()
         self.l2_breaker = Breaker(BreakerSettings(window_size=20, minimum_calls=5, failure_rate_threshold=0.5,
                                                   slow_call_duration_s=max(settings.redis_timeout_s, 0.001) * 2,
@@ -163,6 +182,16 @@ class PredictionCache:
         return f"{KEY_PREFIX}{model}:{version}:{request_digest}"
 
     # ------------------------------------------------------------------ reads
+
+    def hit(self, key: str, version: str) -> Entry | None:
+        """A fresh L1 entry for ``version`` (counted as an L1 hit), else None: the request path's first look,
+        with no await and no Redis."""
+        entry = self._l1.get(key)
+        if entry is None or entry.version != version or not entry.fresh(self.clock(), self.settings.ttl_s):
+            return None
+        self._l1.move_to_end(key)
+        self.counters["l1_hits"] += 1
+        return entry
 
     async def lookup(self, key: str, version: str) -> Lookup:
         now = self.clock()
@@ -264,22 +293,37 @@ class PredictionCache:
     async def single_flight(self, key: str, produce: Callable[[], Awaitable[Any]]) -> tuple[Any, bool]:
         """Run ``produce`` once for concurrent callers with the same key; (result, whether this caller led).
 
-        The work runs in its own task, so a leader whose client goes away does not fail its followers."""
-        task = self._inflight.get(key)
-        if task is not None:
+        The leader runs ``produce`` itself — no extra task, and a future only once a follower comes. Its result
+        or exception reaches every follower. A leader whose client goes away (cancelled) lets its followers go
+        on: one of them leads a new call, so nobody is failed by someone else's disconnect."""
+        while True:
+            pending = self._inflight.get(key, _NOBODY)
+            if pending is _NOBODY:
+                self._inflight[key] = None
+                try:
+                    result = await produce()
+                except BaseException as exc:
+                    self._settle(key, None, exc if isinstance(exc, Exception) else LeaderGone())
+                    raise
+                self._settle(key, result, None)
+                return result, True
+            if pending is None:
+                pending = self._inflight[key] = asyncio.get_running_loop().create_future()
             self.counters["coalesced"] += 1
-            return await asyncio.shield(task), False
-        task = asyncio.ensure_future(produce())
-        self._inflight[key] = task
+            try:
+                return await asyncio.shield(pending), False
+            except LeaderGone:
+                continue
 
-        def done(t: asyncio.Future[Any]) -> None:
-            if self._inflight.get(key) is t:
-                del self._inflight[key]
-            if not t.cancelled():
-                t.exception()  # retrieved here: a leader that went away leaves no "never retrieved" warning
-
-        task.add_done_callback(done)
-        return await asyncio.shield(task), True
+    def _settle(self, key: str, result: Any, error: BaseException | None) -> None:
+        pending = self._inflight.pop(key, None)
+        if pending is None or pending.done():
+            return
+        if error is not None:
+            pending.set_exception(error)
+            pending.exception()  # retrieved: no "never retrieved" warning when every follower went away
+        else:
+            pending.set_result(result)
 
     async def close(self) -> None:
         if self._writes:

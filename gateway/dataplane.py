@@ -52,17 +52,12 @@ class Reply:
     version: str = ""
     cache: str = "bypass"
     upstream_s: float | None = None
-
-
-@dataclass(slots=True)
-class _Note:
-    """What the request path learned before it answered or raised: the labels of its metrics."""
-
-    model: str | None = None
-    color: str = "none"
-    version: str = ""
-    state: ModelState | None = None
     client_id: str | None = None  # the V2 body's "id"
+    header_length: int | None = None  # JSON length of a binary answer
+
+
+_HEADER_LENGTH = protocol.HEADER_LENGTH.encode()
+_CACHE_NAMES = {b"hit": "hit", b"miss": "miss", b"stale": "stale", b"bypass": "bypass"}
 
 
 _OUTCOMES = {2: "success", 4: "client_error", 5: "error"}
@@ -79,12 +74,20 @@ class Answer:
     failed_over: bool
 
 
+_CACHE_POLICIES: dict[str, tuple[bool, bool]] = {}
+
+
 def _cache_policy(cache_control: str | None) -> tuple[bool, bool]:
     """(may read, may write) from the request's Cache-Control: ``no-cache`` skips reads, ``no-store`` writes."""
     if not cache_control:
         return True, True
-    tokens = {t.strip().lower() for t in cache_control.split(",")}
-    return "no-cache" not in tokens, "no-store" not in tokens
+    policy = _CACHE_POLICIES.get(cache_control)
+    if policy is None:
+        tokens = {t.strip().lower() for t in cache_control.split(",")}
+        policy = ("no-cache" not in tokens, "no-store" not in tokens)
+        if len(_CACHE_POLICIES) < 256:  # clients send a handful of spellings; anything else is parsed each time
+            _CACHE_POLICIES[cache_control] = policy
+    return policy
 
 
 @dataclass(slots=True)
@@ -119,6 +122,7 @@ class DataPlane:
         self.totals: dict[tuple[str, Color], list[int]] = {}  # cumulative [attempts, errors]: the canary's counts
         self.signatures: dict[tuple[str, str], Signature] = {}
         self._targets: dict[tuple[str, str], bytes] = {}
+        self._provenance_headers: dict[tuple[str, str, str, bytes], tuple[tuple[bytes, bytes], ...]] = {}
         self.in_flight = 0
         self.retries_in_flight = 0
         self._signature_refresh: asyncio.Task[None] | None = None
@@ -219,73 +223,93 @@ class DataPlane:
 
     async def infer(self, req: InferRequest) -> Reply:
         """Answer one inference request; its metrics are recorded whatever happens (for known models)."""
-        started = time.perf_counter()
-        note = _Note()
-        outcome = "cancelled"
-        reply: Reply | None = None
-        tracer = self.telemetry.tracer
-        try:
-            if tracer is None:
-                reply = await self._infer(req, note, started)
-            else:
-                from opentelemetry.propagate import extract
-                from opentelemetry.trace import SpanKind
+        if self.telemetry.tracer is not None:
+            return await self._infer_traced(req)
+        return await self._infer(req)
 
-                carrier = {k: v for k, v in (("traceparent", req.traceparent), ("tracestate", req.tracestate)) if v}
-                with tracer.start_as_current_span(f"infer {req.model}", context=extract(carrier),
-                                                  kind=SpanKind.SERVER) as span:
-                    reply = await self._infer(req, note, started)
-                    span.set_attribute("bluegreen.color", reply.color)
-                    span.set_attribute("http.response.status_code", reply.status)
-            outcome = _OUTCOMES.get(reply.status // 100, "error")
-            if reply.status == 200 and note.state is not None:
-                self._after_answer(note.state, note.client_id, req, reply)
+    async def _infer(self, req: InferRequest) -> Reply:
+        started = time.perf_counter()
+        state = self.store.get(req.model)  # an unknown model is refused before anything is recorded
+        reply: Reply | None = None
+        outcome = "cancelled"
+        color = "none"
+        try:
+            deadline_s = self._deadline_s(req.timeout_ms)
+            color = self.router.choose(state, key=req.key, forced=req.forced_color, version=req.version)
+            reply = await self._answer(state, color, req, deadline_s, started)
+            status = reply.status
+            outcome = "success" if status < 300 else _OUTCOMES.get(status // 100, "error")
+            if status == 200:
+                self._after_answer(state, req, reply)
             return reply
         except ServingError as exc:
             outcome = _OUTCOMES.get(exc.status // 100, "error")
             raise
         finally:
-            if note.model is not None:
-                if reply is not None:
-                    self.telemetry.record_request(note.model, reply.color, reply.version, outcome, reply.cache,
-                                                  time.perf_counter() - started, reply.upstream_s)
-                else:
-                    self.telemetry.record_request(note.model, note.color, note.version, outcome, "bypass",
-                                                  time.perf_counter() - started, None)
+            total_s = time.perf_counter() - started
+            if reply is not None:
+                self.telemetry.record_request(state.name, reply.color, reply.version, outcome, reply.cache, total_s,
+                                              reply.upstream_s)
+            else:
+                version = state.colors[color].version if color != "none" else ""  # type: ignore[index]
+                self.telemetry.record_request(state.name, color, version, outcome, "bypass", total_s, None)
 
-    async def _infer(self, req: InferRequest, note: _Note, started: float) -> Reply:
-        state = self.store.get(req.model)
-        note.model = state.name
-        deadline_s = self._deadline_s(req.timeout_ms)
-        color = self.router.choose(state, key=req.key, forced=req.forced_color, version=req.version)
-        note.color, note.version = color, state.colors[color].version
+    async def _infer_traced(self, req: InferRequest) -> Reply:
+        from opentelemetry.propagate import extract
+        from opentelemetry.trace import SpanKind
+
+        assert self.telemetry.tracer is not None
+        carrier = {k: v for k, v in (("traceparent", req.traceparent), ("tracestate", req.tracestate)) if v}
+        with self.telemetry.tracer.start_as_current_span(f"infer {req.model}", context=extract(carrier),
+                                                         kind=SpanKind.SERVER) as span:
+            reply = await self._infer(req)
+            span.set_attribute("bluegreen.color", reply.color)
+            span.set_attribute("http.response.status_code", reply.status)
+            return reply
+
+    async def _answer(self, state: ModelState, color: Color, req: InferRequest, deadline_s: float,
+                      started: float) -> Reply:
+        """The answer, from the cache or upstream. A fresh L1 entry answers before anything else is done: its
+        key is a digest of these very bytes, which were checked and answered 200 before."""
         header, binary = protocol.split_body(req.body, req.header_length)
-        note.state = state
-        note.client_id = header["id"] if isinstance(header.get("id"), str) else None
-        sig = self.signature(state, color)
-        if sig is not None:
-            protocol.check_request(header, len(binary), sig, None)
-        read, write = _cache_policy(req.cache_control)
-        cache = self.cache if self.cache is not None and (read or write) else None
-        if cache is None:
-            return self._reply(await self._forward(state, color, req, deadline_s), b"bypass", started)
+        rid = header.get("id")
+        client_id = rid if type(rid) is str else None
+        cache = self.cache
+        read = write = True
+        if req.cache_control is not None:
+            read, write = _cache_policy(req.cache_control)
+        if cache is None or not (read or write):
+            self._check(state, color, header, binary)
+            answer = await self._forward(state, color, req, deadline_s)
+            return self._reply(answer, b"bypass", started, client_id)
 
         version = state.colors[color].version
-        request_digest = digest(header, binary)
+        request_digest = digest(req.body, req.header_length, client_id)
         key = cache.key(state.name, version, request_digest)
         stale: Entry | None = None
         if read:
-            found = await cache.lookup(key, version)
+            entry = cache.hit(key, version)
+            if entry is not None:
+                return self._reply_cached(entry, color, b"hit", client_id, started)
+        self._check(state, color, header, binary)
+        if read:
+            found = await cache.lookup(key, version)  # L2, and an expired L1 entry kept for stale-if-error
             if found.entry is not None:
-                return self._reply_cached(found.entry, color, b"hit", header.get("id"), started)
+                return self._reply_cached(found.entry, color, b"hit", client_id, started)
             stale = found.stale
 
         async def produce() -> tuple[Answer, Entry | None]:
             answer = await self._forward(state, color, req, deadline_s)
             entry = None
-            if answer.resp.status == 200:
-                entry = Entry.from_response(answer.version, answer.resp.content_type, answer.resp.header_length,
-                                            answer.resp.body, cache.clock())
+            resp = answer.resp
+            if resp.status == 200:
+                if client_id is None:  # no id in the request, none in the answer: stored as it came
+                    entry = Entry(answer.version, resp.content_type,
+                                  None if resp.header_length is None else int(resp.header_length), resp.body,
+                                  cache.clock())
+                else:
+                    entry = Entry.from_response(answer.version, resp.content_type, resp.header_length, resp.body,
+                                                cache.clock())
                 if entry is not None and write:  # stored under the version that answered, after any failover
                     cache.store(cache.key(state.name, answer.version, request_digest), entry)
             return answer, entry
@@ -299,12 +323,17 @@ class DataPlane:
             if stale is None:
                 raise
             cache.counters["stale"] += 1
-            return self._reply_cached(stale, state.color_of_version(stale.version) or color, b"stale",
-                                      header.get("id"), started, degraded=b"stale-cache")
+            return self._reply_cached(stale, state.color_of_version(stale.version) or color, b"stale", client_id,
+                                      started, degraded=b"stale-cache")
         if not leader and entry is not None:  # a follower: the leader's answer, with this request's id
-            return self._reply_cached(entry, answer.color, b"miss", header.get("id"), started,
+            return self._reply_cached(entry, answer.color, b"miss", client_id, started,
                                       degraded=b"failover" if answer.failed_over else None)
-        return self._reply(answer, b"miss" if read else b"bypass", started)
+        return self._reply(answer, b"miss" if read else b"bypass", started, client_id)
+
+    def _check(self, state: ModelState, color: Color, header: dict[str, Any], binary: memoryview) -> None:
+        sig = self.signature(state, color)
+        if sig is not None:
+            protocol.check_request(header, len(binary), sig, None)
 
     async def _forward(self, state: ModelState, color: Color, req: InferRequest, deadline_s: float) -> Answer:
         """Send the original bytes to ``color``, then (unless pinned) the other color; record every attempt."""
@@ -334,7 +363,7 @@ class DataPlane:
                 backend, permit = picked
                 timeout = min(remaining, self.settings.upstream.attempt_timeout_s)
                 version = state.colors[c].version
-                endpoint = self.upstream.endpoint(backend.url)
+                endpoint = backend.endpoint or self._endpoint(backend)
                 target = self._target(state.name, version)
                 backend.outstanding += 1
                 if is_retry:
@@ -379,6 +408,10 @@ class DataPlane:
             totals[1] += not ok
             self.telemetry.record_attempt(model, color, version, ok, elapsed)
 
+    def _endpoint(self, backend: Backend) -> Endpoint:
+        backend.endpoint = endpoint = self.upstream.endpoint(backend.url)
+        return endpoint
+
     def _target(self, model: str, version: str) -> bytes:
         """The request line of an inference call, built once per (model, version)."""
         line = self._targets.get((model, version))
@@ -406,18 +439,18 @@ class DataPlane:
             span.set_attribute("http.response.status_code", resp.status)
             return resp
 
-    def _after_answer(self, state: ModelState, client_id: str | None, req: InferRequest, reply: Reply) -> None:
+    def _after_answer(self, state: ModelState, req: InferRequest, reply: Reply) -> None:
         """Off the answer's critical path: remember it for feedback, send a shadow copy if selected.
 
         Feedback finds an answer by the V2 body's ``id``, else by ``x-request-id``. Only ids the client chose
         are shared through Redis: a generated id (echoed in ``x-request-id``) is remembered in this replica's
         bounded memory alone, so anonymous traffic costs no Redis write per request."""
-        length = next((int(v) for k, v in reply.headers if k == b"inference-header-content-length"), None)
+        client_id = reply.client_id
         request_id = client_id or req.request_id
         if request_id is not None:
             shared = client_id is not None or not req.request_id_generated
-            self.feedback.remember(state.name, request_id, reply.color, reply.version, reply.body, length,
-                                   share=shared)
+            self.feedback.remember(state.name, request_id, reply.color, reply.version, reply.body,
+                                   reply.header_length, share=shared)
         if state.shadow_percent and reply.cache != "hit" and reply.color in COLORS:
             headers = {"content-type": req.content_type or "application/json"}
             if req.header_length is not None:
@@ -428,39 +461,44 @@ class DataPlane:
         u = self.settings.upstream
         return self.retries_in_flight < max(u.retry_budget_ratio * self.in_flight, u.retry_budget_min)
 
-    def _reply(self, answer: Answer, cache_result: bytes, started: float) -> Reply:
+    def _provenance(self, content_type: str, color: str, version: str, cache_result: bytes
+                    ) -> tuple[tuple[bytes, bytes], ...]:
+        """The fixed response headers of an answer, encoded once per combination."""
+        key = (content_type, color, version, cache_result)
+        found = self._provenance_headers.get(key)
+        if found is None:
+            found = self._provenance_headers[key] = (
+                (b"content-type", content_type.encode("latin-1")), (b"x-bluegreen-color", color.encode()),
+                (b"x-bluegreen-model-version", version.encode()), (b"x-bluegreen-cache", cache_result))
+            if len(self._provenance_headers) > 1024:  # versions come and go: bounded
+                self._provenance_headers.clear()
+        return found
+
+    def _reply(self, answer: Answer, cache_result: bytes, started: float, client_id: str | None) -> Reply:
         resp = answer.resp
-        total_s = time.perf_counter() - started
-        headers = [
-            (b"content-type", resp.content_type.encode()),
-            (b"x-bluegreen-color", answer.color.encode()),
-            (b"x-bluegreen-model-version", answer.version.encode()),
-            (b"x-bluegreen-cache", cache_result),
-            (b"server-timing", f"upstream;dur={answer.upstream_s * 1000:.2f}, "
-                                f"gateway;dur={max(0.0, total_s - answer.upstream_s) * 1000:.2f}".encode()),
-        ]
+        upstream_s = answer.upstream_s
+        gateway_s = time.perf_counter() - started - upstream_s
+        headers = [*self._provenance(resp.content_type, answer.color, answer.version, cache_result),
+                   (b"server-timing", b"upstream;dur=%.2f, gateway;dur=%.2f" % (
+                       upstream_s * 1000, max(0.0, gateway_s) * 1000))]
         if resp.header_length is not None:
-            headers.append((protocol.HEADER_LENGTH.encode(), resp.header_length.encode()))
+            headers.append((_HEADER_LENGTH, resp.header_length.encode("latin-1")))
         if answer.failed_over:
             headers.append((b"x-bluegreen-degraded", b"failover"))
-        return Reply(resp.status, resp.body, headers, answer.color, answer.version, cache_result.decode(),
-                     answer.upstream_s)
+        return Reply(resp.status, resp.body, headers, answer.color, answer.version, _CACHE_NAMES[cache_result],
+                     upstream_s, client_id, None if resp.header_length is None else int(resp.header_length))
 
-    def _reply_cached(self, entry: Entry, color: Color, cache_result: bytes, request_id: Any, started: float,
-                      degraded: bytes | None = None) -> Reply:
-        body, header_length = entry.render(request_id if isinstance(request_id, str) else None)
-        headers = [
-            (b"content-type", entry.content_type.encode()),
-            (b"x-bluegreen-color", color.encode()),
-            (b"x-bluegreen-model-version", entry.version.encode()),
-            (b"x-bluegreen-cache", cache_result),
-            (b"server-timing", f"gateway;dur={(time.perf_counter() - started) * 1000:.2f}".encode()),
-        ]
+    def _reply_cached(self, entry: Entry, color: Color, cache_result: bytes, request_id: str | None,
+                      started: float, degraded: bytes | None = None) -> Reply:
+        body, header_length = entry.render(request_id)
+        headers = [*self._provenance(entry.content_type, color, entry.version, cache_result),
+                   (b"server-timing", b"gateway;dur=%.2f" % ((time.perf_counter() - started) * 1000))]
         if header_length is not None:
-            headers.append((protocol.HEADER_LENGTH.encode(), str(header_length).encode()))
+            headers.append((_HEADER_LENGTH, b"%d" % header_length))
         if degraded is not None:
             headers.append((b"x-bluegreen-degraded", degraded))
-        return Reply(200, body, headers, color, entry.version, cache_result.decode())
+        return Reply(200, body, headers, color, entry.version, _CACHE_NAMES[cache_result], None, request_id,
+                     header_length)
 
     # ------------------------------------------------------------------ read side
 
@@ -483,9 +521,16 @@ class DataPlane:
         return result
 
 
+_CONTENT_TYPE_LINES: dict[str | None, bytes] = {None: b"content-type: application/json\r\n"}
+
+
 def _header_lines(req: InferRequest) -> bytes:
     """The forwarded request headers, as HTTP/1.1 lines."""
-    lines = b"content-type: %s\r\n" % (req.content_type or "application/json").encode("latin-1")
+    lines = _CONTENT_TYPE_LINES.get(req.content_type)
+    if lines is None:
+        lines = b"content-type: %s\r\n" % (req.content_type or "application/json").encode("latin-1")
+        if len(_CONTENT_TYPE_LINES) < 64:
+            _CONTENT_TYPE_LINES[req.content_type] = lines
     if req.header_length is not None:
         lines += b"inference-header-content-length: %s\r\n" % req.header_length.encode("latin-1")
     if req.request_id is not None:

@@ -21,12 +21,13 @@ __all__ = ["Backend", "ColorPool", "Upstream", "UpstreamResponse"]
 
 
 class Backend:
-    __slots__ = ("breaker", "outstanding", "url")
+    __slots__ = ("breaker", "endpoint", "outstanding", "url")
 
     def __init__(self, url: str, breaker: Breaker) -> None:
         self.url = url
         self.breaker = breaker
         self.outstanding = 0
+        self.endpoint: Endpoint | None = None  # its connection pool, looked up once
 
     def as_json(self) -> dict[str, object]:
         return {"url": self.url, "breaker": self.breaker.state, "outstanding": self.outstanding}

@@ -24,8 +24,8 @@ would take buffered request bytes of all connections together past ``body_budget
 Deadlines are checked by one sweep every ``sweep_s`` rather than a timer per request: a deadline costs the
 request path one clock read, and is enforced within ``sweep_s`` of its time.
 
-Requests on one connection are answered in order, one at a time (pipelined requests wait their turn; reading
-pauses while one runs, and while the client does not read what was written). A handler returns a
+Requests on one connection are answered in order, one at a time (pipelined requests wait their turn: reading
+pauses when more arrives while one runs, and while the client does not read what was written). A handler returns a
 :class:`Response`, or streams through :meth:`Request.start_stream` / :meth:`Request.write` /
 :meth:`Request.end_stream` (chunked) and returns :data:`STREAMED`.
 """
@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import unquote
 
 import httptools
@@ -141,7 +141,15 @@ class Response:
 STREAMED = Response(0, b"", [])
 """Returned by a handler that answered through :meth:`Request.start_stream`."""
 
-Handler = Callable[[Request], Awaitable[Response]]
+class Answer(Protocol):
+    """What a handler returns: :class:`Response`, or any object with these three attributes."""
+
+    status: int
+    body: bytes
+    headers: Headers
+
+
+Handler = Callable[[Request], Awaitable[Answer]]
 
 _JSON = (b"content-type", b"application/json")
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
@@ -232,6 +240,8 @@ class _Connection(asyncio.Protocol):
             self.deadline = time.monotonic() + self.limits.header_timeout_s
         if self.phase == _HEADERS:
             self._raw_header_bytes += len(data)
+        if self._running:  # the client sends more while a request runs: read no further than this for now
+            self._pause()
         try:
             self.parser.feed_data(data)
         except _Refusal as refusal:
@@ -342,7 +352,8 @@ class _Connection(asyncio.Protocol):
                           body, keep_alive)
         self.phase = _BUSY
         self._queue.append(request)
-        self._pause()
+        if len(self._queue) > 1 or self._running:
+            self._pause()  # pipelined: one at a time (a lone request needs no pause, its client waits)
 
     # ------------------------------------------------------------------ running requests
 
@@ -356,6 +367,7 @@ class _Connection(asyncio.Protocol):
 
     async def _run(self, request: Request) -> None:
         try:
+            response: Answer
             try:
                 response = await self.server.handler(request)
             except Exception:
