@@ -224,10 +224,13 @@ async def test_client_traceparent_is_continued(traced: Gateway, tracing: Tracing
     assert t.model.parent is not None and t.model.parent.trace_state.get("vendor") == "opaque"
 
 
-async def test_refused_request_is_still_one_linked_trace(traced: Gateway, tracing: Tracing) -> None:
-    """A request only the model server can refuse (the gateway never decodes tensor data, so a string where FP32
-    data belongs passes its checks) still gives one linked trace, with the model server's status on it."""
-    bad = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": ["x"] * 64}]})
+async def test_refused_request_is_still_one_linked_trace(traced: Gateway, tracing: Tracing, model_server: Served,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request only the model server refuses still gives one linked trace, with the model server's status on
+    it. The gateway runs the model server's own check, so the refusal comes from a limit the model server
+    lowered after the gateway learned its model: two rows where it now takes one."""
+    monkeypatch.setattr(model_server.core.settings, "max_request_rows", 1)
+    bad = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 64], "data": [0.5] * 128}]})
     async with data_client(traced) as c:
         r = await c.post(INFER, content=bad, headers=NO_CACHE)
     assert r.status_code == 400, r.text
