@@ -282,6 +282,30 @@ def test_round_ratios_pair_the_runs_of_each_round() -> None:
     assert rounds[2]["ratio"] == 0.0
 
 
+def test_round_ratios_put_nginx_and_the_proxies_cpu_beside_the_gateway() -> None:
+    runs = [{"round": 1, "target": "direct", "requests_per_s": 6000.0, "proxy_cpu_us_per_request": None},
+            {"round": 1, "target": "gateway", "requests_per_s": 4000.0, "proxy_cpu_us_per_request": 120.0},
+            {"round": 1, "target": "nginx", "requests_per_s": 5500.0, "proxy_cpu_us_per_request": 40.0}]
+    (row,) = bench.round_ratios(runs)
+    assert row["gateway_cpu_us"] == 120.0 and row["nginx_cpu_us"] == 40.0 and row["nginx_rps"] == 5500.0
+    assert row["cpu_vs_nginx"] == pytest.approx(3.0)
+    assert row["ratio"] == pytest.approx(4000 / 6000)
+
+
+def test_proxy_cpu_per_request_is_its_cpu_over_the_answered_requests() -> None:
+    assert bench.proxy_cpu_us_per_request({"cpu_s": {"proxy": 0.5}, "requests": 5000}) == pytest.approx(100.0)
+    assert bench.proxy_cpu_us_per_request({"cpu_s": {"model_server": 0.5}, "requests": 5000}) is None
+    assert bench.proxy_cpu_us_per_request({"cpu_s": {"proxy": 0.5}, "requests": 0}) is None
+
+
+def test_the_nginx_reference_config_proxies_to_the_model_server_with_keepalive(tmp_path: Path) -> None:
+    conf = bench.NGINX_CONF.substitute(work=tmp_path, port=1234, host="127.0.0.1", keepalive=64,
+                                       upstream="127.0.0.1:8001")
+    assert "worker_processes 1;" in conf and "listen 127.0.0.1:1234;" in conf
+    assert "server 127.0.0.1:8001; keepalive 64;" in conf
+    assert 'proxy_http_version 1.1;' in conf and 'proxy_set_header Connection "";' in conf
+
+
 def test_added_latency_is_median_gateway_minus_median_direct() -> None:
     runs = [{"target": "direct", "latency_ms": {"p50": 2.0, "p90": 3.0, "p99": 5.0}},
             {"target": "gateway", "latency_ms": {"p50": 3.0, "p90": 6.0, "p99": None}},
@@ -320,11 +344,13 @@ def test_routing_shown_with_placeholder_ports() -> None:
 
 
 def _sat(round_no: int, target: str, rps: float, *, flagged: bool = False) -> dict[str, Any]:
-    gateway_cores = 0.75 if target == "gateway" else 0.0
+    proxy_cores = {"gateway": 0.75, "nginx": 0.25}.get(target)
+    cores = {"model_server": 0.7, **({} if proxy_cores is None else {"proxy": proxy_cores})}
     return {"round": round_no, "target": target, "requests_per_s": rps, "requests": int(rps * 10),
             "model_server_rows": int(rps * 10), "non_2xx": 2 if flagged else 0, "socket_errors": 0,
             "flagged": flagged, "latency_ms": {"p50": 5.0, "p99": 30.0}, "wrk_cores": 0.12, "cpu_pressure": 0.4,
-            "cores": {"gateway": gateway_cores, "model_server": 0.7}}
+            "cores": cores,
+            "proxy_cpu_us_per_request": None if proxy_cores is None else proxy_cores * 10 / (rps * 10) * 1e6}
 
 
 def _half(run: int, target: str, p50: float, p99: float, generator: float) -> dict[str, Any]:
@@ -338,7 +364,8 @@ def _half(run: int, target: str, p50: float, p99: float, generator: float) -> di
 
 def gateway_doc(*, median: float = 0.55, flagged: bool = False) -> dict[str, Any]:
     rounds = [{"round": 1, "direct_rps": 6000.0, "gateway_rps": 3300.0, "ratio": 0.55},
-              {"round": 2, "direct_rps": 5000.0, "gateway_rps": 3000.0, "ratio": 0.6},
+              {"round": 2, "direct_rps": 5000.0, "gateway_rps": 3000.0, "ratio": 0.6, "nginx_rps": 5000.0,
+               "gateway_cpu_us": 250.0, "nginx_cpu_us": 50.0, "cpu_vs_nginx": 5.0},
               {"round": 3, "direct_rps": 6000.0, "gateway_rps": 3000.0, "ratio": 0.5}]
     half = [_half(1, "direct", 2.09, 4.66, 0.29), _half(2, "gateway", 3.95, 12.5, 0.41),
             _half(3, "gateway", 4.05, 13.5, 0.43), _half(4, "direct", 2.11, 5.66, 0.3)]
@@ -353,13 +380,16 @@ def gateway_doc(*, median: float = 0.55, flagged: bool = False) -> dict[str, Any
         "settings": {"model": "digits:1", "rows_per_request": 1, "request_headers": {"Cache-Control": "no-cache"},
                      "server_command": "bluegreen serve-model --model digits:1 --model digits:2 --port <free port>",
                      "connections": 32, "wrk_threads": 2, "duration_s": 10, "warmup_s": 2,
-                     "round_orders": [["direct", "gateway"], ["gateway", "direct"], ["direct", "gateway"]],
+                     "round_orders": [["direct", "gateway"], ["gateway", "direct", "nginx"], ["direct", "gateway"]],
+                     "nginx": {"workers": 1, "upstream_keepalive": 64},
                      "half_load_fraction": 0.5, "half_load_order": ["direct", "gateway", "gateway", "direct"]},
         "saturation": [_sat(1, "direct", 6000.0), _sat(1, "gateway", 3300.0, flagged=flagged),
-                       _sat(2, "gateway", 3000.0), _sat(2, "direct", 5000.0),
+                       _sat(2, "gateway", 3000.0), _sat(2, "direct", 5000.0), _sat(2, "nginx", 5000.0),
                        _sat(3, "direct", 6000.0), _sat(3, "gateway", 3000.0)],
         "rounds": rounds,
-        "ratios": [bench._ratio("gateway / direct requests/s (median of 3 rounds)", median, 0.5, 0.65)],
+        "ratios": [bench._ratio("gateway / direct requests/s (median of 3 rounds)", median, 0.5, 0.65),
+                   bench._ratio("gateway CPU per request / nginx CPU per request (median of 1 rounds)", 5.0, 4.5, 3.0,
+                                at_most=True)],
         "half_load": {"rate_per_s": 1500.0, "basis_rps": 3000.0, "runs": half, "median_ms": medians,
                       "added_ms": bench.added_latency_ms(medians)},
         "server_timing_ms": bench.server_timing_medians([r for r in half if r["target"] == "gateway"]),
@@ -375,15 +405,20 @@ def test_gateway_section_has_runs_rounds_ratio_added_latency_and_cpu() -> None:
     assert "Reproduce: `bluegreen bench gateway --duration 10`" in md
     assert "wrk 2 threads x 32 connections" in md
     assert "`Cache-Control: no-cache`" in md
-    assert "(direct, gateway; gateway, direct; direct, gateway)" in md
+    assert "(direct, gateway; gateway, direct, nginx; direct, gateway)" in md
+    assert "through nginx (one worker, keep-alive upstream of 64 connections" in md
     assert "in the order direct, gateway, gateway, direct" in md
-    # each run, in the order it ran, with the CPU of wrk, the gateway and the model server
-    assert "| 1 | direct | 6,000 | 5.0 | 30.0 | 60,000 | 60,000 | 0 | 0 | 0.12 cores | 0.00 cores | 0.70 cores " \
+    # each run, in the order it ran, with the CPU of wrk, the proxy (its µs per request) and the model server
+    assert "| 1 | direct | 6,000 | 5.0 | 30.0 | 60,000 | 60,000 | 0 | 0 | 0.12 cores | - | - | 0.70 cores " \
            "| 40% |" in md
-    assert "| 2 | gateway | 3,000 | 5.0 | 30.0 | 30,000 | 30,000 | 0 | 0 | 0.12 cores | 0.75 cores | 0.70 cores " \
-           "| 40% |" in md
+    assert "| 2 | gateway | 3,000 | 5.0 | 30.0 | 30,000 | 30,000 | 0 | 0 | 0.12 cores | 0.75 cores | 250 " \
+           "| 0.70 cores | 40% |" in md
+    assert "| 2 | nginx | 5,000 | 5.0 | 30.0 | 50,000 | 50,000 | 0 | 0 | 0.12 cores | 0.25 cores | 50 " \
+           "| 0.70 cores | 40% |" in md
     assert md.index("| 2 | gateway |") < md.index("| 2 | direct |")
-    assert "| 2 | 5,000 | 3,000 | 0.60x |" in md
+    assert "| 2 | 5,000 | 3,000 | 5,000 | 0.60x | 250 | 50 | 5.00x |" in md
+    assert "| 1 | 6,000 | 3,300 | - | 0.55x | - | - | - |" in md
+    assert "| 5.00x | ≤ 4.5x (stretch 3x) | **above target** |" in md
     assert "| gateway / direct requests/s (median of 3 rounds) | 0.55x | ≥ 0.5x (stretch 0.65x) | met |" in md
     assert "### Added latency at half load (1,500 requests/s)" in md
     assert "| 1 | direct | 1,500 | 2.09 | 4.18 | 4.66 | 9.32 | 13.98 | 1.30 | - | 0 | 0 | 0.29 cores | 0.00 cores | " \
@@ -737,7 +772,7 @@ def test_summary_lists_every_ratio_of_every_suite_with_date_machine_and_command(
     summary = md.split("## Summary")[1].split("\n## ")[0]
     rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| Suite")]
     assert len(rows) == sum(len(d["ratios"]) for d in docs.values())
-    assert [row.split(" | ")[0] for row in rows] == ["| serving"] * 3 + ["| gateway"] + ["| cache"] * 2 + \
+    assert [row.split(" | ")[0] for row in rows] == ["| serving"] * 3 + ["| gateway"] * 2 + ["| cache"] * 2 + \
         ["| shadow"] * 2  # the report's suite order
     assert "| cache | L1 hit / direct requests/s (median of 2 rounds) | 1.69x | ≥ 1.5x | met | " \
            "2025-03-04T05:06:07+00:00 | Test CPU 9000, 2 cores | `bluegreen bench cache --duration 10` |" in rows
