@@ -171,6 +171,9 @@ class _Refusal(Exception):
         self.response = response
 
 
+_LINGER_S = 2.0  # how long a refused connection reads and drops what its client still sends
+_LINGER_BYTES = 64 * 1024 * 1024  # and how much at most
+
 # Connection phases (see the module docstring).
 _IDLE, _HEADERS, _BODY, _BUSY = 0, 1, 2, 3
 
@@ -199,6 +202,8 @@ class _Connection(asyncio.Protocol):
         self._queue: deque[Request] = deque()
         self._running = False
         self._closing = False
+        self._lingering = False  # refused: the answer and a FIN are out, the rest of the request is dropped
+        self._lingered = 0
         self._reading = True
         self._writable = True
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -234,6 +239,9 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
+            self._lingered += len(data)
+            if self._lingered > _LINGER_BYTES and self.transport is not None:
+                self.transport.close()
             return
         if self.phase == _IDLE:
             self.phase = _HEADERS
@@ -434,7 +442,7 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _resume(self) -> None:
-        if not self._reading and self.transport is not None and not self._closing:
+        if not self._reading and self.transport is not None and (self._lingering or not self._closing):
             self._reading = True
             self.transport.resume_reading()
 
@@ -453,12 +461,27 @@ class _Connection(asyncio.Protocol):
             self._reserved = 0
 
     def _refuse(self, response: Response) -> None:
-        """Answer a request that cannot be served and close: nothing after it on this connection is read."""
+        """Answer a request that cannot be served and close: nothing after it on this connection is parsed.
+
+        The close lingers (as nginx's ``lingering_close``): the answer and a FIN go out, and what the client
+        still sends (the rest of a refused body) is read and dropped for up to ``_LINGER_S``. Closing at once
+        with unread bytes would make the kernel reset the connection, and the client could lose the answer."""
         self.server.refused_requests += 1
         self._release_budget()
-        if self.transport is not None and not self._closing:
-            self.write_head(response.status, response.headers, response.body, keep_alive=False)
-        self._close_after_write()
+        transport = self.transport
+        if transport is None or self._closing:
+            self._close_after_write()
+            return
+        self.write_head(response.status, response.headers, response.body, keep_alive=False)
+        self._closing = True
+        self._queue.clear()
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._lingering = True
+        self.deadline = time.monotonic() + _LINGER_S
+        self._resume()
 
     def _close_after_write(self) -> None:
         self._closing = True
@@ -468,6 +491,10 @@ class _Connection(asyncio.Protocol):
 
     def expire(self, now: float) -> None:
         """Called by the sweep: enforce the phase's deadline."""
+        if self._lingering:
+            if now >= self.deadline and self.transport is not None:
+                self.transport.close()
+            return
         if self._closing or self._running or self.phase == _BUSY or now < self.deadline:
             return
         if self.phase == _IDLE:
