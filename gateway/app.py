@@ -77,7 +77,7 @@ class Gateway:
                 l2 = RedisL2(settings.redis_url, settings.cache.redis_timeout_s, settings.cache.redis_max_connections)
             cache = PredictionCache(settings.cache, l2)
         telemetry = Telemetry(settings.telemetry)
-        plane = DataPlane(settings, store, cache, telemetry)
+        plane = DataPlane(settings, store, cache, telemetry, routes=routing.models)
         auth = Authenticator(settings.tokens(), settings.auth_max_failures, settings.auth_window_s)
         defaults = {name: dict(route.canary) for name, route in routing.models.items()}
         if isinstance(store, RedisStateStore):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -28,15 +28,16 @@ from gateway.discovery import Discovery, FileResolver, Resolver, SystemResolver,
 from gateway.errors import BadRequest, ServingError, Unavailable, UpstreamFailure
 from gateway.feedback import FeedbackStore
 from gateway.http_client import Endpoint
+from gateway.inputs import OFF_LOOP_BYTES, learn_signature
 from gateway.router import Router
-from gateway.settings import COLORS, Color, GatewaySettings, other
+from gateway.settings import COLORS, Color, GatewaySettings, ModelRoute, other
 from gateway.shadow import Shadow
 from gateway.state import ModelState, StateStore
 from gateway.telemetry import Telemetry
 from gateway.upstream import Backend, ColorPool, Upstream, UpstreamResponse
 from gateway.windows import Window
 from serving import protocol
-from serving.protocol import Signature, TensorSpec
+from serving.protocol import Signature
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,14 @@ class Reply:
 
 
 _HEADER_LENGTH = protocol.HEADER_LENGTH.encode()
+
+
+def _parse_and_check(body: bytes, header_length: str | None, sig: Signature | None) -> tuple[dict[str, Any], int]:
+    """Parse a body and check it against the model (a worker thread's work for big bodies)."""
+    header, binary = protocol.split_body(body, header_length)
+    if sig is not None:
+        protocol.check_request(header, binary, sig)
+    return header, len(binary)
 _CACHE_NAMES = {b"hit": "hit", b"miss": "miss", b"stale": "stale", b"bypass": "bypass"}
 
 
@@ -109,8 +118,13 @@ class InferRequest:
 
 class DataPlane:
     def __init__(self, settings: GatewaySettings, store: StateStore, cache: PredictionCache | None = None,
-                 telemetry: Telemetry | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 telemetry: Telemetry | None = None, clock: Callable[[], float] = time.monotonic,
+                 routes: Mapping[str, ModelRoute] | None = None) -> None:
         self.settings = settings
+        self.routes = dict(routes or {})  # the routing file's per-model limits (max_batch_size, allow_non_finite)
+        # Big bodies are parsed and checked on a worker thread, one at a time: the loop never stalls on one, and
+        # the Python objects a big JSON body becomes exist for one body at a time, not for every one in flight.
+        self._big_bodies = asyncio.Semaphore(1)
         self.store = store
         self.router = Router(settings.allow_color_override)
         self.upstream = Upstream(settings.upstream)
@@ -186,15 +200,15 @@ class DataPlane:
         self._signature_refresh = asyncio.get_running_loop().create_task(self.refresh_signatures())
 
     async def refresh_signatures(self) -> None:
-        """Learn each served version's inputs/outputs from its backends' V2 metadata (best effort)."""
+        """Learn each served version's inputs/outputs and limits from its backends' V2 metadata and config
+        (best effort; :func:`gateway.inputs.learn_signature`)."""
         for name, state in list(self.store.models.items()):
             for color in COLORS:
                 cs = state.colors[color]
                 if (name, cs.version) in self.signatures:
                     continue
                 for url in [b.url for b in self.pools[(name, color)].backends]:
-                    doc = await self.upstream.get_json(f"{url}/v2/models/{name}/versions/{cs.version}", 1.0)
-                    sig = _signature(doc)
+                    sig = await learn_signature(self.upstream.get_json, url, name, cs.version, self.routes.get(name))
                     if sig is not None:
                         self.signatures[(name, cs.version)] = sig
                         break
@@ -271,7 +285,14 @@ class DataPlane:
                       started: float) -> Reply:
         """The answer, from the cache or upstream. A fresh L1 entry answers before anything else is done: its
         key is a digest of these very bytes, which were checked and answered 200 before."""
-        header, binary = protocol.split_body(req.body, req.header_length)
+        sig = self.signature(state, color)
+        if len(req.body) > OFF_LOOP_BYTES:
+            async with self._big_bodies:
+                header, _ = await asyncio.to_thread(_parse_and_check, req.body, req.header_length, sig)
+            checked = True
+        else:
+            header, binary = protocol.split_body(req.body, req.header_length)
+            checked = False
         rid = header.get("id")
         client_id = rid if type(rid) is str else None
         cache = self.cache
@@ -279,7 +300,8 @@ class DataPlane:
         if req.cache_control is not None:
             read, write = _cache_policy(req.cache_control)
         if cache is None or not (read or write):
-            self._check(state, color, header, binary)
+            if not checked and sig is not None:
+                protocol.check_request(header, binary, sig)
             answer = await self._forward(state, color, req, deadline_s)
             return self._reply(answer, b"bypass", started, client_id)
 
@@ -291,7 +313,9 @@ class DataPlane:
             entry = cache.hit(key, version)
             if entry is not None:
                 return self._reply_cached(entry, color, b"hit", client_id, started)
-        self._check(state, color, header, binary)
+        if not checked and sig is not None:
+            protocol.check_request(header, binary, sig)
+        del header  # a big body's objects are not kept while the request waits upstream
         if read:
             found = await cache.lookup(key, version)  # L2, and an expired L1 entry kept for stale-if-error
             if found.entry is not None:
@@ -299,7 +323,7 @@ class DataPlane:
             stale = found.stale
 
         async def produce() -> tuple[Answer, Entry | None]:
-            answer = await self._forward(state, color, req, deadline_s)
+            answer = await self._forward(state, color, req, deadline_s, stale_ready=stale is not None)
             entry = None
             resp = answer.resp
             if resp.status == 200:
@@ -330,25 +354,30 @@ class DataPlane:
                                       degraded=b"failover" if answer.failed_over else None)
         return self._reply(answer, b"miss" if read else b"bypass", started, client_id)
 
-    def _check(self, state: ModelState, color: Color, header: dict[str, Any], binary: memoryview) -> None:
-        sig = self.signature(state, color)
-        if sig is not None:
-            protocol.check_request(header, len(binary), sig, None)
+    async def _forward(self, state: ModelState, color: Color, req: InferRequest, deadline_s: float,
+                       stale_ready: bool = False) -> Answer:
+        """Send the original bytes to ``color``, then (unless pinned) the other color; record every attempt.
 
-    async def _forward(self, state: ModelState, color: Color, req: InferRequest, deadline_s: float) -> Answer:
-        """Send the original bytes to ``color``, then (unless pinned) the other color; record every attempt."""
+        Retry rules: a connection that could not be opened, a breaker that refuses, and a failure that is
+        clearly the backend's own (it reset or closed the connection, answered garbage, or its breaker opened
+        with this failure) move to the other color freely; only retries after slow or 5xx answers — what
+        overload looks like — are rationed by the retry budget. An attempt that is not the last gets at most
+        half of the time left, so a hanging color leaves the other one room within the client's deadline. With a
+        stale cached answer at hand (``stale_ready``), a timed-out first attempt ends the forwarding at once:
+        the stale answer beats waiting on the other color, which may hang too."""
         pinned = req.version is not None or req.forced_color is not None
         order: tuple[Color, ...] = (color,) if pinned else (color, other(color))
         header_lines = _header_lines(req)
         end = self._clock() + deadline_s
+        attempt_timeout = self.settings.upstream.attempt_timeout_s
         failures: list[str] = []
-        sent_failure = False
+        rationed = False  # the next attempt is a retry the budget must admit
         self.in_flight += 1
         try:
-            for c in order:
+            for i, c in enumerate(order):
                 # Budget and deadline are checked before a breaker permit is taken: a permit always ends in
                 # an outcome, and a half-open breaker must never close on calls that were not made.
-                is_retry = sent_failure
+                is_retry = rationed
                 if is_retry and not self._retry_allowed():
                     failures.append(f"{c}: retry budget exhausted")
                     break
@@ -361,7 +390,9 @@ class DataPlane:
                     failures.append(f"{c}: circuit open")
                     continue
                 backend, permit = picked
-                timeout = min(remaining, self.settings.upstream.attempt_timeout_s)
+                timeout = min(remaining, attempt_timeout)
+                if i + 1 < len(order) and remaining < 2 * attempt_timeout:
+                    timeout = remaining / 2  # leave the other color as much time as this one
                 version = state.colors[c].version
                 endpoint = backend.endpoint or self._endpoint(backend)
                 target = self._target(state.name, version)
@@ -377,7 +408,9 @@ class DataPlane:
                 except UpstreamFailure as exc:
                     self._settle(backend, permit, state.name, c, version, is_retry, False, time.perf_counter() - t0)
                     failures.append(f"{c}: {exc.reason}")
-                    sent_failure = sent_failure or exc.sent
+                    if exc.timed_out and stale_ready:
+                        break
+                    rationed = exc.sent and not exc.dead and backend.breaker.state != "open"
                     continue
                 except asyncio.CancelledError:  # the client went away: the breaker counts it, the window does not
                     self._settle(backend, permit, None, c, version, is_retry, False, time.perf_counter() - t0)
@@ -387,7 +420,7 @@ class DataPlane:
                 self._settle(backend, permit, state.name, c, version, is_retry, ok, elapsed)
                 if not ok:
                     failures.append(f"{c}: HTTP {resp.status}")
-                    sent_failure = True
+                    rationed = backend.breaker.state != "open"
                     continue
                 return Answer(resp, c, version, elapsed, failed_over=c != color)
         finally:
@@ -540,14 +573,3 @@ def _header_lines(req: InferRequest) -> bytes:
         if req.tracestate is not None:
             lines += b"tracestate: %s\r\n" % req.tracestate.encode("latin-1")
     return lines
-
-
-def _signature(doc: object) -> Signature | None:
-    if not isinstance(doc, dict):
-        return None
-    try:
-        ins = tuple(TensorSpec(i["name"], i["datatype"], tuple(int(d) for d in i["shape"])) for i in doc["inputs"])
-        outs = tuple(TensorSpec(o["name"], o["datatype"], tuple(int(d) for d in o["shape"])) for o in doc["outputs"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return Signature(ins, outs)

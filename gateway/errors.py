@@ -13,8 +13,8 @@
     ├── TooManyRequests (429)             an address that failed authentication too often
     └── Unavailable (503)                 both colors down, load shed; carries Retry-After
 
-aiohttp's exceptions never leave ``upstream.py``: they become :class:`UpstreamFailure` there, which the
-request path turns into a retry on the other color or, at the end, an :class:`Unavailable`.
+The upstream client (``http_client.py``) raises only :class:`UpstreamFailure`, which the request path turns
+into a retry on the other color or, at the end, an :class:`Unavailable`.
 """
 
 from __future__ import annotations
@@ -60,10 +60,15 @@ class TooManyRequests(ServingError):
 
 class UpstreamFailure(Exception):
     """One upstream attempt failed. ``sent`` says whether the backend may have seen the request: a connection
-    that could not be opened (``sent=False``) is always safe to retry elsewhere."""
+    that could not be opened (``sent=False``) is always safe to retry elsewhere. ``dead``: the backend itself
+    failed the exchange (reset or closed the connection, answered garbage) — a sign of a dead or broken
+    backend, not of overload, so its retry is not rationed. ``timed_out``: the attempt's deadline passed."""
 
-    def __init__(self, reason: str, *, sent: bool, status: int | None = None) -> None:
+    def __init__(self, reason: str, *, sent: bool, status: int | None = None, dead: bool = False,
+                 timed_out: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.sent = sent
         self.status = status
+        self.dead = dead
+        self.timed_out = timed_out

@@ -105,7 +105,7 @@ class _Connection(asyncio.Protocol):
             self.on_message_complete()
             return
         self._finish_error(_Stale() if self._received == 0 else
-                           UpstreamFailure("connection closed mid-response", sent=True))
+                           UpstreamFailure("connection closed mid-response", sent=True, dead=True))
 
     def data_received(self, data: bytes) -> None:
         if self.waiter is None or self.waiter.done():
@@ -119,11 +119,11 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             cause = exc.__context__
             failure = cause if isinstance(cause, UpstreamFailure) else UpstreamFailure(
-                f"malformed response: {str(exc)[:100]}", sent=True)
+                f"malformed response: {str(exc)[:100]}", sent=True, dead=True)
             self._finish_error(failure)
             return
         if not self._headers_done and self._header_bytes > self.endpoint.limits.max_header_bytes:
-            self._finish_error(UpstreamFailure("response headers too large", sent=True))
+            self._finish_error(UpstreamFailure("response headers too large", sent=True, dead=True))
 
     # ------------------------------------------------------------------ httptools callbacks
 
@@ -140,16 +140,16 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         if self._header_bytes > self.endpoint.limits.max_header_bytes:
-            raise UpstreamFailure("response headers too large", sent=True)
+            raise UpstreamFailure("response headers too large", sent=True, dead=True)
         self._headers_done = True
         self._keep_alive = self.parser.should_keep_alive()
         if self.parser.get_status_code() < 200:  # 1xx: not the answer; we never ask for one
-            raise UpstreamFailure("unexpected interim response", sent=True)
+            raise UpstreamFailure("unexpected interim response", sent=True, dead=True)
 
     def on_body(self, body: bytes) -> None:
         self._body_len += len(body)
         if self._body_len > self.endpoint.limits.max_body_bytes:
-            raise UpstreamFailure("response body too large", sent=True)
+            raise UpstreamFailure("response body too large", sent=True, dead=True)
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -184,7 +184,7 @@ class _Connection(asyncio.Protocol):
 
     def _expire(self) -> None:
         self._timer = None
-        self._finish_error(UpstreamFailure("deadline exceeded", sent=True))
+        self._finish_error(UpstreamFailure("deadline exceeded", sent=True, timed_out=True))
 
     def _finish_error(self, exc: BaseException) -> None:
         waiter = self.waiter
@@ -249,7 +249,7 @@ class Endpoint:
             return await conn.send(data, body, deadline)
         except _Stale:
             if not reused:
-                raise UpstreamFailure("connection closed before the response", sent=True) from None
+                raise UpstreamFailure("connection closed before the response", sent=True, dead=True) from None
         except asyncio.CancelledError:
             conn.abort()  # its answer may still come: the connection can't be reused
             raise
@@ -258,7 +258,7 @@ class Endpoint:
         try:
             return await conn.send(data, body, deadline)
         except _Stale:
-            raise UpstreamFailure("connection closed before the response", sent=True) from None
+            raise UpstreamFailure("connection closed before the response", sent=True, dead=True) from None
         except asyncio.CancelledError:
             conn.abort()
             raise

@@ -1,0 +1,150 @@
+"""Failover without client-visible errors: a color that dies or hangs under load, a client deadline shorter
+than the attempt timeout, both colors hung with a stale answer at hand. Real model servers and a real gateway
+on loopback; faults by signals and by the TCP fault proxy. Bounds are behaviour bounds with wide margins."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from tests.integration.faultproxy import FaultProxy
+from tests.procs import routing, start_gateway, start_model_server
+
+pytestmark = pytest.mark.usefixtures("model_repo")
+
+ROW = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8, 0,
+       0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10, 0, 0, 0]
+BODY = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": ROW}]})
+INFER = "/v2/models/digits/infer"
+NO_CACHE = {"cache-control": "no-cache, no-store"}
+CONCURRENCY = 64
+
+
+async def _load(data: str, seconds: float, fault_after_s: float, fault: object) -> tuple[list[tuple[int, str]], int]:
+    """``CONCURRENCY`` clients for ``seconds``; ``fault()`` runs after ``fault_after_s``. (status, color) per answer,
+    and how many answers came before the fault."""
+    log: list[tuple[int, str]] = []
+    before: list[int] = []
+    stop = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+    async with httpx.AsyncClient(base_url=data, timeout=20, limits=limits) as c:
+        async def worker() -> None:
+            while time.monotonic() < stop:
+                r = await c.post(INFER, content=BODY, headers=NO_CACHE)
+                log.append((r.status_code, r.headers.get("x-bluegreen-color", "")))
+
+        async def injector() -> None:
+            await asyncio.sleep(fault_after_s)
+            before.append(len(log))
+            fault()  # type: ignore[operator]
+
+        await asyncio.gather(injector(), *(worker() for _ in range(CONCURRENCY)))
+    return log, before[0]
+
+
+def test_sigkill_green_at_50_50_under_64_clients_costs_no_request(tmp_path: Path, model_repo: Path) -> None:
+    """Five runs: green is killed mid-load. Requests in flight to it fail with a reset, which is green's own
+    failure, so they move to blue outside the retry budget; new ones find green refusing connections."""
+    blue, blue_url = start_model_server(tmp_path, ["digits:1"])
+    try:
+        for run in range(5):
+            green, green_url = start_model_server(tmp_path, ["digits:2"])
+            gw, data, _ = start_gateway(tmp_path, routing([blue_url], [green_url], weights=(50, 50)),
+                                        {"BLUEGREEN_BREAKER__OPEN_S": "60"}, name=f"gateway-kill-{run}")
+            try:
+                log, before = asyncio.run(_load(data, 2.0, 0.6, lambda: os.kill(green.pid, signal.SIGKILL)))
+                errors = [s for s, _ in log if s != 200]
+                assert before > 50 and any(c == "green" for _, c in log[:before]), "green served before the kill"
+                assert errors == [], f"run {run}: {len(errors)} of {len(log)} requests failed while green died"
+            finally:
+                green.stop()
+                assert gw.stop() == 0
+    finally:
+        blue.stop()
+
+
+def test_sigstop_green_under_64_clients_costs_no_request(tmp_path: Path, model_repo: Path) -> None:
+    """Green hangs (SIGSTOP): every request in flight to it times out together. The first few retries are
+    rationed by the budget; by then green's breaker has opened, and the rest move to blue as green's failure."""
+    blue, blue_url = start_model_server(tmp_path, ["digits:1"])
+    green, green_url = start_model_server(tmp_path, ["digits:2"])
+    gw, data, _ = start_gateway(tmp_path, routing([blue_url], [green_url], weights=(50, 50)),
+                                {"BLUEGREEN_BREAKER__OPEN_S": "60", "BLUEGREEN_UPSTREAM__ATTEMPT_TIMEOUT_S": "0.5"})
+    try:
+        log, before = asyncio.run(_load(data, 3.0, 1.0, lambda: os.kill(green.pid, signal.SIGSTOP)))
+        errors = [s for s, _ in log if s != 200]
+        assert before > 50
+        assert errors == [], f"{len(errors)} of {len(log)} requests failed while green hung"
+        assert {c for _, c in log[before + 2 * CONCURRENCY:]} == {"blue"}
+    finally:
+        os.kill(green.pid, signal.SIGCONT)
+        assert gw.stop() == 0
+        green.stop()
+        blue.stop()
+
+
+def test_a_client_deadline_shorter_than_the_attempt_timeout_still_fails_over(tmp_path: Path,
+                                                                            model_repo: Path) -> None:
+    """x-bluegreen-timeout-ms 800 with a 1 s attempt timeout: the hanging color gets half the time, the other
+    color the rest — a failover, not a 503."""
+    blue, blue_url = start_model_server(tmp_path, ["digits:1"])
+    green, green_url = start_model_server(tmp_path, ["digits:2"])
+    proxy = FaultProxy(int(green_url.rsplit(":", 1)[1]))
+    gw, data, _ = start_gateway(tmp_path, routing([blue_url], [proxy.url], weights=(50, 50)),
+                                {"BLUEGREEN_BREAKER__OPEN_S": "60", "BLUEGREEN_UPSTREAM__ATTEMPT_TIMEOUT_S": "1.0"})
+    try:
+        proxy.set_mode("hang")
+        with httpx.Client(base_url=data, timeout=10) as c:
+            timed = []
+            for _ in range(6):
+                t0 = time.monotonic()
+                r = c.post(INFER, content=BODY, headers={**NO_CACHE, "x-bluegreen-timeout-ms": "800"})
+                timed.append((time.monotonic() - t0, r))
+        assert all(r.status_code == 200 for _, r in timed), [r.text for _, r in timed if r.status_code != 200]
+        failed_over = [(t, r) for t, r in timed if r.headers.get("x-bluegreen-degraded") == "failover"]
+        assert failed_over, "no request was routed to the hanging green"
+        for t, r in failed_over:
+            assert r.headers["x-bluegreen-color"] == "blue"
+            assert 0.35 <= t < 0.8 + 0.5  # half of the 800 ms on green, then blue within the rest
+    finally:
+        assert gw.stop() == 0
+        proxy.close()
+        green.stop()
+        blue.stop()
+
+
+def test_both_colors_hung_serve_the_stale_answer_after_the_first_attempt(tmp_path: Path,
+                                                                         model_repo: Path) -> None:
+    """With a stale entry at hand, the first attempt's timeout ends the forwarding: the stale answer comes after
+    one attempt timeout (0.5 s here), not after the whole 2 s deadline."""
+    blue, blue_url = start_model_server(tmp_path, ["digits:1"])
+    green, green_url = start_model_server(tmp_path, ["digits:2"])
+    proxies = [FaultProxy(int(u.rsplit(":", 1)[1])) for u in (blue_url, green_url)]
+    env = {"BLUEGREEN_UPSTREAM__ATTEMPT_TIMEOUT_S": "0.5", "BLUEGREEN_UPSTREAM__DEADLINE_S": "2.0",
+           "BLUEGREEN_CACHE__TTL_S": "0.2", "BLUEGREEN_BREAKER__OPEN_S": "60"}
+    gw, data, _ = start_gateway(tmp_path, routing([proxies[0].url], [proxies[1].url], weights=(50, 50)), env)
+    try:
+        with httpx.Client(base_url=data, timeout=10) as c:
+            assert c.post(INFER, content=BODY).status_code == 200  # cached, fresh for 0.2 s, then stale
+            time.sleep(0.3)
+            for p in proxies:
+                p.set_mode("hang")
+            t0 = time.monotonic()
+            r = c.post(INFER, content=BODY)
+            took = time.monotonic() - t0
+        assert r.status_code == 200 and r.headers["x-bluegreen-cache"] == "stale", r.text
+        assert r.headers["x-bluegreen-degraded"] == "stale-cache"
+        assert took < 0.5 + 0.1 + 0.2, f"the stale answer took {took:.3f} s"  # 100 ms, plus slack for the machine
+    finally:
+        assert gw.stop() == 0
+        for p in proxies:
+            p.close()
+        green.stop()
+        blue.stop()
