@@ -5,9 +5,11 @@ on loopback; faults by signals and by the TCP fault proxy. Bounds are behaviour 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -27,7 +29,8 @@ NO_CACHE = {"cache-control": "no-cache, no-store"}
 CONCURRENCY = 64
 
 
-async def _load(data: str, seconds: float, fault_after_s: float, fault: object) -> tuple[list[tuple[int, str]], int]:
+async def _load(data: str, seconds: float, fault_after_s: float,
+                fault: Callable[[], object]) -> tuple[list[tuple[int, str]], int]:
     """``CONCURRENCY`` clients for ``seconds``; ``fault()`` runs after ``fault_after_s``. (status, color) per answer,
     and how many answers came before the fault."""
     log: list[tuple[int, str]] = []
@@ -43,7 +46,7 @@ async def _load(data: str, seconds: float, fault_after_s: float, fault: object) 
         async def injector() -> None:
             await asyncio.sleep(fault_after_s)
             before.append(len(log))
-            fault()  # type: ignore[operator]
+            fault()
 
         await asyncio.gather(injector(), *(worker() for _ in range(CONCURRENCY)))
     return log, before[0]
@@ -59,7 +62,8 @@ def test_sigkill_green_at_50_50_under_64_clients_costs_no_request(tmp_path: Path
             gw, data, _ = start_gateway(tmp_path, routing([blue_url], [green_url], weights=(50, 50)),
                                         {"BLUEGREEN_BREAKER__OPEN_S": "60"}, name=f"gateway-kill-{run}")
             try:
-                log, before = asyncio.run(_load(data, 2.0, 0.6, lambda: os.kill(green.pid, signal.SIGKILL)))
+                kill = functools.partial(os.kill, green.pid, signal.SIGKILL)
+                log, before = asyncio.run(_load(data, 2.0, 0.6, kill))
                 errors = [s for s, _ in log if s != 200]
                 assert before > 50 and any(c == "green" for _, c in log[:before]), "green served before the kill"
                 assert errors == [], f"run {run}: {len(errors)} of {len(log)} requests failed while green died"
