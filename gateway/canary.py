@@ -13,7 +13,7 @@ Phases (the ``phase`` field of ``GET /admin/v1/models/{m}/canary``)::
     promoted     the candidate is the new stable color; the next release goes to the other color
     rolled_back  the candidate is at 0% and stays deployed for inspection
 
-Rules (DESIGN.md, "Release lifecycle"): a stage passes when its hold time has elapsed, the candidate served
+Rules: a stage passes when its hold time has elapsed, the candidate served
 ``min_requests`` in the stage and no trigger fires. Triggers need evidence, not noise:
 
 - errors: the exact (Clopper-Pearson) lower confidence bound of the candidate's error rate in the stage is above

@@ -1,16 +1,18 @@
-"""The request path, independent of HTTP framing (DESIGN.md, "A request's way through the gateway").
+"""The request path, independent of HTTP framing (docs/architecture.md, "Gateway").
 
-read body (size-limited, by the middleware) → parse the JSON header once and check it against the model's
-declared inputs → pick the color → cache lookup with that color's version (L1, then L2) → single flight →
-breaker admits? → upstream call with the original bytes
-and a deadline → on failure the other color → every attempt recorded in its own color's window → reply with
-provenance headers. Tensor data is never decoded or re-encoded here. When both colors fail, a stale cached
-answer (``x-bluegreen-cache: stale``) comes before a 503.
+body (read whole by the server, under its limits) → pick the color → digest of the body's own bytes → a fresh
+L1 entry for that color's version answers at once → parse the JSON header and check it against the model
+(``serving.protocol.check_request``, the model server's own check; big bodies on a worker thread, one at a
+time) → L2 → single flight → breaker admits? → upstream call with the original bytes and a deadline → on
+failure the other color → every attempt recorded in its own color's window → reply with provenance headers.
+Tensor data is never re-encoded here. When both colors fail, a stale cached answer
+(``x-bluegreen-cache: stale``) comes before a 503.
 
-Retries (DESIGN.md, "Routing rules"): a connection that could not be opened, or a color whose breakers all
-refuse, moves to the other color at no cost; a failure after the request was sent (reset, 5xx, deadline)
-is retried once on the other color while retries in flight stay under max(ratio × in flight, min). A request
-pinned to a color (``/versions/{v}/infer`` or a forced color) is never answered by the other one.
+Retries: a connection that could not be opened, a color whose breakers all refuse, and a failure that is the
+backend's own (reset, closed connection, garbage, or its breaker opened) move to the other color at no cost; a
+slow or 5xx answer is retried once on the other color while retries in flight stay under
+max(ratio × in flight, min). A request pinned to a color (``/versions/{v}/infer`` or a forced color) is never
+answered by the other one.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Process settings come from ``BLUEGREEN_*`` environment variables (nested ones with ``__``, e.g.
 ``BLUEGREEN_BREAKER__OPEN_S=2``); routing — models, colors, backends, weights — comes from the YAML routing
-file named by ``--config`` / ``BLUEGREEN_CONFIG`` (see DESIGN.md, "Settings").
+file named by ``--config`` / ``BLUEGREEN_CONFIG`` (docs/configuration.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The gateway's metrics (DESIGN.md, "Metrics") and traces.
+"""The gateway's metrics (docs/configuration.md, "Telemetry") and traces.
 
 Recording is cheap by construction (see ``serving/metrics.py`` for the measured reason): the hot path
 observes into plain series; Prometheus (admin ``/metrics``) and OTLP (when ``OTEL_EXPORTER_OTLP_*`` is set)

@@ -1,6 +1,6 @@
 """The benchmark runner behind ``bluegreen bench [serving|gateway|cache|telemetry|shadow]`` (none named: all).
 
-DESIGN.md, "How we measure performance": the machines are 2-core and shared, so what counts is **ratios
+How we measure performance: the machines are 2-core and shared, so what counts is **ratios
 measured in one run** (absolute times only on a GPU). Every suite therefore starts its own servers on free
 loopback ports, drives them with ``wrk`` one at a time (so they never compete for the cores), records the load
 generator's CPU beside the throughput, and compares runs made minutes apart on the same machine. Latency at a

@@ -16,7 +16,7 @@ and never counts as a pass either)::
     bias          largest accuracy gap between the evaluation set's ``group`` values   <= 0.1
     security      the bad-input suite answered 4xx, then the server still healthy
 
-The thresholds are the release plan's and absolute by nature (DESIGN.md, "How we measure performance"), so
+The thresholds are the release plan's and absolute by nature (docs/benchmarks.md), so
 the report names the machine, the concurrency and the load generator's own CPU: on a shared 2-core machine
 the load generator takes cores from the server it measures.
 

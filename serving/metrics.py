@@ -1,6 +1,6 @@
 """Metric primitives shared by the model server and the gateway: cheap on the hot path, exported on demand.
 
-Why not the OpenTelemetry SDK's instruments on the hot path (DESIGN.md, decision 7): measured here, one
+Why not the OpenTelemetry SDK's instruments on the hot path (docs/architecture.md): measured here, one
 ``Histogram.record`` with five attributes costs ~10 µs and one ``Counter.add`` ~8.5 µs; a handful of them per
 request is about a tenth of what the gateway spends per request on these machines. Recording here is a bisect
 and a few integer increments on series keyed by label tuples (~0.2 µs). Exporters read the series at
