@@ -1,4 +1,5 @@
-"""gateway/router.py: sticky buckets as docs/configuration.md defines them, the exact unkeyed spread, overrides, versions."""
+"""gateway/router.py: sticky buckets as docs/configuration.md defines them, the exact unkeyed spread, overrides,
+versions."""
 
 from __future__ import annotations
 

@@ -56,7 +56,8 @@ PLAN = {
     "BluegreenModelServerQueueDeep": (">", 100.0, "warning"),
     "BluegreenOnlineAccuracyDrop": (">", 0.03, "warning"),
 }
-# Label values the code produces (docs/configuration.md "Telemetry"; outcomes from the data plane, phases from the canary).
+# Label values the code produces (docs/configuration.md "Telemetry"; outcomes from the data plane, phases from
+# the canary).
 LABEL_VALUES = {
     "outcome": {*_OUTCOMES.values(), "cancelled"},
     "result": {"hit", "miss", "stale", "bypass"},
