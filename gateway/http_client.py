@@ -9,13 +9,17 @@ One :class:`Endpoint` per backend (scheme, host, port) keeps a bounded pool of k
 
 - one request per connection at a time (no pipelining); the most recently used idle connection is reused
   first, so a pool larger than the load needs lets its extra connections idle out (``keepalive_s``);
-- a connection that saw anything unexpected — a parse error, bytes while idle, a response cut short, a
-  deadline — is closed, never reused; so is one whose response said ``Connection: close`` or HTTP/1.0;
+- a connection that saw anything unexpected — a parse error, bytes while idle (even in the read that ended the
+  answer), a response cut short, a deadline, a cancelled caller — is closed, never reused; so is one whose
+  response said ``Connection: close`` or HTTP/1.0, or whose body ran to the connection's end (a reset there is
+  a cut, not an end);
 - the deadline covers waiting for a pool slot, connecting, sending and the whole response;
-- response headers and bodies have size limits;
+- response headers (as parsed, not the bytes of the read that completed them) and bodies have size limits;
 - a reused connection that the server had already closed (its FIN still in flight when we wrote) fails before
-  any response byte arrives: that request is sent again once, on a fresh connection, because the server
-  cannot have seen it.
+  any response byte arrives: that request is sent again once, on a new connection (not the next idle one: a
+  restarted server leaves them all dead), because the server cannot have seen it;
+- a request that gives up waiting for a pool slot just as a connection is handed to it passes that connection
+  on; closing the pool fails the requests in flight on it.
 
 Failures are :class:`~gateway.errors.UpstreamFailure` with ``sent`` telling the retry rules whether the
 backend may have seen the request: a connection that could not be opened (refused, connect timeout, no pool
@@ -67,7 +71,7 @@ class _Stale(Exception):
 class _Connection(asyncio.Protocol):
     __slots__ = ("_body", "_body_len", "_content_type", "_header_bytes", "_header_length", "_headers_done",
                  "_keep_alive", "_received", "_timer", "_until_eof", "endpoint", "idle_since", "parser",
-                 "transport", "waiter")
+                 "reused", "transport", "waiter")
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
@@ -75,12 +79,13 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[UpstreamResponse] | None = None
         self.idle_since = 0.0
+        self.reused = False  # it has answered before: a close before any byte means it went stale in the pool
         self._timer: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:
-        self._received = 0
-        self._header_bytes = 0
+        self._received = 0  # until the headers are complete, every byte received is a header byte
+        self._header_bytes = 0  # the header block as parsed (a read that completes it may carry body bytes)
         self._headers_done = False
         self._body: list[bytes] = []
         self._body_len = 0
@@ -100,7 +105,8 @@ class _Connection(asyncio.Protocol):
         waiter = self.waiter
         if waiter is None or waiter.done():
             return
-        if self._headers_done and self._until_eof:  # a body delimited by the end of the connection
+        # A body delimited by the connection's end is complete on a clean close; a reset may have cut it short.
+        if exc is None and self._headers_done and self._until_eof:
             self._keep_alive = False
             self.on_message_complete()
             return
@@ -112,8 +118,6 @@ class _Connection(asyncio.Protocol):
             self.abort()  # bytes nobody asked for: the connection's framing can no longer be trusted
             return
         self._received += len(data)
-        if not self._headers_done:
-            self._header_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -122,13 +126,18 @@ class _Connection(asyncio.Protocol):
                 f"malformed response: {str(exc)[:100]}", sent=True, dead=True)
             self._finish_error(failure)
             return
-        if not self._headers_done and self._header_bytes > self.endpoint.limits.max_header_bytes:
+        if not self._headers_done and self._received > self.endpoint.limits.max_header_bytes:
             self._finish_error(UpstreamFailure("response headers too large", sent=True, dead=True))
 
     # ------------------------------------------------------------------ httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self.waiter is None:  # a second answer in the read that ended the first: nobody asked for it
+            self.abort()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         n = len(name)
+        self._header_bytes += n + len(value) + 4  # ": " and CRLF
         if n == 12 and name.lower() == b"content-type":
             self._content_type = value.decode("latin-1")
         elif n == 31 and name.lower() == b"inference-header-content-length":
@@ -242,19 +251,19 @@ class Endpoint:
         deadline = self.loop.time() + timeout_s
         data = b"%shost: %s\r\ncontent-length: %d\r\n\r\n" % (head, self.host_header, len(body))
         conn = self._take_idle()
-        reused = conn is not None
         if conn is None:
             conn = await self._acquire(deadline)
         try:
             return await conn.send(data, body, deadline)
         except _Stale:
-            if not reused:
+            if not conn.reused:
                 raise UpstreamFailure("connection closed before the response", sent=True, dead=True) from None
         except asyncio.CancelledError:
             conn.abort()  # its answer may still come: the connection can't be reused
             raise
         self.reconnects += 1
-        conn = await self._acquire(deadline)
+        # A new connection, not the next idle one: a server that restarted left every kept connection dead.
+        conn = await self._acquire(deadline, reuse=False)
         try:
             return await conn.send(data, body, deadline)
         except _Stale:
@@ -272,9 +281,9 @@ class Endpoint:
             conn.abort()
         return None
 
-    async def _acquire(self, deadline: float) -> _Connection:
+    async def _acquire(self, deadline: float, reuse: bool = True) -> _Connection:
         while True:
-            conn = self._take_idle()
+            conn = self._take_idle() if reuse else None
             if conn is not None:
                 return conn
             if self.open < self.limits.pool_size:
@@ -284,13 +293,20 @@ class Endpoint:
             try:
                 async with asyncio.timeout_at(deadline):
                     handed = await waiter
-            except TimeoutError:
-                raise UpstreamFailure("no pooled connection came free in time", sent=False) from None
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
+            except BaseException as exc:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
+                if not waiter.done():
+                    waiter.cancel()
+                elif not waiter.cancelled():  # handed a connection or a slot just as we gave up: pass it on
+                    got = waiter.result()
+                    if got is None:
+                        self._wake()
+                    else:
+                        self._release(got)
+                if isinstance(exc, TimeoutError):
+                    raise UpstreamFailure("no pooled connection came free in time", sent=False) from None
+                raise
             if handed is not None:
                 return handed
 
@@ -321,6 +337,7 @@ class Endpoint:
 
     def _release(self, conn: _Connection) -> None:
         """A connection that finished its exchange cleanly: to a waiting request, else to the idle list."""
+        conn.reused = True
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -352,8 +369,9 @@ class Endpoint:
             self.idle.pop(0).abort()
 
     def close(self) -> None:
+        """Close every connection; a request in flight on one fails (it would otherwise wait for ever)."""
         for conn in list(self._live):
-            conn.abort()
+            conn._finish_error(UpstreamFailure("client closed", sent=True))
         self.idle.clear()
 
 
