@@ -87,29 +87,56 @@ class Entry:
 
 
 _ID_MEMBER = re.compile(rb'"id"\s*:\s*')
+_SPACE = b" \t\r\n"
+
+
+def _without_id(body: bytes, request_id: str) -> tuple[bytes, bytes] | None:
+    """``body`` around its top-level ``"id": "<request_id>"`` member and that member's comma, or None when the
+    member does not appear exactly once as expected (then nothing is guessed)."""
+    matches = list(_ID_MEMBER.finditer(body))
+    if len(matches) != 1:
+        return None
+    start, value_at = matches[0].start(), matches[0].end()
+    value = orjson.dumps(request_id)
+    if not body.startswith(value, value_at):
+        return None
+    end = value_at + len(value)
+    after = end
+    while after < len(body) and body[after] in _SPACE:
+        after += 1
+    if after < len(body) and body[after] == ord(","):  # "id" first or in the middle: its comma follows
+        after += 1
+        while after < len(body) and body[after] in _SPACE:
+            after += 1
+        return body[:start], body[after:]
+    before = start  # "id" last: the comma before it goes
+    while before > 0 and body[before - 1] in _SPACE:
+        before -= 1
+    if before > 0 and body[before - 1] == ord(","):
+        return body[:before - 1], body[end:]
+    return body[:start], body[end:]  # the only member
 
 
 def digest(body: bytes, header_length: str | None, request_id: str | None) -> str:
-    """Digest of a request's own bytes (JSON header and binary tail), the value of its top-level ``id`` left out.
+    """Digest of a request's own bytes (JSON header and binary tail), its top-level ``id`` member left out.
 
     Hashing the bytes the gateway already holds costs about a microsecond and no memory, where re-serialising
     the parsed JSON canonically cost ~5 µs for a 64-value row and a second copy of a large body. The price:
     the same tensors sent with other spacing or key order get another key (a miss, never a wrong answer).
-    The id's value is cut out when the ``"id":`` member appears exactly once; otherwise the whole body is
-    hashed, so ids then only make the key more specific. The header length (binary requests) is part of it."""
+    The ``"id": ...`` member (and its comma) is cut out when it appears exactly once, so the same request
+    with another id, or with none, has the same key; otherwise the whole body is hashed. The header length
+    (binary requests) is part of it."""
     h = hashlib.blake2b(digest_size=20)
     h.update(b"%d|" % (-1 if header_length is None else len(header_length)))
     if header_length is not None:
         h.update(header_length.encode("latin-1"))
-    if request_id is not None:
-        value = orjson.dumps(request_id)
-        matches = [m for m in _ID_MEMBER.finditer(body)]
-        if len(matches) == 1 and body.startswith(value, matches[0].end()):
-            cut = matches[0].end()
-            h.update(memoryview(body)[:cut])
-            h.update(memoryview(body)[cut + len(value):])
-            return h.hexdigest()
-    h.update(body)
+    parts = _without_id(body, request_id) if request_id is not None else None
+    if parts is None:
+        h.update(body)
+        return h.hexdigest()
+    head, tail = parts
+    h.update(head)
+    h.update(tail)
     return h.hexdigest()
 
 

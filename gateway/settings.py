@@ -87,7 +87,7 @@ class ListenerLimits(BaseModel):
     """Most header lines in a request (else 431)."""
     max_header_bytes: int = Field(64 * 1024, ge=1024)
     """Most bytes of request line and headers together (else 431)."""
-    body_budget_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    body_budget_bytes: int = Field(128 * 1024 * 1024, ge=1024)
     """Request body bytes buffered by all connections together; a body that would pass it gets 503 +
     Retry-After before it is read (a declared Content-Length counts in full at once)."""
     max_connections: int = Field(10_000, ge=1)

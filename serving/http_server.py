@@ -68,7 +68,7 @@ class Limits:
     """Most bytes of request line and headers together."""
     max_body_bytes: int = 16 * 1024 * 1024
     """A larger body gets 413: at once when its Content-Length says so, else when the stream passes it."""
-    body_budget_bytes: int = 256 * 1024 * 1024
+    body_budget_bytes: int = 128 * 1024 * 1024
     """Request bytes buffered by all connections together (declared lengths count in full when the headers
     arrive); a body that would pass it gets 503 + Retry-After before it is read."""
     max_connections: int = 10_000

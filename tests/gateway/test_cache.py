@@ -210,12 +210,14 @@ def d(header: dict[str, Any], binary: bytes = b"") -> str:
     return digest(head + binary, str(len(head)) if binary else None, rid if isinstance(rid, str) else None)
 
 
-def test_the_same_bytes_with_another_id_have_one_digest() -> None:
-    template = b'{"id":"%s","inputs":[{"name":"input","datatype":"FP32","shape":[1,4],"data":[1,2,3,4]}]}'
-    a, b = template % b"a", template % b"some-much-longer-id-42"
-    assert digest(a, None, "a") == digest(b, None, "some-much-longer-id-42")
-    spaced = b'{ "id" : "x", "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}'
+def test_the_same_bytes_with_another_id_or_none_have_one_digest() -> None:
+    inputs = b'"inputs":[{"name":"input","datatype":"FP32","shape":[1,4],"data":[1,2,3,4]}]'
+    no_id = digest(b"{" + inputs + b"}", None, None)
+    assert digest(b'{"id":"a",' + inputs + b"}", None, "a") == no_id  # id first
+    assert digest(b"{" + inputs + b',"id":"some-much-longer-id-42"}', None, "some-much-longer-id-42") == no_id
+    spaced = b'{ "id" : "x", "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2]}]}'
     assert digest(spaced, None, "x") == digest(spaced.replace(b'"x"', b'"y"'), None, "y")
+    assert digest(b'{"id":"a"}', None, "a") == digest(b"{}", None, None)
 
 
 def test_the_digest_is_of_the_bytes_sent() -> None:
