@@ -172,7 +172,8 @@ SHADOW_BODIES = 64  # held-out digits images, sent in turn: agreement between th
 SHADOW_SATURATION_ORDER = ("off", "on")
 # ABBA BAAB: four runs each, balanced against drift; the shared machines' noise swung a two-run median by 30%.
 SHADOW_HALF_LOAD_ORDER = ("off", "on", "on", "off", "on", "off", "off", "on")
-TARGET_SHADOW_P50 = 1.10  # at most: the clients' p50 with shadowing within 10% of the same run without
+TARGET_SHADOW_P50 = 1.15  # at most: the clients' p50 with shadowing within 15% of the same run without
+STRETCH_SHADOW_P50 = 1.05
 SHADOW_PERCENTILES = ("p50", "p90", "p95", "p99")
 SHADOW_NOTE = (
     "Blue (`digits:1`) and green (`digits:2`) are two model server processes; two gateways route 100% to blue, one "
@@ -1751,7 +1752,7 @@ def run_shadow(ctx: SuiteContext) -> dict[str, Any]:
         raise SuiteError("a half-load run answered nothing: no latency to compare")
     each = min(sum(1 for r in half if r["target"] == t) for t in percents)
     ratios = [_ratio(f"p50 with / without shadowing at half load (median of {each} runs each)", p50["on"] / p50["off"],
-                     TARGET_SHADOW_P50, at_most=True)]
+                     TARGET_SHADOW_P50, STRETCH_SHADOW_P50, at_most=True)]
     if p99["on"] and p99["off"]:
         ratios.append(_ratio(f"p99 with / without shadowing at half load (median of {each} runs each)",
                              p99["on"] / p99["off"], None, at_most=True))
