@@ -56,6 +56,7 @@ class Peer:
         self.closed_by_client = False  # EOF or reset from the client (not our own close)
         self.done = asyncio.Event()  # the connection is gone, whichever side ended it
         self._closed_here = False
+        self.error: BaseException | None = None
 
     async def request(self) -> bytes | None:
         """One whole request (head and Content-Length body); None when the client closed the connection."""
@@ -95,7 +96,7 @@ class Peer:
 
     async def wait_closed_by_client(self, timeout_s: float = 2.0) -> None:
         await asyncio.wait_for(self.done.wait(), timeout_s)
-        assert self.closed_by_client, f"connection {self.index} was closed by the server, not the client"
+        assert self.closed_by_client, f"connection {self.index}: closed by the server, not the client ({self.error!r})"
 
     async def _drain_to_eof(self) -> None:
         try:
@@ -156,8 +157,12 @@ class Server:
                 await peer._drain_to_eof()
         except ConnectionError:
             peer.closed_by_client = True
-        except Exception as exc:  # kept for the test to report: asyncio would only log it
-            self.errors.append(exc)
+        except Exception as exc:
+            if not peer._closed_here and writer.transport.is_closing():
+                peer.closed_by_client = True  # uvloop raises RuntimeError on a write to a socket the client reset
+            else:
+                peer.error = exc
+                self.errors.append(exc)  # kept for the test to report: asyncio would only log it
         finally:
             if not peer._closed_here:
                 writer.transport.abort()
@@ -446,7 +451,7 @@ def test_a_slow_answer_fails_at_the_deadline(run: Callable[..., None], where: st
             exc = await failure(ep, timeout_s=0.3)
             elapsed = time.monotonic() - t0
             assert (exc.reason, exc.sent) == ("deadline exceeded", True)
-            assert 0.28 <= elapsed < 0.3 + 0.4, elapsed
+            assert 0.28 <= elapsed < 0.3 + 0.5, elapsed
             await server.peers[0].wait_closed_by_client()
             await finish(ep, server)
 
@@ -561,7 +566,7 @@ def test_a_connect_that_hangs_is_not_sent(run: Callable[..., None], full_backlog
         elapsed = time.monotonic() - t0
         assert not exc.sent and exc.reason == "connect failed: timeout", exc.reason
         bound = min(timeout_s, 0.2)
-        assert bound - 0.02 <= elapsed < bound + 0.3, elapsed
+        assert bound - 0.02 <= elapsed < bound + 0.5, elapsed
         await finish(ep)
 
     run(case)
@@ -724,7 +729,7 @@ def test_a_waiter_without_a_connection_by_its_deadline_is_not_sent(run: Callable
             t0 = time.monotonic()
             exc = await failure(ep, timeout_s=0.1)
             assert not exc.sent and "no pooled connection" in exc.reason, exc.reason
-            assert 0.08 <= time.monotonic() - t0 < 0.35
+            assert 0.08 <= time.monotonic() - t0 < 0.1 + 0.5
             assert ep.stats()["waiting"] == 0
             assert (await first).status == 200
             assert len(server.peers) == 1
@@ -904,6 +909,7 @@ def test_gateway_fails_over_from_a_garbage_upstream(tmp_path: Path) -> None:
                 r = c.post(INFER, content=INFER_BODY, headers=NO_CACHE)
                 assert r.status_code == 200, r.text
                 assert r.headers["x-bluegreen-color"] == "green"
+                assert r.headers["x-bluegreen-degraded"] == "failover"
         assert garbage.connections >= 1
         proc2, data2, _ = start_gateway(tmp_path, routing([garbage.url], [garbage.url]), name="gateway2")
         procs.append(proc2)
