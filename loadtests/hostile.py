@@ -7,6 +7,7 @@ What a public listener must survive, each as a *sender* (what the client writes;
   (2,000 of these filled the gateway's in-flight limit when it counted a request from its first byte);
 * :func:`slowloris`     header bytes one per ``interval_s``, never finishing the headers;
 * :func:`endless_chunked` a chunked body that sends a byte every ``interval_s`` and never ends;
+* :func:`non_reader`    (a runner of its own) pipelines requests and never reads the answers;
 * :func:`raw`           any bytes at once: :data:`MALFORMED` holds garbage request lines, bad Content-Lengths,
   Content-Length with chunked, 100,000 headers and one 8 MB header.
 
@@ -23,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import resource
+import socket
 import sys
 import time
 from collections import Counter
@@ -231,6 +234,50 @@ async def connection(host: str, port: int, kind: str, sender: Sender, clock: Clo
         writer.transport.abort()  # nothing more to say; a FIN handshake would only cost time
     out.status, out.body = _parse_answer(kept)
     return out
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of a socket (Linux ``tcp_info.tcpi_state``; 1 is ESTABLISHED)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+async def non_reader(host: str, port: int, kind: str, request: bytes, clock: Clock, *, count: int = 60_000,
+                     send_s: float = 1.0, max_s: float = 30.0) -> Outcome:
+    """A client that pipelines ``count`` copies of ``request`` (for ``send_s`` at most) and never reads an
+    answer, with a 4 KiB receive buffer so that the server's answers back up at once. Records when the server
+    gave up on it (the connection left ESTABLISHED: a reset, or a close), without reading (Linux only)."""
+    if host not in LOOPBACK_HOSTS:
+        raise ValueError(f"the hostile harness only targets loopback, not {host!r}")
+    loop = asyncio.get_running_loop()
+    out = Outcome(kind, clock.now())
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: sets the window
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), max_s)
+        except (OSError, TimeoutError) as exc:
+            out.error = f"{type(exc).__name__}: {exc}"
+            return out
+        data = memoryview(request * count)
+        sent, send_end = 0, time.monotonic() + send_s
+        while sent < len(data) and time.monotonic() < send_end:
+            try:
+                sent += sock.send(data[sent:sent + 65536])
+            except BlockingIOError:  # the server is not reading: that is the point
+                await asyncio.sleep(0.01)
+            except OSError:
+                break
+        end = time.monotonic() + max_s
+        while time.monotonic() < end:  # bounded: poll the state, never read
+            if _tcp_state(sock) != 1:
+                out.closed_s = clock.now()
+                out.reset = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+                break
+            await asyncio.sleep(0.05)
+        return out
+    finally:
+        sock.close()
 
 
 async def hold(host: str, port: int, kind: str, make: Callable[[], Sender], n: int, clock: Clock, *,

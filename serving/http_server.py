@@ -15,6 +15,13 @@ A connection goes through these phases::
     body      body arriving                       deadline: body_gap_timeout_s between chunks and
                                                   body_timeout_s in all → 408
     busy      the handler runs, reading paused    no read deadline (the handler has its own)
+    closing   the last answer is being flushed    deadline: body_gap_timeout_s → aborted
+
+A client that stops reading what is written would otherwise hold its connection for ever: while an answer
+cannot be written out (the transport's buffer is over its high-water mark) nothing more is read or run on that
+connection, and if the client takes nothing for ``body_gap_timeout_s`` the connection is closed; a close whose
+last bytes the client has not taken within that time becomes an abort. (Not "no progress for that long": the
+kernel's send buffer grows while the client does not read, which looks like progress for many seconds.)
 
 Violations answer with ``{"error": ...}`` and close: malformed framing (garbage request line, a negative or
 non-numeric Content-Length, Content-Length together with chunked) 400; a declared or streamed body over
@@ -286,7 +293,20 @@ class _Connection(asyncio.Protocol):
             if not w.done():
                 w.set_result(None)
         self._drain_waiters.clear()
-        if not self._running and not self._queue:
+        if self._running or self._closing:
+            return
+        # The stall's deadline (see _run) gives way to the phase's own again, counted from now.
+        limits = self.limits
+        now = time.monotonic()
+        if self.phase == _IDLE:
+            self.deadline = now + limits.keepalive_timeout_s
+        elif self.phase == _HEADERS:
+            self.deadline = now + limits.header_timeout_s
+        elif self.phase == _BODY:
+            self.deadline = min(now + limits.body_gap_timeout_s, self.body_deadline)
+        if self._queue:
+            self._next()
+        else:
             self._resume()
 
     # ------------------------------------------------------------------ httptools callbacks
@@ -395,16 +415,18 @@ class _Connection(asyncio.Protocol):
             self._release_budget()
         if self.transport is None or self._closing:
             return
-        if self._queue:
+        if self._queue and self._writable:
             self._next()
         elif self.server.stopping:
             self._close_after_write()
         else:
-            if self.phase == _BUSY:  # no pipelined request has begun meanwhile
+            if self.phase == _BUSY and not self._queue:  # no pipelined request has begun meanwhile
                 self.phase = _IDLE
                 self.deadline = time.monotonic() + self.limits.keepalive_timeout_s
             if self._writable:
                 self._resume()
+            else:  # the client is not taking what was written: nothing more runs until it does (resume_writing)
+                self.deadline = time.monotonic() + self.limits.body_gap_timeout_s
 
     def write_head(self, status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes | None,
                    keep_alive: bool, head: bool = False) -> None:
@@ -476,7 +498,7 @@ class _Connection(asyncio.Protocol):
         self._closing = True
         self._queue.clear()
         if not transport.can_write_eof():
-            transport.close()
+            self._close_after_write()
             return
         transport.write_eof()
         self._lingering = True
@@ -487,17 +509,32 @@ class _Connection(asyncio.Protocol):
         self._closing = True
         self._queue.clear()
         if self.transport is not None:
-            self.transport.close()  # flushes what was written, then closes
+            self.transport.close()  # flushes what was written, then closes (see expire for a client that won't read)
+            self.deadline = time.monotonic() + self.limits.body_gap_timeout_s
 
     def expire(self, now: float) -> None:
         """Called by the sweep: enforce the phase's deadline."""
-        if self._lingering:
-            if now >= self.deadline and self.transport is not None:
-                self.transport.close()
+        if now < self.deadline:
             return
-        if self._closing or self._running or self.phase == _BUSY or now < self.deadline:
+        if self._closing:
+            transport = self.transport
+            if transport is None:
+                return
+            if self._lingering:  # the refused request's rest has had its time: close, flushing the answer
+                self._lingering = False
+                self._close_after_write()
+                return
+            self.server.timeouts["send"] += 1  # the client has not taken the rest in time: give up on it
+            transport.abort()
             return
-        if self.phase == _IDLE:
+        if self._running:
+            return
+        if not self._writable:  # answers the client has not taken for body_gap_timeout_s (see _run)
+            self.server.timeouts["send"] += 1
+            self._close_after_write()
+        elif self.phase == _BUSY:
+            return
+        elif self.phase == _IDLE:
             self.server.timeouts["keepalive"] += 1
             self._close_after_write()
         elif self.phase == _HEADERS:
@@ -544,7 +581,7 @@ class HttpServer:
         self.refused_connections = 0
         self.refused_requests = 0
         self.budget_refusals = 0
-        self.timeouts = {"keepalive": 0, "headers": 0, "body": 0}
+        self.timeouts = {"keepalive": 0, "headers": 0, "body": 0, "send": 0}
         self._server: asyncio.AbstractServer | None = None
         self._exit: asyncio.Event | None = None
 
