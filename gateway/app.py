@@ -15,6 +15,7 @@ cache, stale answers). ``/v2/models/{m}/ready`` reflects the backends.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -454,10 +455,28 @@ async def run_gateway(settings: GatewaySettings) -> None:
         await gateway.close()
 
 
+def _tune_process() -> None:
+    """Open-file limit: the soft limit up to the hard one (two listeners of up to ``max_connections`` each, plus
+    the upstream pools, need more than the usual 1,024). malloc: blocks of 128 KiB and more (request bodies)
+    come from mmap and go back to the system when freed; glibc otherwise raises that threshold after the first
+    big body is freed, and later bodies stay in its heap (RSS 169 MB instead of 81 MB 10 s after 16 bodies of
+    16 MiB)."""
+    import ctypes
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+
+
 def run(settings: GatewaySettings) -> int:
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _tune_process()
     tune_gc()
     uvloop.run(run_gateway(settings))
     return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -147,6 +148,53 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
     return header, tail
 
 
+_DATA_MEMBER = re.compile(rb'"data"\s*:\s*\[')
+_NUMBER_BYTES = b"0123456789+-.eE, \t\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class DataShape:
+    """What :func:`split_skeleton` learned of one ``data`` array without reading its numbers one by one."""
+
+    count: int  # elements
+    integral: bool  # no fraction or exponent anywhere in it
+
+
+def split_skeleton(body: bytes) -> tuple[dict[str, Any], list[DataShape]] | None:
+    """A big JSON request read without building a Python object per number: its JSON with every flat numeric
+    ``data`` array emptied, and what each array held (element count; integers only?). None when the body is not
+    that simple — a ``data`` array nested, or holding anything but numbers (booleans, strings, nulls) — and must
+    be parsed whole. Every scan is a C loop over the bytes (``find``, ``count``, ``translate``): ~25 ms for a
+    16 MiB body, where parsing it built ~3.8 million floats in ~300 ms."""
+    pieces: list[bytes] = []
+    shapes: list[DataShape] = []
+    pos = 0
+    while (match := _DATA_MEMBER.search(body, pos)) is not None:
+        start = match.end()
+        quote, brace = body.find(b'"', start), body.find(b"}", start)
+        stop = min(x for x in (quote, brace, len(body)) if x >= 0)
+        end = body.rfind(b"]", start, stop)
+        if end < 0:
+            return None
+        segment = body[start:end]
+        if segment.translate(None, _NUMBER_BYTES):  # anything but numbers (or a nested "[")
+            return None
+        commas = segment.count(b",")
+        count = commas + 1 if commas or segment.strip() else 0
+        integral = segment.find(b".") < 0 and segment.find(b"e") < 0 and segment.find(b"E") < 0
+        shapes.append(DataShape(count, integral))
+        pieces.append(body[pos:start])
+        pos = end
+    pieces.append(body[pos:])
+    try:
+        header = orjson.loads(b"".join(pieces))
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return header, shapes
+
+
 def _count_elements(data: Any, depth: int = 0) -> int:
     """Number of scalars in a flat or nested JSON list (nesting bounded by the tensor rank check)."""
     if depth > 32:
@@ -166,12 +214,16 @@ def _parameters(obj: Mapping[str, Any], where: str) -> Mapping[str, Any]:
 
 
 def check_request(header: Mapping[str, Any], binary: int | bytes | memoryview, signature: Signature,
-                  max_batch_size: int | None = None, *, allow_non_finite: bool | None = None) -> CheckedRequest:
+                  max_batch_size: int | None = None, *, allow_non_finite: bool | None = None,
+                  data_shapes: Sequence[DataShape] | None = None) -> CheckedRequest:
     """Check a parsed request against a model signature: structure, then every value; refuse with BadRequest.
 
     ``binary`` is the body's binary tail (from :func:`split_body`); given only its length (an int), binary
     tensors are checked for size but not for NaN/Inf. The batch limit is the smaller of ``max_batch_size``
-    and the signature's; ``allow_non_finite`` None means the signature's setting.
+    and the signature's; ``allow_non_finite`` None means the signature's setting. With ``data_shapes`` (a
+    header from :func:`split_skeleton`, its ``data`` arrays emptied), JSON inputs are checked for structure,
+    element counts and element kinds (numbers only; integers for INT*/UINT*) but not value by value: range
+    and overflow are then left to the model server, which reads the numbers anyway.
     """
     if isinstance(binary, int):
         binary_len, tail = binary, None
@@ -190,6 +242,7 @@ def check_request(header: Mapping[str, Any], binary: int | bytes | memoryview, s
     checked: list[CheckedInput] = []
     seen: set[str] = set()
     offset = 0
+    json_inputs = 0  # with data_shapes: the JSON data arrays seen so far, in body order
     batch: int | None = None
     for i, raw in enumerate(raw_inputs):
         if not isinstance(raw, dict):
@@ -240,6 +293,19 @@ def check_request(header: Mapping[str, Any], binary: int | bytes | memoryview, s
                 array = _binary_array(spec, shape, tail[offset:offset + binary_size], non_finite_ok)
             checked.append(CheckedInput(spec, tuple(shape), None, offset, binary_size, array))
             offset += binary_size
+        elif data_shapes is not None:
+            if not isinstance(raw.get("data"), list) or json_inputs >= len(data_shapes):
+                raise BadRequest(f"input {name!r}: 'data' must be a list (or use binary_data_size)")
+            found = data_shapes[json_inputs]
+            json_inputs += 1
+            if found.count != count:
+                raise BadRequest(f"input {name!r}: {found.count} elements in 'data' do not match shape {shape} "
+                                 f"({count} elements)")
+            if spec.datatype in ("BOOL", "BYTES") and count:
+                raise _refuse(spec, "found numbers")
+            if spec.datatype in _INTEGER_TYPES and not found.integral:
+                raise _refuse(spec, "found a number with a fraction or an exponent where integers are required")
+            checked.append(CheckedInput(spec, tuple(shape), None, 0, 0))
         else:
             data = raw.get("data")
             if not isinstance(data, list):
@@ -250,6 +316,8 @@ def check_request(header: Mapping[str, Any], binary: int | bytes | memoryview, s
                                  f"({count} elements)")
             dims = tuple(shape)
             checked.append(CheckedInput(spec, dims, data, 0, 0, _json_array(spec, dims, count, data)))
+    if data_shapes is not None and json_inputs != len(data_shapes):
+        raise BadRequest("'data' arrays outside the inputs")
     missing = [s.name for s in signature.inputs if s.name not in seen]
     if missing:
         raise BadRequest(f"missing input(s): {', '.join(map(repr, missing))}")
