@@ -11,6 +11,7 @@ import pytest
 from serving.errors import BadRequest
 from serving.protocol import (
     CheckedRequest,
+    DataShape,
     RequestedOutput,
     Signature,
     TensorSpec,
@@ -18,6 +19,7 @@ from serving.protocol import (
     decode_inputs,
     encode_response,
     split_body,
+    split_skeleton,
 )
 
 # Two inputs of different datatypes, so binary offsets and per-input checks are exercised across tensors.
@@ -446,3 +448,46 @@ def test_a_binary_request_round_trips_through_decode_and_encode() -> None:
     body, json_length = encode_response("digits", "1", request, {"label": label}, DIGITS.outputs)
     assert json_length is not None and orjson.loads(body[:json_length])["id"] == "rt"
     np.testing.assert_array_equal(np.frombuffer(body[json_length:], dtype="<i8"), label)
+
+
+# ---------------------------------------------------------------------------------------------- big JSON bodies
+
+
+def _skeleton_signature(datatype: str = "FP32") -> Signature:
+    return Signature((TensorSpec("x", datatype, (-1, 3)),), (TensorSpec("y", "FP32", (-1,)),), max_batch_size=2)
+
+
+def test_a_skeleton_counts_flat_numeric_arrays_without_parsing_them() -> None:
+    body = (b'{"id": "r", "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3], '
+            b'"data": [1, 2.5, -3e2,\n 4, 5, 6]}]}')
+    found = split_skeleton(body)
+    assert found is not None
+    header, shapes = found
+    assert header["id"] == "r" and header["inputs"][0]["data"] == []
+    assert shapes == [DataShape(6, False)]
+    checked = check_request(header, 0, _skeleton_signature(), data_shapes=shapes)
+    assert checked.batch_size == 2 and checked.inputs[0].shape == (2, 3)
+    ints = split_skeleton(b'{"inputs":[{"name":"x","datatype":"INT32","shape":[1,3],"data":[1,2,3]}]}')
+    assert ints is not None and ints[1] == [DataShape(3, True)]
+    assert split_skeleton(b'{"inputs":[{"name":"x","datatype":"FP32","shape":[0,3],"data":[ ]}]}') is not None
+
+
+@pytest.mark.parametrize("data", [b"[[1,2,3]]", b'["1", 2, 3]', b"[true, 2, 3]", b"[null, 2, 3]", b"[{}, 2, 3]"])
+def test_anything_but_flat_numbers_is_parsed_whole(data: bytes) -> None:
+    assert split_skeleton(b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,3],"data":' + data + b"}]}") is None
+
+
+@pytest.mark.parametrize(("datatype", "data", "shape", "needle"), [
+    ("FP32", b"[1,2,3,4]", b"[1,3]", "4 elements"),
+    ("INT32", b"[1,2.5,3]", b"[1,3]", "integers are required"),
+    ("BOOL", b"[1,0,1]", b"[1,3]", "found numbers"),
+    ("FP32", b"[1,2,3,4,5,6,7,8,9]", b"[3,3]", "exceeds the limit of 2"),
+])
+def test_a_skeleton_is_refused_like_the_whole_body(datatype: str, data: bytes, shape: bytes, needle: str) -> None:
+    body = b'{"inputs":[{"name":"x","datatype":"%s","shape":%s,"data":%s}]}' % (datatype.encode(), shape, data)
+    found = split_skeleton(body)
+    assert found is not None
+    with pytest.raises(BadRequest, match=needle):
+        check_request(found[0], 0, _skeleton_signature(datatype), data_shapes=found[1])
+    with pytest.raises(BadRequest):  # the whole parse refuses it too
+        check_request(orjson.loads(body), 0, _skeleton_signature(datatype))
