@@ -13,19 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import orjson
 import pytest
 
 from tests.integration.faultproxy import FaultProxy
+from tests.integration.test_gateway import BODY, INFER, NO_CACHE
 from tests.procs import routing, start_gateway, start_model_server
 
 pytestmark = pytest.mark.usefixtures("model_repo")
 
-ROW = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8, 0,
-       0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10, 0, 0, 0]
-BODY = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": ROW}]})
-INFER = "/v2/models/digits/infer"
-NO_CACHE = {"cache-control": "no-cache, no-store"}
 CONCURRENCY = 64
 
 
