@@ -209,6 +209,7 @@ class _Connection(asyncio.Protocol):
         self._queue: deque[Request] = deque()
         self._running = False
         self._closing = False
+        self._deferred: Response | None = None  # a refusal to answer once earlier pipelined requests are answered
         self._lingering = False  # refused: the answer and a FIN are out, the rest of the request is dropped
         self._lingered = 0
         self._reading = True
@@ -245,6 +246,8 @@ class _Connection(asyncio.Protocol):
         self._drain_waiters.clear()
 
     def data_received(self, data: bytes) -> None:
+        if self._deferred is not None:  # a refusal waits behind earlier answers: nothing more is read
+            return
         if self._closing:
             self._lingered += len(data)
             if self._lingered > _LINGER_BYTES and self.transport is not None:
@@ -375,7 +378,7 @@ class _Connection(asyncio.Protocol):
         path = raw_path.decode("utf-8", "replace")
         if "%" in path:
             path = unquote(path)
-        keep_alive = self.parser.should_keep_alive() and not self._upgrade
+        keep_alive = self.parser.should_keep_alive() and not self._upgrade and not self.parser.should_upgrade()
         request = Request(self, self.parser.get_method().decode("ascii", "replace"), path, query, self._headers,
                           body, keep_alive)
         self.phase = _BUSY
@@ -417,6 +420,10 @@ class _Connection(asyncio.Protocol):
             return
         if self._queue and self._writable:
             self._next()
+        elif self._deferred is not None and not self._queue:
+            refusal, self._deferred = self._deferred, None
+            self.server.refused_requests -= 1  # counted when it was deferred
+            self._refuse(refusal)
         elif self.server.stopping:
             self._close_after_write()
         else:
@@ -489,6 +496,14 @@ class _Connection(asyncio.Protocol):
         still sends (the rest of a refused body) is read and dropped for up to ``_LINGER_S``. Closing at once
         with unread bytes would make the kernel reset the connection, and the client could lose the answer."""
         self.server.refused_requests += 1
+        if self._running or self._queue:
+            # Earlier requests of this connection are answered first, in order; then this refusal (see _run).
+            if self._deferred is None:
+                self._deferred = response
+            self._pause()
+            if not self._running:
+                self._next()
+            return
         self._release_budget()
         transport = self.transport
         if transport is None or self._closing:
