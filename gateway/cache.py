@@ -1,10 +1,11 @@
 """The prediction cache: an in-process L1 in front of an optional Redis L2, version-safe, single-flight.
 
-Keys are ``model + version + digest(tensors, requested outputs)`` — never the color, and never the request
-``id`` — where the version is that of the color chosen for *this* request, so a request routed to green is
-never answered with blue's output and a rollout never serves an old version's answer under the new one. The
-digest covers the canonical JSON of the parsed inputs/outputs (so the same tensors with different JSON
-spacing or key order hit) plus the raw binary tail. Every value carries its version, checked on read.
+Keys are ``model + version + digest(request bytes)`` — never the color, and never the request ``id`` — where
+the version is that of the color chosen for *this* request, so a request routed to green is never answered
+with blue's output and a rollout never serves an old version's answer under the new one. The digest is of the
+body's own bytes (JSON and binary tail) with its ``"id"`` member cut out (:func:`digest`): the same tensors
+spelled with other spacing or key order are another key, a miss and never a wrong answer. Every value carries
+its version, checked on read.
 
 Trust rules for Redis (it must never hurt a prediction): reads and writes have a short timeout and no retries;
 a breaker stops calling a failing Redis for at most ``redis_open_s`` before it probes again; every error is a
@@ -123,20 +124,23 @@ def digest(body: bytes, header_length: str | None, request_id: str | None) -> st
     Hashing the bytes the gateway already holds costs about a microsecond and no memory, where re-serialising
     the parsed JSON canonically cost ~5 µs for a 64-value row and a second copy of a large body. The price:
     the same tensors sent with other spacing or key order get another key (a miss, never a wrong answer).
-    The ``"id": ...`` member (and its comma) is cut out when it appears exactly once, so the same request
-    with another id, or with none, has the same key; otherwise the whole body is hashed. The header length
-    (binary requests) is part of it."""
+    The ``"id": ...`` member (and its comma) is cut out when it appears exactly once in the JSON part, so the
+    same JSON request with another id, or with none, has the same key; otherwise the whole body is hashed. The
+    header length of a binary request is part of it (so there, a request with an id and one without differ: a
+    miss)."""
     h = hashlib.blake2b(digest_size=20)
     h.update(b"%d|" % (-1 if header_length is None else len(header_length)))
     if header_length is not None:
         h.update(header_length.encode("latin-1"))
-    parts = _without_id(body, request_id) if request_id is not None else None
+    json_end = len(body) if header_length is None else int(header_length)  # checked by split_body before
+    parts = _without_id(body[:json_end] if json_end < len(body) else body, request_id) if request_id else None
     if parts is None:
         h.update(body)
         return h.hexdigest()
     head, tail = parts
     h.update(head)
     h.update(tail)
+    h.update(memoryview(body)[json_end:])
     return h.hexdigest()
 
 

@@ -287,7 +287,11 @@ class DataPlane:
                       started: float) -> Reply:
         """The answer, from the cache or upstream. A fresh L1 entry answers before anything else is done: its
         key is a digest of these very bytes, which were checked and answered 200 before."""
-        sig = self.signature(state, color)
+        # Checked against this color's own version only: another version's inputs or limits may differ (the
+        # model server checks anyway; the signature is learned in the background meanwhile).
+        sig = self.signatures.get((state.name, state.colors[color].version))
+        if sig is None:
+            self._refresh_soon()
         big = len(req.body) > OFF_LOOP_BYTES
         if big:
             async with self._big_bodies:
@@ -347,7 +351,9 @@ class DataPlane:
 
         try:
             if read:  # identical concurrent misses share one upstream call
-                (answer, entry), leader = await cache.single_flight(key, produce)
+                # A pinned request only shares a call made for the same pin (its answer must be its color's).
+                pinned = req.version is not None or req.forced_color is not None
+                (answer, entry), leader = await cache.single_flight(f"{key}|{color}" if pinned else key, produce)
             else:
                 (answer, entry), leader = await produce(), True
         except Unavailable:
@@ -398,8 +404,9 @@ class DataPlane:
                     continue
                 backend, permit = picked
                 timeout = min(remaining, attempt_timeout)
-                if i + 1 < len(order) and remaining < 2 * attempt_timeout:
-                    timeout = remaining / 2  # leave the other color as much time as this one
+                if (i + 1 < len(order) and remaining < 2 * attempt_timeout
+                        and self.pools[(state.name, order[i + 1])].any_admitting()):
+                    timeout = remaining / 2  # leave the other color, if it can be tried, as much time as this one
                 version = state.colors[c].version
                 endpoint = backend.endpoint or self._endpoint(backend)
                 target = self._target(state.name, version)

@@ -17,7 +17,8 @@ One :class:`Endpoint` per backend (scheme, host, port) keeps a bounded pool of k
 - response headers (as parsed, not the bytes of the read that completed them) and bodies have size limits;
 - a reused connection that the server had already closed (its FIN still in flight when we wrote) fails before
   any response byte arrives: that request is sent again once, on a new connection (not the next idle one: a
-  restarted server leaves them all dead), because the server cannot have seen it;
+  restarted server leaves them all dead): almost always the server closed an idle connection and never read
+  the request, and a V2 inference is idempotent should it have read it after all;
 - a request that gives up waiting for a pool slot just as a connection is handed to it passes that connection
   on; closing the pool fails the requests in flight on it.
 
@@ -167,7 +168,12 @@ class _Connection(asyncio.Protocol):
             self.abort()
             return
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        response = UpstreamResponse(self.parser.get_status_code(), body, self._content_type, self._header_length)
+        length = self._header_length
+        if length is not None and not (length.isdigit() and int(length) <= len(body)):
+            self._finish_error(UpstreamFailure("malformed response: bad inference-header-content-length",
+                                               sent=True, dead=True))
+            return
+        response = UpstreamResponse(self.parser.get_status_code(), body, self._content_type, length)
         keep = self._keep_alive and not self._until_eof and self.transport is not None
         self._settle()
         waiter.set_result(response)

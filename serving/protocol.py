@@ -179,8 +179,11 @@ def split_skeleton(body: bytes) -> tuple[dict[str, Any], list[DataShape]] | None
         segment = body[start:end]
         if segment.translate(None, _NUMBER_BYTES):  # anything but numbers (or a nested "[")
             return None
+        bare = segment.strip()
+        if b",," in segment or bare.startswith(b",") or bare.endswith(b","):  # a hole: parsed whole, refused there
+            return None
         commas = segment.count(b",")
-        count = commas + 1 if commas or segment.strip() else 0
+        count = commas + 1 if commas or bare else 0
         integral = segment.find(b".") < 0 and segment.find(b"e") < 0 and segment.find(b"E") < 0
         shapes.append(DataShape(count, integral))
         pieces.append(body[pos:start])

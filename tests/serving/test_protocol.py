@@ -472,7 +472,8 @@ def test_a_skeleton_counts_flat_numeric_arrays_without_parsing_them() -> None:
     assert split_skeleton(b'{"inputs":[{"name":"x","datatype":"FP32","shape":[0,3],"data":[ ]}]}') is not None
 
 
-@pytest.mark.parametrize("data", [b"[[1,2,3]]", b'["1", 2, 3]', b"[true, 2, 3]", b"[null, 2, 3]", b"[{}, 2, 3]"])
+@pytest.mark.parametrize("data", [b"[[1,2,3]]", b'["1", 2, 3]', b"[true, 2, 3]", b"[null, 2, 3]", b"[{}, 2, 3]",
+                                  b"[1,,2,3]", b"[,1,2]", b"[1,2, ]"])
 def test_anything_but_flat_numbers_is_parsed_whole(data: bytes) -> None:
     assert split_skeleton(b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,3],"data":' + data + b"}]}") is None
 
