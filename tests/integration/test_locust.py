@@ -22,7 +22,7 @@ from tests.procs import ADMIN_TOKEN, ROOT, Proc, admin_headers, free_port, wait_
 
 pytestmark = pytest.mark.usefixtures("model_repo")
 
-RUN_TIME_S = 20  # 10 users at ~5 requests/s each: ~900 requests, green past 100 successes within ~4 s
+RUN_TIME_S = 15  # 10 users at ~5 requests/s each: ~700 requests, green past 100 successes within ~4 s
 LOCUST_TIMEOUT_S = RUN_TIME_S + 60  # start-up, the ramp and the final report on a busy 2-core machine
 
 
