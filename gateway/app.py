@@ -31,13 +31,14 @@ from gateway.cache import PredictionCache, RedisL2
 from gateway.canary import Phase, Status
 from gateway.controller import Controller, LocalMetrics
 from gateway.dataplane import DataPlane, InferRequest, Reply
-from gateway.errors import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, ServingError, Unavailable
+from gateway.errors import BadRequest, MethodNotAllowed, NotFound, ServingError, Unavailable
 from gateway.settings import COLORS, GatewaySettings
 from gateway.state import MemoryStateStore, StateStore
 from gateway.state_redis import Lease, MergedMetrics, MetricsPublisher, RedisStateStore
 from gateway.telemetry import Telemetry
 from serving.http_server import AsgiHandler, HttpServer, Request
 from serving.lifecycle import serve_together, tune_gc
+from serving.limits import read_body
 
 log = logging.getLogger("bluegreen.gateway")
 
@@ -377,9 +378,9 @@ class DataApp:
             return
         headers = [(k.lower(), v) for k, v in scope["headers"]]
         try:
-            body = await _read_body(receive, headers, self.max_body_bytes)
-        except _ClientGone:
-            return
+            body = await read_body(headers, receive, self.max_body_bytes)
+            if body is None:  # the client went away: nothing to answer
+                return
         except ServingError as exc:
             reply = _error_reply(exc)
             reply.headers.append((b"connection", b"close"))
@@ -395,32 +396,6 @@ def _error_reply(exc: ServingError) -> Reply:
     if isinstance(exc, Unavailable):
         headers.append((b"x-bluegreen-degraded", b"unavailable"))
     return Reply(exc.status, orjson.dumps({"error": exc.message}), headers)
-
-
-class _ClientGone(Exception):
-    """The client disconnected before its body arrived: nothing to answer."""
-
-
-async def _read_body(receive: Receive, headers: list[tuple[bytes, bytes]], limit: int) -> bytes:
-    for key, value in headers:
-        if key == b"content-length":
-            if not value.isdigit():
-                raise BadRequest("invalid Content-Length")
-            if int(value) > limit:
-                raise PayloadTooLarge(f"request body of {int(value)} bytes exceeds the limit of {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -30,7 +30,7 @@ from gateway.discovery import Discovery, FileResolver, Resolver, SystemResolver,
 from gateway.errors import BadRequest, ServingError, Unavailable, UpstreamFailure
 from gateway.feedback import FeedbackStore
 from gateway.http_client import Endpoint
-from gateway.inputs import OFF_LOOP_BYTES, learn_signature
+from gateway.inputs import OFF_LOOP_BYTES, learn_signature, parse_and_check_off_loop
 from gateway.router import Router
 from gateway.settings import COLORS, Color, GatewaySettings, ModelRoute, other
 from gateway.shadow import Shadow
@@ -60,14 +60,6 @@ class Reply:
 
 
 _HEADER_LENGTH = protocol.HEADER_LENGTH.encode()
-
-
-def _parse_and_check(body: bytes, header_length: str | None, sig: Signature | None) -> tuple[dict[str, Any], int]:
-    """Parse a body and check it against the model (a worker thread's work for big bodies)."""
-    header, binary = protocol.split_body(body, header_length)
-    if sig is not None:
-        protocol.check_request(header, binary, sig)
-    return header, len(binary)
 _CACHE_NAMES = {b"hit": "hit", b"miss": "miss", b"stale": "stale", b"bypass": "bypass"}
 
 
@@ -549,7 +541,7 @@ class DataPlane:
                     if sig is not None:
                         protocol.check_request(header, 0, sig, data_shapes=shapes)
                     return header
-        header, _ = await asyncio.to_thread(_parse_and_check, req.body, req.header_length, sig)
+        header, _ = await parse_and_check_off_loop(req.body, req.header_length, sig)
         return header
 
     def _reply_cached(self, entry: Entry, color: Color, cache_result: bytes, request_id: str | None,

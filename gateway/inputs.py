@@ -3,14 +3,14 @@
 The check itself is :func:`serving.protocol.check_request`, the model server's own. This module supplies its
 inputs: a model's :class:`~serving.protocol.Signature` carrying the model's limits (``max_batch_size``,
 ``allow_non_finite``), learned from a backend's V2 metadata and Triton-style ``/config`` and tightened by the
-routing file; and :func:`check_request_off_loop`, which checks a large body on a worker thread so that one
-big request never holds the event loop for long.
+routing file; and :func:`parse_and_check_off_loop`, which parses and checks a large body on a worker thread, so
+that one big request never holds the event loop for long.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.settings import ModelRoute
@@ -70,11 +70,15 @@ async def learn_signature(get_json: GetJson, url: str, name: str, version: str,
     return signature_from_docs(metadata, config, route)
 
 
-async def check_request_off_loop(header: Mapping[str, Any], binary: bytes | memoryview, signature: Signature,
-                                 body_bytes: int) -> CheckedRequest:
-    """:func:`serving.protocol.check_request` on the loop for ordinary bodies, on a worker thread above
-    :data:`OFF_LOOP_BYTES` (numpy releases the GIL in its reductions and the thread yields it between
-    Python steps, so the loop keeps answering meanwhile)."""
-    if body_bytes <= OFF_LOOP_BYTES:
-        return protocol.check_request(header, binary, signature)
-    return await asyncio.to_thread(protocol.check_request, header, binary, signature)
+async def parse_and_check_off_loop(body: bytes, header_length: str | None, signature: Signature | None
+                                   ) -> tuple[dict[str, Any], CheckedRequest | None]:
+    """Parse a big body and check it against the model on a worker thread (what the request path does with a
+    body its skeleton read cannot take: nested or non-numeric arrays, binary tensors); the parsed header, and
+    the check's result when the model is known."""
+    return await asyncio.to_thread(_parse_and_check, body, header_length, signature)
+
+
+def _parse_and_check(body: bytes, header_length: str | None, signature: Signature | None
+                     ) -> tuple[dict[str, Any], CheckedRequest | None]:
+    header, binary = protocol.split_body(body, header_length)
+    return header, None if signature is None else protocol.check_request(header, binary, signature)

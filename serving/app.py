@@ -36,8 +36,9 @@ import orjson
 
 from serving import protocol
 from serving.batching import QueueFull
-from serving.errors import InferenceFailed, MethodNotAllowed, NotFound, ServingError, Unavailable
+from serving.errors import BadRequest, InferenceFailed, MethodNotAllowed, NotFound, ServingError, Unavailable
 from serving.http_server import HttpServer, Limits, Request, Response
+from serving.limits import read_body
 from serving.metrics import MetricSet, make_tracer, shutdown_tracing, tracing_requested
 from serving.model import Model
 from serving.repository import ModelRef, Repository
@@ -313,8 +314,10 @@ class ModelServerApp:
 
     async def _asgi_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            body = await self._read_body(scope, receive)
-        except _Refused as exc:
+            body = await read_body(scope["headers"], receive, self._max_body)
+            if body is None:
+                raise BadRequest("the client went away before the body was complete")
+        except ServingError as exc:
             # Refused before the body was read whole: the connection cannot be reused for the next request.
             answer = (exc.status, orjson.dumps({"error": exc.message}), [_CONTENT_TYPE_JSON, (b"connection", b"close")])
         else:
@@ -323,31 +326,6 @@ class ModelServerApp:
         await send({"type": "http.response.start", "status": status,
                     "headers": [*headers, (b"content-length", b"%d" % len(payload))]})
         await send({"type": "http.response.body", "body": payload})
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        limit = self._max_body
-        for key, value in scope["headers"]:
-            if key == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    raise _Refused(400, "invalid Content-Length") from None
-                if declared > limit:
-                    raise _Refused(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-                break
-        chunks: list[bytes] = []
-        received = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _Refused(400, "the client went away before the body was complete")
-            chunk = message.get("body", b"")
-            received += len(chunk)
-            if received > limit:
-                raise _Refused(413, f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _traced_infer(self, headers: Headers, model: Model, body: bytes,
                             header_length: str | None) -> tuple[bytes, int | None]:
@@ -400,15 +378,6 @@ class ModelServerApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._load_task
         await core.unload_all()
-
-
-class _Refused(Exception):
-    """A request refused while its body streams in (413, a bad Content-Length): answered with Connection: close."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def _stats(model: Model) -> dict[str, Any]:

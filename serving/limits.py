@@ -1,15 +1,40 @@
-"""Pure ASGI middleware that caps request bodies while they stream in.
+"""Request bodies over ASGI, capped while they stream in: :func:`read_body` for the model server's and the
+gateway's ASGI front ends (in-process use), :class:`BodyLimitMiddleware` for a framework app (the admin API).
 
 A declared ``Content-Length`` over the limit is refused before any byte is read; a chunked body (no length)
 is counted as it arrives and refused the moment it passes the limit, so memory stays bounded either way.
-Used by the model server and the gateway alike.
 """
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.errors import PayloadTooLarge, error_response
+from serving.errors import BadRequest, PayloadTooLarge, error_response
+
+
+async def read_body(headers: list[tuple[bytes, bytes]], receive: Receive, limit: int) -> bytes | None:
+    """The whole body of an ASGI request (``headers`` with lower-case names), or None when the client went away
+    first; BadRequest for a malformed Content-Length, PayloadTooLarge past ``limit``."""
+    for key, value in headers:
+        if key == b"content-length":
+            if not value.isdigit():
+                raise BadRequest("invalid Content-Length")
+            if int(value) > limit:
+                raise PayloadTooLarge(f"request body of {int(value)} bytes exceeds the limit of {limit} bytes")
+            break
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class BodyLimitMiddleware:

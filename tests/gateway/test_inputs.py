@@ -9,10 +9,9 @@ import numpy as np
 import orjson
 import pytest
 
-from gateway.inputs import OFF_LOOP_BYTES, check_request_off_loop, learn_signature, signature_from_docs
+from gateway.inputs import OFF_LOOP_BYTES, learn_signature, parse_and_check_off_loop, signature_from_docs
 from gateway.settings import ModelRoute
 from serving.errors import BadRequest
-from serving.protocol import split_body
 from tests.procs import start_model_server
 
 COLORS = {"blue": {"version": "1", "backends": ["http://127.0.0.1:1"]},
@@ -64,11 +63,9 @@ async def test_a_big_body_is_checked_off_the_loop_with_the_same_verdict() -> Non
     rows = np.random.default_rng(0).standard_normal((4000, 64)).round(6).tolist()
     body = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [4000, 64], "data": rows}]})
     assert len(body) > OFF_LOOP_BYTES
-    header, tail = split_body(body, None)
-    checked = await check_request_off_loop(header, tail, sig, len(body))
-    assert checked.batch_size == 4000
+    _, checked = await parse_and_check_off_loop(body, None, sig)
+    assert checked is not None and checked.batch_size == 4000
     rows[-1][-1] = "1"
     body = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [4000, 64], "data": rows}]})
-    header, tail = split_body(body, None)
     with pytest.raises(BadRequest, match="found string"):
-        await check_request_off_loop(header, tail, sig, len(body))
+        await parse_and_check_off_loop(body, None, sig)
