@@ -135,7 +135,7 @@ def create_admin_app(settings: GatewaySettings, store: StateStore, plane: DataPl
     def model_json(state: ModelState) -> dict[str, Any]:
         doc = state.as_json()
         for color in COLORS:
-            doc["colors"][color]["backends"] = [b.as_json() for b in plane.pools[(state.name, color)].backends]
+            doc["colors"][color]["backends"] = plane.runtime(state.name, color).backends_json()
         doc["etag"] = state.etag
         doc["canary"] = canary_json(state)
         return doc
@@ -229,7 +229,7 @@ def create_admin_app(settings: GatewaySettings, store: StateStore, plane: DataPl
         who(request)
         state = store.get(request.path_params["model"])
         colors = {c: {"version": state.colors[c].version, "weight": state.weights[c],
-                      **plane.windows[(state.name, c)].snapshot().as_json()} for c in COLORS}
+                      **plane.runtime(state.name, c).snapshot().as_json()} for c in COLORS}
         return _json({"model": state.name, "colors": colors})
 
     def canary_json(state: ModelState) -> dict[str, Any]:

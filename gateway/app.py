@@ -29,12 +29,13 @@ from gateway.admin import Authenticator, create_admin_app
 from gateway.breaker import STATE_CODES
 from gateway.cache import PredictionCache, RedisL2
 from gateway.canary import Phase, Status
-from gateway.controller import Controller, LocalMetrics
+from gateway.controller import Controller
 from gateway.dataplane import DataPlane, InferRequest, Reply
 from gateway.errors import BadRequest, MethodNotAllowed, NotFound, ServingError, Unavailable
 from gateway.settings import COLORS, GatewaySettings
+from gateway.sources import LocalMetrics, MergedMetrics, MetricsPublisher
 from gateway.state import MemoryStateStore, StateStore
-from gateway.state_redis import Lease, MergedMetrics, MetricsPublisher, RedisStateStore
+from gateway.state_redis import Lease, RedisStateStore
 from gateway.telemetry import Telemetry
 from serving.http_server import AsgiHandler, HttpServer, Request
 from serving.lifecycle import serve_together, tune_gc
@@ -101,9 +102,9 @@ class Gateway:
         plane, store = self.plane, self.store
 
         def breakers() -> Iterator[tuple[tuple[str, ...], float]]:
-            for (model, color), pool in plane.pools.items():
-                for b in pool.backends:
-                    yield (model, color, b.url), STATE_CODES[b.breaker.state]
+            for rt in plane.runtimes():
+                for b in rt.backends:
+                    yield (rt.model, rt.color, b.url), STATE_CODES[b.breaker.state]
 
         def weights() -> Iterator[tuple[tuple[str, ...], float]]:
             for name, state in store.models.items():

@@ -25,13 +25,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from gateway import canary
 from gateway.canary import ACTIVE, ColorSample, Snapshot, Status
-from gateway.dataplane import DataPlane
 from gateway.errors import PreconditionFailed
 from gateway.settings import COLORS, Color, other
+from gateway.sources import Counts, MetricsSource
 from gateway.state import ModelState, StateStore
 from gateway.windows import Snapshot as WindowSnapshot
 from serving.lifecycle import Periodic
@@ -40,53 +39,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class Counts:
-    """Cumulative numbers of one color (and its version's feedback)."""
-
-    requests: int = 0
-    errors: int = 0
-    feedback: int = 0
-    correct: int = 0
-
-
-@dataclass(frozen=True, slots=True)
 class Reading:
     """One model's cumulative counts of both colors, as the controller read them at ``time``."""
 
     time: float
     counts: dict[Color, Counts]
-
-
-class MetricsSource(Protocol):
-    async def refresh(self) -> None: ...
-    def counts(self, model: str, color: Color, version: str) -> Counts: ...
-    def window(self, model: str, color: Color, span_s: float) -> WindowSnapshot: ...
-    def breaker_open(self, model: str, color: Color) -> bool: ...
-    def shadow(self, model: str) -> tuple[float | None, int]: ...
-
-
-class LocalMetrics:
-    """The numbers of this process's data plane (the embedded, single-process deployment)."""
-
-    def __init__(self, plane: DataPlane) -> None:
-        self.plane = plane
-
-    async def refresh(self) -> None:
-        """Nothing to fetch: the numbers are this process's own."""
-
-    def counts(self, model: str, color: Color, version: str) -> Counts:
-        requests, errors = self.plane.totals[(model, color)]
-        labelled, correct = self.plane.feedback.counts(model, version)
-        return Counts(requests, errors, labelled, correct)
-
-    def window(self, model: str, color: Color, span_s: float) -> WindowSnapshot:
-        return self.plane.windows[(model, color)].snapshot(span_s)
-
-    def breaker_open(self, model: str, color: Color) -> bool:
-        return all(b.breaker.state == "open" for b in self.plane.pools[(model, color)].backends)
-
-    def shadow(self, model: str) -> tuple[float | None, int]:
-        return self.plane.shadow.agreement(model)
 
 
 class Controller:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -32,6 +32,7 @@ from gateway.feedback import FeedbackStore
 from gateway.http_client import Endpoint
 from gateway.inputs import OFF_LOOP_BYTES, learn_signature, parse_and_check_off_loop
 from gateway.router import Router
+from gateway.runtime import ColorRuntime
 from gateway.settings import COLORS, Color, GatewaySettings, ModelRoute, other
 from gateway.shadow import Shadow
 from gateway.state import ModelState, StateStore
@@ -125,9 +126,7 @@ class DataPlane:
         self.cache = cache
         self.telemetry = telemetry or Telemetry(enabled=False)
         self._clock = clock
-        self.pools: dict[tuple[str, Color], ColorPool] = {}
-        self.windows: dict[tuple[str, Color], Window] = {}
-        self.totals: dict[tuple[str, Color], list[int]] = {}  # cumulative [attempts, errors]: the canary's counts
+        self._runtimes: dict[tuple[str, Color], ColorRuntime] = {}
         self.signatures: dict[tuple[str, str], Signature] = {}
         self._targets: dict[tuple[str, str], bytes] = {}
         self._provenance_headers: dict[tuple[str, str, str, bytes], tuple[tuple[bytes, bytes], ...]] = {}
@@ -141,13 +140,20 @@ class DataPlane:
         self.discovery = Discovery(resolver, settings.discovery_refresh_s, self._sync_pools)
         for name, state in store.models.items():
             for color in COLORS:
-                self.pools[(name, color)] = ColorPool(self.discovery.expand(state.colors[color].backends),
-                                                      settings.breaker)
-                self.windows[(name, color)] = Window(settings.window_s, slot, clock)
-                self.totals[(name, color)] = [0, 0]
+                pool = ColorPool(self.discovery.expand(state.colors[color].backends), settings.breaker)
+                self._runtimes[(name, color)] = ColorRuntime(name, color, pool,
+                                                             Window(settings.window_s, slot, clock))
         self.feedback = FeedbackStore()
-        self.shadow = Shadow(self.upstream, self.pools)
+        self.shadow = Shadow(self.upstream, self.runtime)
         store.subscribe(self._on_state_change)
+
+    def runtime(self, model: str, color: Color) -> ColorRuntime:
+        """The backends, window and counts of one color of a configured model (KeyError for another)."""
+        return self._runtimes[(model, color)]
+
+    def runtimes(self) -> Iterator[ColorRuntime]:
+        """Every (model, color) this plane serves."""
+        return iter(list(self._runtimes.values()))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -181,7 +187,7 @@ class DataPlane:
         """Point every pool at its color's current backends; backends that stay keep their breakers."""
         for name, state in self.store.models.items():
             for color in COLORS:
-                self.pools[(name, color)].update(self.discovery.expand(state.colors[color].backends))
+                self._runtimes[(name, color)].pool.update(self.discovery.expand(state.colors[color].backends))
 
     def _refresh_soon(self, force: bool = False) -> None:
         """Re-learn missing signatures in the background, at most once a second unless forced."""
@@ -201,7 +207,7 @@ class DataPlane:
                 cs = state.colors[color]
                 if (name, cs.version) in self.signatures:
                     continue
-                for url in [b.url for b in self.pools[(name, color)].backends]:
+                for url in [b.url for b in self._runtimes[(name, color)].backends]:
                     sig = await learn_signature(self.upstream.get_json, url, name, cs.version, self.routes.get(name))
                     if sig is not None:
                         self.signatures[(name, cs.version)] = sig
@@ -390,14 +396,15 @@ class DataPlane:
                 if remaining <= 0:
                     failures.append(f"{c}: deadline exceeded before the attempt")
                     break
-                picked = self.pools[(state.name, c)].pick()
+                rt = self._runtimes[(state.name, c)]
+                picked = rt.pool.pick()
                 if picked is None:
                     failures.append(f"{c}: circuit open")
                     continue
                 backend, permit = picked
                 timeout = min(remaining, attempt_timeout)
                 if (i + 1 < len(order) and remaining < 2 * attempt_timeout
-                        and self.pools[(state.name, order[i + 1])].any_admitting()):
+                        and self._runtimes[(state.name, order[i + 1])].pool.any_admitting()):
                     timeout = remaining / 2  # leave the other color, if it can be tried, as much time as this one
                 version = state.colors[c].version
                 endpoint = backend.endpoint or self._endpoint(backend)
@@ -412,18 +419,18 @@ class DataPlane:
                     else:
                         resp = await self._traced_post(endpoint, target, req, timeout, c, version)
                 except UpstreamFailure as exc:
-                    self._settle(backend, permit, state.name, c, version, is_retry, False, time.perf_counter() - t0)
+                    self._settle(backend, permit, rt, version, is_retry, False, time.perf_counter() - t0)
                     failures.append(f"{c}: {exc.reason}")
                     if exc.timed_out and stale_ready:
                         break
                     rationed = exc.sent and not exc.dead and backend.breaker.state != "open"
                     continue
                 except asyncio.CancelledError:  # the client went away: the breaker counts it, the window does not
-                    self._settle(backend, permit, None, c, version, is_retry, False, time.perf_counter() - t0)
+                    self._settle(backend, permit, None, version, is_retry, False, time.perf_counter() - t0)
                     raise
                 elapsed = time.perf_counter() - t0
                 ok = resp.status < 500  # a 4xx is the client's problem, not the backend's
-                self._settle(backend, permit, state.name, c, version, is_retry, ok, elapsed)
+                self._settle(backend, permit, rt, version, is_retry, ok, elapsed)
                 if not ok:
                     failures.append(f"{c}: HTTP {resp.status}")
                     rationed = backend.breaker.state != "open"
@@ -434,18 +441,19 @@ class DataPlane:
         raise Unavailable(f"no color of model {state.name!r} could serve the request ({'; '.join(failures)})",
                           retry_after_s=max(1, int(self.settings.breaker.open_s)))
 
-    def _settle(self, backend: Backend, permit: int, model: str | None, color: Color, version: str,
+    def _settle(self, backend: Backend, permit: int, rt: ColorRuntime | None, version: str,
                 is_retry: bool, ok: bool, elapsed: float) -> None:
+        """An attempt's end: its breaker always; its color's window and counts unless ``rt`` is None (the client
+        went away). The counts are incremented inline: one attribute each, on every attempt."""
         backend.outstanding -= 1
         if is_retry:
             self.retries_in_flight -= 1
         backend.breaker.record(permit, ok, elapsed)
-        if model is not None:
-            self.windows[(model, color)].record(elapsed, ok)
-            totals = self.totals[(model, color)]
-            totals[0] += 1
-            totals[1] += not ok
-            self.telemetry.record_attempt(model, color, version, ok, elapsed)
+        if rt is not None:
+            rt.window.record(elapsed, ok)
+            rt.requests += 1
+            rt.errors += not ok
+            self.telemetry.record_attempt(rt.model, rt.color, version, ok, elapsed)
 
     def _endpoint(self, backend: Backend) -> Endpoint:
         backend.endpoint = endpoint = self.upstream.endpoint(backend.url)
@@ -566,7 +574,7 @@ class DataPlane:
         for color in colors or tuple(c for c in COLORS if state.weights[c] > 0):
             version = state.colors[color].version
             ready = False
-            for backend in self.pools[(name, color)].backends:
+            for backend in self._runtimes[(name, color)].backends:
                 if backend.breaker.state == "open":
                     continue
                 doc = await self.upstream.get_json(f"{backend.url}/v2/models/{name}/versions/{version}/ready", 1.0)

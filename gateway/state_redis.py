@@ -1,5 +1,6 @@
-"""Routing state shared by gateway replicas through Redis: versioned compare-and-set, pub/sub, audit stream,
-a leader lease with a fencing token, and every replica's numbers merged for the canary controller.
+"""Routing state shared by gateway replicas through Redis: versioned compare-and-set, pub/sub, audit stream and
+a leader lease with a fencing token. (Every replica's numbers, merged for the canary controller, are published
+and read by ``gateway/sources.py`` under the metrics key below.)
 
 Keys (all under ``bluegreen:``; the prediction cache lives apart under ``bluegreen:cache:``)::
 
@@ -31,9 +32,8 @@ from typing import Any
 import orjson
 
 from gateway.errors import NotFound, PreconditionFailed
-from gateway.settings import COLORS, Color, RoutingFile
+from gateway.settings import COLORS, RoutingFile
 from gateway.state import AUDIT_LIMIT, AuditEntry, ColorState, Listener, ModelState, changes
-from gateway.windows import Snapshot
 from serving.lifecycle import FailureStreak, Periodic
 
 log = logging.getLogger(__name__)
@@ -302,87 +302,3 @@ class Lease:
             self.token = token
             self._valid_until = started + self.ttl_s * 0.8
             log.info("holding the controller lease (%s)", token)
-
-
-class MetricsPublisher:
-    """Each replica publishes its cumulative counts and recent window per model and color, every second."""
-
-    def __init__(self, store: RedisStateStore, plane: Any, interval_s: float = 1.0, window_s: float = 60.0) -> None:
-        self.store = store
-        self.plane = plane
-        self.interval_s = interval_s
-        self.window_s = window_s
-        self._loop = Periodic("metrics-publisher", interval_s, self.publish, first_after_s=0.0)
-
-    def start(self) -> None:
-        self._loop.start()
-
-    async def stop(self) -> None:
-        await self._loop.stop()
-
-    async def publish(self) -> None:
-        pipe = self.store.redis.pipeline(transaction=False)
-        now = time.time()
-        for (model, color), totals in self.plane.totals.items():
-            win = self.plane.windows[(model, color)].snapshot(self.window_s)
-            version = self.store.get(model).colors[color].version
-            labelled, correct = self.plane.feedback.counts(model, version)
-            compared, agreed = self.plane.shadow.stats.get(model, (0, 0, 0, 0))[:2]
-            doc = {"t": now, "requests": totals[0], "errors": totals[1], "version": version,
-                   "feedback": labelled, "correct": correct, "shadow": [compared, agreed],
-                   "window": {"span": win.span_s, "count": win.count, "errors": win.errors,
-                              "buckets": {str(k): v for k, v in win.buckets.items()}}}
-            pipe.hset(f"{PREFIX}metrics:{model}:{color}", self.store.replica, orjson.dumps(doc))
-            pipe.expire(f"{PREFIX}metrics:{model}:{color}", 600)
-        await pipe.execute()
-
-
-class MergedMetrics:
-    """The controller's view with Redis: every live replica's published numbers, summed (windows merge
-    exactly: their histograms share fixed buckets). Reads are cached per tick by :meth:`refresh`."""
-
-    def __init__(self, store: RedisStateStore, plane: Any, stale_s: float = 10.0) -> None:
-        self.store = store
-        self.plane = plane
-        self.stale_s = stale_s
-        self._docs: dict[tuple[str, str], list[dict[str, Any]]] = {}
-
-    async def refresh(self) -> None:
-        # One round trip for every model and color: the controller reads the counters every tick.
-        keys = [(model, color) for model in self.store.models for color in COLORS]
-        pipe = self.store.redis.pipeline(transaction=False)
-        for model, color in keys:
-            pipe.hgetall(f"{PREFIX}metrics:{model}:{color}")
-        results = await pipe.execute()
-        now = time.time()
-        docs: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for key, rows in zip(keys, results, strict=True):
-            live = [orjson.loads(v) for v in rows.values()]
-            docs[key] = [d for d in live if now - d["t"] <= self.stale_s]
-        self._docs = docs
-
-    def counts(self, model: str, color: Color, version: str) -> Any:
-        from gateway.controller import Counts
-
-        rows = self._docs.get((model, color), [])
-        same = [d for d in rows if d.get("version") == version]
-        return Counts(sum(d["requests"] for d in rows), sum(d["errors"] for d in rows),
-                      sum(d["feedback"] for d in same), sum(d["correct"] for d in same))
-
-    def window(self, model: str, color: Color, span_s: float) -> Snapshot:
-        merged = Snapshot(span_s=0.0)
-        for d in self._docs.get((model, color), []):
-            w = d["window"]
-            merged = merged.merge(Snapshot(w["span"], w["count"], w["errors"],
-                                           {int(k): v for k, v in w["buckets"].items()}))
-        return merged
-
-    def breaker_open(self, model: str, color: Color) -> bool:
-        # Breakers are per replica; the leader judges by its own, which see the same backends.
-        return all(b.breaker.state == "open" for b in self.plane.pools[(model, color)].backends)
-
-    def shadow(self, model: str) -> tuple[float | None, int]:
-        # Shadow counts are per model; every replica repeats them under each color, so read one color's rows.
-        compared = sum(d["shadow"][0] for d in self._docs.get((model, "blue"), []))
-        agreed = sum(d["shadow"][1] for d in self._docs.get((model, "blue"), []))
-        return (agreed / compared if compared else None), compared

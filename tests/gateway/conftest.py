@@ -14,9 +14,10 @@ import pytest
 
 from gateway.admin import Authenticator
 from gateway.app import Gateway
-from gateway.controller import Controller, LocalMetrics
+from gateway.controller import Controller
 from gateway.dataplane import DataPlane
 from gateway.settings import GatewaySettings, RoutingFile
+from gateway.sources import LocalMetrics
 from gateway.state import MemoryStateStore
 from tests.gateway.support import ALICE, BOB, DIGITS, FakeClock, routing_doc
 

@@ -237,7 +237,7 @@ async def test_put_color_points_an_idle_color_at_a_new_deployment(admin: httpx.A
     assert (entry.who, entry.action, entry.reason) == ("bob", "set_color", "release 3")
     assert entry.new["colors"]["green"]["version"] == "3"
     # The data plane now has a pool for the new backends.
-    assert [b.url for b in gateway.plane.pools[("digits", "green")].backends] == [
+    assert [b.url for b in gateway.plane.runtime("digits", "green").backends] == [
         "http://127.0.0.1:9003", "http://127.0.0.1:9004"]
 
 
@@ -321,7 +321,7 @@ async def test_put_color_malformed_json_is_400(admin: httpx.AsyncClient, gateway
 
 
 async def test_models_listing_shows_routing_and_breakers(admin: httpx.AsyncClient, gateway: Gateway) -> None:
-    gateway.plane.pools[("digits", "green")].backends[0].breaker.force_open()
+    gateway.plane.runtime("digits", "green").backends[0].breaker.force_open()
     r = await admin.get(f"{API}/models", headers=auth())
     assert r.status_code == 200
     (model,) = r.json()["models"]
@@ -334,8 +334,8 @@ async def test_models_listing_shows_routing_and_breakers(admin: httpx.AsyncClien
 
 
 async def test_stats(admin: httpx.AsyncClient, gateway: Gateway) -> None:
-    gateway.plane.windows[("digits", "blue")].record(0.010, True)
-    gateway.plane.windows[("digits", "blue")].record(0.020, False)
+    gateway.plane.runtime("digits", "blue").window.record(0.010, True)
+    gateway.plane.runtime("digits", "blue").window.record(0.020, False)
     r = await admin.get(f"{API}/models/digits/stats", headers=auth())
     assert r.status_code == 200
     colors = r.json()["colors"]

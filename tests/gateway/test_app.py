@@ -34,13 +34,13 @@ async def data(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
 
 def no_attempts(gateway: Gateway) -> bool:
     """Nothing entered any color's window, and no backend has a request outstanding."""
-    return all(w.snapshot().count == 0 for w in gateway.plane.windows.values()) and all(
-        b.outstanding == 0 for pool in gateway.plane.pools.values() for b in pool.backends)
+    return all(rt.snapshot().count == 0 for rt in gateway.plane.runtimes()) and all(
+        b.outstanding == 0 for rt in gateway.plane.runtimes() for b in rt.backends)
 
 
 async def test_gateway_health_does_not_depend_on_backends(data: httpx.AsyncClient, gateway: Gateway) -> None:
-    for pool in gateway.plane.pools.values():  # every backend known dead
-        for backend in pool.backends:
+    for rt in gateway.plane.runtimes():  # every backend known dead
+        for backend in rt.backends:
             backend.breaker.force_open()
     r = await data.get("/v2/health/ready")
     assert r.status_code == 200 and r.json() == {"ready": True}
@@ -125,7 +125,7 @@ async def test_request_headers_are_checked_before_any_call(data: httpx.AsyncClie
 async def test_both_colors_down_is_503_with_retry_after_and_no_call(data: httpx.AsyncClient,
                                                                     gateway: Gateway) -> None:
     for color in COLORS:
-        gateway.plane.pools[("digits", color)].backends[0].breaker.force_open()
+        gateway.plane.runtime("digits", color).backends[0].breaker.force_open()
     r = await data.post(INFER, content=orjson.dumps(infer_body()), headers={"x-request-id": "req-7"})
     assert r.status_code == 503
     assert r.headers["retry-after"] == str(int(gateway.settings.breaker.open_s))

@@ -13,9 +13,10 @@ import pytest
 
 from gateway import canary
 from gateway.canary import Policy, Stage, Status
-from gateway.controller import Controller, LocalMetrics, apply
+from gateway.controller import Controller, apply
 from gateway.dataplane import DataPlane
 from gateway.settings import Color, GatewaySettings, RoutingFile
+from gateway.sources import LocalMetrics
 from gateway.state import MemoryStateStore
 from tests.gateway.support import DIGITS, FakeClock, routing_doc
 
@@ -35,12 +36,9 @@ class Rig:
 
     def serve(self, color: Color, requests: int, errors: int = 0) -> None:
         """What the data plane records for each attempt: the cumulative totals and the recent window."""
-        totals = self.plane.totals[(MODEL, color)]
+        rt = self.plane.runtime(MODEL, color)
         for i in range(requests):
-            ok = i >= errors
-            totals[0] += 1
-            totals[1] += not ok
-            self.plane.windows[(MODEL, color)].record(0.01, ok)
+            rt.record(0.01, i >= errors)
 
     async def start(self, policy: Policy = POLICY) -> None:
         """An operator's start, as the admin API applies it (at the clock's time, between two ticks)."""

@@ -278,7 +278,7 @@ async def test_requests_show_in_metrics_as_in_windows(traced: Gateway) -> None:
         assert samples[("bluegreen_request_duration_seconds_count", labels)] == answered
         assert samples[("bluegreen_requests_total", labels)] == answered
         attempts = (("color", color), ("model", "digits"), ("outcome", "success"), ("version", version))
-        window = traced.plane.windows[("digits", color)].snapshot()
+        window = traced.plane.runtime("digits", color).snapshot()
         assert samples[("bluegreen_upstream_duration_seconds_count", attempts)] == window.count == answered
         assert samples[("bluegreen_gateway_overhead_seconds_count", (("color", color), ("model", "digits")))] \
             == answered
@@ -286,7 +286,7 @@ async def test_requests_show_in_metrics_as_in_windows(traced: Gateway) -> None:
                         (("color", color), ("model", "digits"), ("result", "bypass")))] == answered
         assert samples[("bluegreen_split_weight", (("color", color), ("model", "digits")))] == 50
         assert samples[("bluegreen_breaker_state",
-                        (("backend", traced.plane.pools[("digits", color)].backends[0].url), ("color", color),
+                        (("backend", traced.plane.runtime("digits", color).backends[0].url), ("color", color),
                          ("model", "digits")))] == 0
     assert samples[("bluegreen_in_flight_requests", ())] == 0
     # The unknown model made no series, in either exporter.

@@ -1,0 +1,167 @@
+"""Where the canary controller's numbers come from: a :class:`MetricsSource`.
+
+Two sources, both reading the data plane's per-(model, color) :class:`~gateway.runtime.ColorRuntime` objects and
+its feedback and shadow counts through their public reads:
+
+* :class:`LocalMetrics` — this process's own numbers (the embedded, single-process deployment);
+* with Redis, every replica runs a :class:`MetricsPublisher` that writes its numbers every second to
+  ``bluegreen:metrics:{model}:{color}`` (a hash, one field per replica), and the leader's controller reads
+  :class:`MergedMetrics`: every live replica's rows summed, rows older than ``stale_s`` dropped (a replica that
+  stopped publishing no longer counts). Windows merge exactly because their histograms share fixed buckets.
+
+Breakers are per replica: both sources judge "every breaker of the candidate open" by this process's own.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from gateway.dataplane import DataPlane
+from gateway.settings import COLORS, Color
+from gateway.state_redis import PREFIX, RedisStateStore
+from gateway.windows import Snapshot
+from serving.lifecycle import Periodic
+
+__all__ = ["Counts", "LocalMetrics", "MergedMetrics", "MetricsPublisher", "MetricsSource"]
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """Cumulative numbers of one color (and its version's feedback)."""
+
+    requests: int = 0
+    errors: int = 0
+    feedback: int = 0
+    correct: int = 0
+
+
+class MetricsSource(Protocol):
+    async def refresh(self) -> None: ...
+    def counts(self, model: str, color: Color, version: str) -> Counts: ...
+    def window(self, model: str, color: Color, span_s: float) -> Snapshot: ...
+    def breaker_open(self, model: str, color: Color) -> bool: ...
+    def shadow(self, model: str) -> tuple[float | None, int]: ...
+
+
+def _metrics_key(model: str, color: str) -> str:
+    return f"{PREFIX}metrics:{model}:{color}"
+
+
+class LocalMetrics:
+    """The numbers of this process's data plane (the embedded, single-process deployment)."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    async def refresh(self) -> None:
+        """Nothing to fetch: the numbers are this process's own."""
+
+    def counts(self, model: str, color: Color, version: str) -> Counts:
+        rt = self.plane.runtime(model, color)
+        labelled, correct = self.plane.feedback.counts(model, version)
+        return Counts(rt.requests, rt.errors, labelled, correct)
+
+    def window(self, model: str, color: Color, span_s: float) -> Snapshot:
+        return self.plane.runtime(model, color).snapshot(span_s)
+
+    def breaker_open(self, model: str, color: Color) -> bool:
+        return self.plane.runtime(model, color).breakers_open()
+
+    def shadow(self, model: str) -> tuple[float | None, int]:
+        return self.plane.shadow.agreement(model)
+
+
+class MetricsPublisher:
+    """Each replica publishes its cumulative counts and recent window per model and color, every second."""
+
+    def __init__(self, store: RedisStateStore, plane: DataPlane, interval_s: float = 1.0,
+                 window_s: float = 60.0) -> None:
+        self.store = store
+        self.plane = plane
+        self.interval_s = interval_s
+        self.window_s = window_s
+        self._loop = Periodic("metrics-publisher", interval_s, self.publish, first_after_s=0.0)
+
+    def start(self) -> None:
+        self._loop.start()
+
+    async def stop(self) -> None:
+        await self._loop.stop()
+
+    def document(self, model: str, color: Color, now: float) -> dict[str, Any]:
+        """What this replica publishes for one (model, color): counts since it started, the recent window, and
+        the model's shadow counts (repeated under each color; :class:`MergedMetrics` reads blue's)."""
+        rt = self.plane.runtime(model, color)
+        win = rt.snapshot(self.window_s)
+        version = self.store.get(model).colors[color].version
+        labelled, correct = self.plane.feedback.counts(model, version)
+        compared, agreed = self.plane.shadow.counts(model)
+        return {"t": now, "requests": rt.requests, "errors": rt.errors, "version": version,
+                "feedback": labelled, "correct": correct, "shadow": [compared, agreed],
+                "window": {"span": win.span_s, "count": win.count, "errors": win.errors,
+                           "buckets": {str(k): v for k, v in win.buckets.items()}}}
+
+    async def publish(self) -> None:
+        pipe = self.store.redis.pipeline(transaction=False)
+        now = time.time()
+        for rt in self.plane.runtimes():
+            key = _metrics_key(rt.model, rt.color)
+            pipe.hset(key, self.store.replica, orjson.dumps(self.document(rt.model, rt.color, now)))
+            pipe.expire(key, 600)
+        await pipe.execute()
+
+
+class MergedMetrics:
+    """The controller's view with Redis: every live replica's published numbers, summed (windows merge
+    exactly: their histograms share fixed buckets). Reads are cached per tick by :meth:`refresh`."""
+
+    def __init__(self, store: RedisStateStore, plane: DataPlane, stale_s: float = 10.0) -> None:
+        self.store = store
+        self.plane = plane
+        self.stale_s = stale_s
+        self._docs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+
+    async def refresh(self) -> None:
+        # One round trip for every model and color: the controller reads the counters every tick.
+        keys = [(model, color) for model in self.store.models for color in COLORS]
+        pipe = self.store.redis.pipeline(transaction=False)
+        for model, color in keys:
+            pipe.hgetall(_metrics_key(model, color))
+        results = await pipe.execute()
+        now = time.time()
+        docs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for key, rows in zip(keys, results, strict=True):
+            live = [orjson.loads(v) for v in rows.values()]
+            docs[key] = [d for d in live if now - d["t"] <= self.stale_s]
+        self._docs = docs
+
+    def counts(self, model: str, color: Color, version: str) -> Counts:
+        """Requests and errors of every replica; feedback only from rows of ``version`` (a replica that has not
+        yet seen a re-pointed color still reports the old version's labels)."""
+        rows = self._docs.get((model, color), [])
+        same = [d for d in rows if d.get("version") == version]
+        return Counts(sum(d["requests"] for d in rows), sum(d["errors"] for d in rows),
+                      sum(d["feedback"] for d in same), sum(d["correct"] for d in same))
+
+    def window(self, model: str, color: Color, span_s: float) -> Snapshot:
+        merged = Snapshot(span_s=0.0)
+        for d in self._docs.get((model, color), []):
+            w = d["window"]
+            merged = merged.merge(Snapshot(w["span"], w["count"], w["errors"],
+                                           {int(k): v for k, v in w["buckets"].items()}))
+        return merged
+
+    def breaker_open(self, model: str, color: Color) -> bool:
+        # Breakers are per replica; the leader judges by its own, which see the same backends.
+        return self.plane.runtime(model, color).breakers_open()
+
+    def shadow(self, model: str) -> tuple[float | None, int]:
+        # Shadow counts are per model; every replica repeats them under each color, so read one color's rows.
+        rows = self._docs.get((model, "blue"), [])
+        compared = sum(d["shadow"][0] for d in rows)
+        agreed = sum(d["shadow"][1] for d in rows)
+        return (agreed / compared if compared else None), compared
