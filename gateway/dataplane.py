@@ -8,11 +8,10 @@ failure the other color → every attempt recorded in its own color's window →
 Tensor data is never re-encoded here. When both colors fail, a stale cached answer
 (``x-bluegreen-cache: stale``) comes before a 503.
 
-Retries: a connection that could not be opened, a color whose breakers all refuse, and a failure that is the
-backend's own (reset, closed connection, garbage, or its breaker opened) move to the other color at no cost; a
-slow or 5xx answer is retried once on the other color while retries in flight stay under
-max(ratio × in flight, min). A request pinned to a color (``/versions/{v}/infer`` or a forced color) is never
-answered by the other one.
+This module admits the request and answers it (color, cache, body check, single flight, replies, feedback and
+shadow copies afterwards); ``forward.py`` sends it upstream (color order, breakers, retry budget, deadline split,
+each attempt recorded on its color's :class:`~gateway.runtime.ColorRuntime`). The plane owns one ColorRuntime per
+(model, color); everything outside the request path reads them through :meth:`DataPlane.runtime`.
 """
 
 from __future__ import annotations
@@ -23,13 +22,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 from gateway.cache import Entry, PredictionCache, digest
 from gateway.discovery import Discovery, FileResolver, Resolver, SystemResolver, is_dynamic
-from gateway.errors import BadRequest, ServingError, Unavailable, UpstreamFailure
+from gateway.errors import BadRequest, ServingError, Unavailable
 from gateway.feedback import FeedbackStore
-from gateway.http_client import Endpoint
+from gateway.forward import Answer, Forwarder, InferRequest
 from gateway.inputs import OFF_LOOP_BYTES, learn_signature, parse_and_check_off_loop
 from gateway.router import Router
 from gateway.runtime import ColorRuntime
@@ -37,15 +35,14 @@ from gateway.settings import COLORS, Color, GatewaySettings, ModelRoute, other
 from gateway.shadow import Shadow
 from gateway.state import ModelState, StateStore
 from gateway.telemetry import Telemetry
-from gateway.upstream import Backend, ColorPool, Upstream, UpstreamResponse
+from gateway.upstream import ColorPool, Upstream
 from gateway.windows import Window
 from serving import protocol
 from serving.protocol import Signature
 
+__all__ = ["DataPlane", "InferRequest", "Reply"]
+
 log = logging.getLogger(__name__)
-
-FORWARDED_HEADERS = ("content-type", protocol.HEADER_LENGTH, "traceparent", "tracestate")
-
 
 @dataclass(slots=True)
 class Reply:
@@ -67,17 +64,6 @@ _CACHE_NAMES = {b"hit": "hit", b"miss": "miss", b"stale": "stale", b"bypass": "b
 _OUTCOMES = {2: "success", 4: "client_error", 5: "error"}
 
 
-@dataclass(slots=True)
-class Answer:
-    """What one forwarded request produced: the response and who gave it."""
-
-    resp: UpstreamResponse
-    color: Color
-    version: str
-    upstream_s: float
-    failed_over: bool
-
-
 _CACHE_POLICIES: dict[str, tuple[bool, bool]] = {}
 
 
@@ -92,23 +78,6 @@ def _cache_policy(cache_control: str | None) -> tuple[bool, bool]:
         if len(_CACHE_POLICIES) < 256:  # clients send a handful of spellings; anything else is parsed each time
             _CACHE_POLICIES[cache_control] = policy
     return policy
-
-
-@dataclass(slots=True)
-class InferRequest:
-    model: str
-    body: bytes
-    header_length: str | None = None
-    version: str | None = None
-    key: bytes | None = None
-    forced_color: str | None = None
-    timeout_ms: str | None = None
-    request_id: str | None = None
-    request_id_generated: bool = True  # made up by the gateway rather than sent by the client
-    content_type: str | None = None
-    traceparent: str | None = None
-    tracestate: str | None = None
-    cache_control: str | None = None
 
 
 class DataPlane:
@@ -128,10 +97,7 @@ class DataPlane:
         self._clock = clock
         self._runtimes: dict[tuple[str, Color], ColorRuntime] = {}
         self.signatures: dict[tuple[str, str], Signature] = {}
-        self._targets: dict[tuple[str, str], bytes] = {}
         self._provenance_headers: dict[tuple[str, str, str, bytes], tuple[tuple[bytes, bytes], ...]] = {}
-        self.in_flight = 0
-        self.retries_in_flight = 0
         self._signature_refresh: asyncio.Task[None] | None = None
         self._last_signature_refresh = float("-inf")
         slot = max(1.0, settings.window_s / 12)
@@ -143,6 +109,7 @@ class DataPlane:
                 pool = ColorPool(self.discovery.expand(state.colors[color].backends), settings.breaker)
                 self._runtimes[(name, color)] = ColorRuntime(name, color, pool,
                                                              Window(settings.window_s, slot, clock))
+        self.forwarder = Forwarder(settings, self.upstream, self.telemetry, self._runtimes, clock)
         self.feedback = FeedbackStore()
         self.shadow = Shadow(self.upstream, self.runtime)
         store.subscribe(self._on_state_change)
@@ -154,6 +121,11 @@ class DataPlane:
     def runtimes(self) -> Iterator[ColorRuntime]:
         """Every (model, color) this plane serves."""
         return iter(list(self._runtimes.values()))
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being forwarded upstream now."""
+        return self.forwarder.in_flight
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -308,7 +280,7 @@ class DataPlane:
         if cache is None or not (read or write):
             if not checked and sig is not None:
                 protocol.check_request(header, binary, sig)
-            answer = await self._forward(state, color, req, deadline_s)
+            answer = await self.forwarder.forward(state, color, req, deadline_s)
             return self._reply(answer, b"bypass", started, client_id)
 
         version = state.colors[color].version
@@ -332,7 +304,7 @@ class DataPlane:
             stale = found.stale
 
         async def produce() -> tuple[Answer, Entry | None]:
-            answer = await self._forward(state, color, req, deadline_s, stale_ready=stale is not None)
+            answer = await self.forwarder.forward(state, color, req, deadline_s, stale_ready=stale is not None)
             entry = None
             resp = answer.resp
             if resp.status == 200:
@@ -365,127 +337,6 @@ class DataPlane:
                                       degraded=b"failover" if answer.failed_over else None)
         return self._reply(answer, b"miss" if read else b"bypass", started, client_id)
 
-    async def _forward(self, state: ModelState, color: Color, req: InferRequest, deadline_s: float,
-                       stale_ready: bool = False) -> Answer:
-        """Send the original bytes to ``color``, then (unless pinned) the other color; record every attempt.
-
-        Retry rules: a connection that could not be opened, a breaker that refuses, and a failure that is
-        clearly the backend's own (it reset or closed the connection, answered garbage, or its breaker opened
-        with this failure) move to the other color freely; only retries after slow or 5xx answers — what
-        overload looks like — are rationed by the retry budget. An attempt that is not the last gets at most
-        half of the time left, so a hanging color leaves the other one room within the client's deadline. With a
-        stale cached answer at hand (``stale_ready``), a timed-out first attempt ends the forwarding at once:
-        the stale answer beats waiting on the other color, which may hang too."""
-        pinned = req.version is not None or req.forced_color is not None
-        order: tuple[Color, ...] = (color,) if pinned else (color, other(color))
-        header_lines = _header_lines(req)
-        end = self._clock() + deadline_s
-        attempt_timeout = self.settings.upstream.attempt_timeout_s
-        failures: list[str] = []
-        rationed = False  # the next attempt is a retry the budget must admit
-        self.in_flight += 1
-        try:
-            for i, c in enumerate(order):
-                # Budget and deadline are checked before a breaker permit is taken: a permit always ends in
-                # an outcome, and a half-open breaker must never close on calls that were not made.
-                is_retry = rationed
-                if is_retry and not self._retry_allowed():
-                    failures.append(f"{c}: retry budget exhausted")
-                    break
-                remaining = end - self._clock()
-                if remaining <= 0:
-                    failures.append(f"{c}: deadline exceeded before the attempt")
-                    break
-                rt = self._runtimes[(state.name, c)]
-                picked = rt.pool.pick()
-                if picked is None:
-                    failures.append(f"{c}: circuit open")
-                    continue
-                backend, permit = picked
-                timeout = min(remaining, attempt_timeout)
-                if (i + 1 < len(order) and remaining < 2 * attempt_timeout
-                        and self._runtimes[(state.name, order[i + 1])].pool.any_admitting()):
-                    timeout = remaining / 2  # leave the other color, if it can be tried, as much time as this one
-                version = state.colors[c].version
-                endpoint = backend.endpoint or self._endpoint(backend)
-                target = self._target(state.name, version)
-                backend.outstanding += 1
-                if is_retry:
-                    self.retries_in_flight += 1
-                t0 = time.perf_counter()
-                try:
-                    if self.telemetry.tracer is None:
-                        resp = await endpoint.request(target + header_lines, req.body, timeout)
-                    else:
-                        resp = await self._traced_post(endpoint, target, req, timeout, c, version)
-                except UpstreamFailure as exc:
-                    self._settle(backend, permit, rt, version, is_retry, False, time.perf_counter() - t0)
-                    failures.append(f"{c}: {exc.reason}")
-                    if exc.timed_out and stale_ready:
-                        break
-                    rationed = exc.sent and not exc.dead and backend.breaker.state != "open"
-                    continue
-                except asyncio.CancelledError:  # the client went away: the breaker counts it, the window does not
-                    self._settle(backend, permit, None, version, is_retry, False, time.perf_counter() - t0)
-                    raise
-                elapsed = time.perf_counter() - t0
-                ok = resp.status < 500  # a 4xx is the client's problem, not the backend's
-                self._settle(backend, permit, rt, version, is_retry, ok, elapsed)
-                if not ok:
-                    failures.append(f"{c}: HTTP {resp.status}")
-                    rationed = backend.breaker.state != "open"
-                    continue
-                return Answer(resp, c, version, elapsed, failed_over=c != color)
-        finally:
-            self.in_flight -= 1
-        raise Unavailable(f"no color of model {state.name!r} could serve the request ({'; '.join(failures)})",
-                          retry_after_s=max(1, int(self.settings.breaker.open_s)))
-
-    def _settle(self, backend: Backend, permit: int, rt: ColorRuntime | None, version: str,
-                is_retry: bool, ok: bool, elapsed: float) -> None:
-        """An attempt's end: its breaker always; its color's window and counts unless ``rt`` is None (the client
-        went away). The counts are incremented inline: one attribute each, on every attempt."""
-        backend.outstanding -= 1
-        if is_retry:
-            self.retries_in_flight -= 1
-        backend.breaker.record(permit, ok, elapsed)
-        if rt is not None:
-            rt.window.record(elapsed, ok)
-            rt.requests += 1
-            rt.errors += not ok
-            self.telemetry.record_attempt(rt.model, rt.color, version, ok, elapsed)
-
-    def _endpoint(self, backend: Backend) -> Endpoint:
-        backend.endpoint = endpoint = self.upstream.endpoint(backend.url)
-        return endpoint
-
-    def _target(self, model: str, version: str) -> bytes:
-        """The request line of an inference call, built once per (model, version)."""
-        line = self._targets.get((model, version))
-        if line is None:
-            line = self._targets[(model, version)] = (
-                f"POST /v2/models/{quote(model)}/versions/{quote(version)}/infer HTTP/1.1\r\n".encode())
-        return line
-
-    async def _traced_post(self, endpoint: Endpoint, target: bytes, req: InferRequest, timeout_s: float,
-                           color: Color, version: str) -> UpstreamResponse:
-        """The upstream call in a client span whose context goes to the model server (W3C traceparent)."""
-        from opentelemetry.propagate import inject
-        from opentelemetry.trace import SpanKind
-
-        with self.telemetry.tracer.start_as_current_span("upstream", kind=SpanKind.CLIENT) as span:
-            span.set_attribute("bluegreen.color", color)
-            span.set_attribute("bluegreen.model_version", version)
-            span.set_attribute("url.full", f"{endpoint.url}{target.split(b' ')[1].decode()}")
-            carrier: dict[str, str] = {}
-            inject(carrier)
-            traced = InferRequest(req.model, req.body, header_length=req.header_length, request_id=req.request_id,
-                                  content_type=req.content_type, traceparent=carrier.get("traceparent"),
-                                  tracestate=carrier.get("tracestate"))
-            resp = await endpoint.request(target + _header_lines(traced), req.body, timeout_s)
-            span.set_attribute("http.response.status_code", resp.status)
-            return resp
-
     def _after_answer(self, state: ModelState, req: InferRequest, reply: Reply) -> None:
         """Off the answer's critical path: remember it for feedback, send a shadow copy if selected.
 
@@ -503,10 +354,6 @@ class DataPlane:
             if req.header_length is not None:
                 headers[protocol.HEADER_LENGTH] = req.header_length
             self.shadow.maybe_copy(state, reply.color, req.body, headers, reply.body)
-
-    def _retry_allowed(self) -> bool:
-        u = self.settings.upstream
-        return self.retries_in_flight < max(u.retry_budget_ratio * self.in_flight, u.retry_budget_min)
 
     def _provenance(self, content_type: str, color: str, version: str, cache_result: bytes
                     ) -> tuple[tuple[bytes, bytes], ...]:
@@ -583,24 +430,3 @@ class DataPlane:
                     break
             result[color] = ready
         return result
-
-
-_CONTENT_TYPE_LINES: dict[str | None, bytes] = {None: b"content-type: application/json\r\n"}
-
-
-def _header_lines(req: InferRequest) -> bytes:
-    """The forwarded request headers, as HTTP/1.1 lines."""
-    lines = _CONTENT_TYPE_LINES.get(req.content_type)
-    if lines is None:
-        lines = b"content-type: %s\r\n" % (req.content_type or "application/json").encode("latin-1")
-        if len(_CONTENT_TYPE_LINES) < 64:
-            _CONTENT_TYPE_LINES[req.content_type] = lines
-    if req.header_length is not None:
-        lines += b"inference-header-content-length: %s\r\n" % req.header_length.encode("latin-1")
-    if req.request_id is not None:
-        lines += b"x-request-id: %s\r\n" % req.request_id.encode("latin-1")
-    if req.traceparent is not None:
-        lines += b"traceparent: %s\r\n" % req.traceparent.encode("latin-1")
-        if req.tracestate is not None:
-            lines += b"tracestate: %s\r\n" % req.tracestate.encode("latin-1")
-    return lines
