@@ -20,18 +20,19 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.admin import Authenticator, create_admin_app
+from gateway.admin import create_admin_app
+from gateway.auth import Authenticator
 from gateway.breaker import STATE_CODES
 from gateway.cache import PredictionCache, RedisL2
-from gateway.canary import Phase, Status
+from gateway.canary import Phase
 from gateway.controller import Controller
 from gateway.dataplane import DataPlane, InferRequest, Reply
 from gateway.errors import BadRequest, MethodNotAllowed, NotFound, ServingError, Unavailable
+from gateway.release import Release
 from gateway.settings import COLORS, GatewaySettings
 from gateway.sources import LocalMetrics, MergedMetrics, MetricsPublisher
 from gateway.state import MemoryStateStore, StateStore
@@ -58,7 +59,7 @@ class Gateway:
     plane: DataPlane
     auth: Authenticator
     telemetry: Telemetry
-    canary_defaults: dict[str, dict[str, Any]]
+    release: Release
     controller: Controller
     lease: Lease | None = None
     publisher: MetricsPublisher | None = None
@@ -82,19 +83,19 @@ class Gateway:
         telemetry = Telemetry(settings.telemetry)
         plane = DataPlane(settings, store, cache, telemetry, routes=routing.models)
         auth = Authenticator(settings.tokens(), settings.auth_max_failures, settings.auth_window_s)
-        defaults = {name: dict(route.canary) for name, route in routing.models.items()}
+        release = Release(store, settings.validation_repo, {name: r.canary for name, r in routing.models.items()})
         if isinstance(store, RedisStateStore):
             plane.feedback.redis = store.redis  # answers are shared, so feedback may reach any replica
             # Replicas share state; one of them, the lease holder, runs the rollouts on everyone's numbers.
             lease = Lease(store)
             store.fence = lease.current
-            controller = Controller(store, MergedMetrics(store, plane), is_leader=lease.is_leader,
+            controller = Controller(release, MergedMetrics(store, plane), is_leader=lease.is_leader,
                                     window_s=settings.window_s)
             publisher = MetricsPublisher(store, plane, window_s=settings.window_s)
-            gateway = cls(settings, store, plane, auth, telemetry, defaults, controller, lease, publisher)
+            gateway = cls(settings, store, plane, auth, telemetry, release, controller, lease, publisher)
         else:
-            gateway = cls(settings, store, plane, auth, telemetry, defaults,
-                          Controller(store, LocalMetrics(plane), window_s=settings.window_s))
+            gateway = cls(settings, store, plane, auth, telemetry, release,
+                          Controller(release, LocalMetrics(plane), window_s=settings.window_s))
         gateway._register_gauges()
         return gateway
 
@@ -116,11 +117,11 @@ class Gateway:
 
         def canary_stage() -> Iterator[tuple[tuple[str, ...], float]]:
             for name, state in store.models.items():
-                yield (name,), Status.from_json(state.canary).stage
+                yield (name,), state.canary.stage
 
         def canary_phase() -> Iterator[tuple[tuple[str, ...], float]]:
             for name, state in store.models.items():
-                current = Status.from_json(state.canary).phase
+                current = state.canary.phase
                 for phase in Phase:
                     yield (name, phase.value), float(phase == current)
 
@@ -178,7 +179,7 @@ class Gateway:
         return self.data
 
     def admin_app(self) -> ASGIApp:
-        return create_admin_app(self.settings, self.store, self.plane, self.auth, self.canary_defaults)
+        return create_admin_app(self.release, self.plane, self.auth)
 
 
 _HEALTH_PREFIX = "/v2/health"

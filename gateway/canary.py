@@ -35,9 +35,22 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
+from gateway.policy import Policy, Stage
 from gateway.settings import Color, other
+
+__all__ = ["ACTIVE", "Action", "Analysis", "ColorSample", "Command", "Decision", "Phase", "Policy", "Promoted",
+           "SetWeight", "Snapshot", "Stage", "Status", "Verdict", "advance", "analyse", "error_rate_lower_bound",
+           "operator", "start", "step"]
+
+Result = Literal["hold", "advance", "promote", "promoted", "rollback", "pause", "resume", "start", "abort"]
+"""What a decision did (the audit log's ``canary_<result>`` action)."""
+Verdict = Literal["ok", "wait", "spike", "rollback"]
+"""What one analysis found: pass, not enough evidence yet, a breach the stable color shares, a rollback."""
+PausedBy = Literal["operator", "approval", "controller"]
+Command = Literal["pause", "resume", "promote", "abort"]
+COMMANDS: tuple[Command, ...] = ("pause", "resume", "promote", "abort")
 
 
 class Phase(StrEnum):
@@ -50,99 +63,6 @@ class Phase(StrEnum):
 
 
 ACTIVE = frozenset({Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING})
-
-
-@dataclass(frozen=True, slots=True)
-class Stage:
-    weight: int
-    hold_s: float
-    approve: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """The release plan by default: 5% for 2 h, 25% for 6 h, 50% for 12 h, then 100%."""
-
-    stages: tuple[Stage, ...] = (Stage(5, 7200), Stage(25, 21600), Stage(50, 43200))
-    interval_s: float = 60.0
-    min_requests: int = 200
-    max_error_rate: float = 0.001
-    max_p95_ms: float = 120.0
-    max_accuracy_drop: float = 0.05
-    min_feedback: int = 100
-    min_shadow_agreement: float | None = None
-    min_shadow_samples: int = 100
-    max_no_data_intervals: int = 10
-    confidence: float = 0.99995
-    """One-sided confidence of the error-rate bound (alpha = 1 - confidence per check). The bound is checked
-    every interval on a growing sample, so per rollout the false alarms add up: simulated at 200 requests/s,
-    20 checks per stage, a candidate at half the threshold was rolled back in ~2 of 10,000 rollouts at 0.999
-    and ~6 in a million at 0.99995, while one at 10x the threshold is still caught in ~600 requests."""
-    grace_s: float = 3600.0
-    """How long the old stable color stays deployed after a promotion (a rollback needs no redeploy)."""
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any] | None, base: Policy | None = None) -> Policy:
-        """A policy from overrides on top of ``base`` (default: the release plan); ValueError says what is wrong."""
-        base = base or cls()
-        if doc is not None and not isinstance(doc, dict):
-            raise ValueError("policy must be an object")
-        if not doc:
-            return base
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(doc) - known
-        if unknown:
-            raise ValueError(f"unknown policy keys: {', '.join(sorted(unknown))}")
-        changes: dict[str, Any] = {}
-        for key, value in doc.items():
-            if key == "stages":
-                changes[key] = _stages(value)
-            elif key == "min_shadow_agreement":
-                changes[key] = None if value is None else _number(key, value, 0, 1)
-            elif key in ("min_requests", "min_feedback", "min_shadow_samples", "max_no_data_intervals"):
-                if type(value) is not int or value < 0:
-                    raise ValueError(f"{key} must be a non-negative integer")
-                changes[key] = value
-            elif key in ("max_error_rate", "max_accuracy_drop"):
-                changes[key] = _number(key, value, 0, 1)
-            elif key == "confidence":
-                changes[key] = _number(key, value, 0.5, 0.999999)
-            else:
-                changes[key] = _number(key, value, 0, 1e9)
-        policy = dataclasses.replace(base, **changes)
-        if policy.interval_s <= 0:
-            raise ValueError("interval_s must be positive")
-        return policy
-
-    def as_json(self) -> dict[str, Any]:
-        doc = dataclasses.asdict(self)
-        doc["stages"] = [dataclasses.asdict(s) for s in self.stages]
-        return doc
-
-
-def _number(key: str, value: Any, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-        raise ValueError(f"{key} must be a number in [{lo}, {hi}]")
-    return float(value)
-
-
-def _stages(value: Any) -> tuple[Stage, ...]:
-    if not isinstance(value, list) or not value:
-        raise ValueError("stages must be a non-empty list")
-    stages: list[Stage] = []
-    for i, s in enumerate(value):
-        if not isinstance(s, dict) or set(s) - {"weight", "hold_s", "approve"}:
-            raise ValueError(f"stages[{i}] must be an object with weight, hold_s and optional approve")
-        w = s.get("weight")
-        if type(w) is not int or not 1 <= w <= 99:
-            raise ValueError(f"stages[{i}].weight must be an integer 1-99")
-        if stages and w <= stages[-1].weight:
-            raise ValueError("stage weights must increase")
-        approve = s.get("approve", False)
-        if not isinstance(approve, bool):
-            raise ValueError(f"stages[{i}].approve must be true or false")
-        stages.append(Stage(w, _number(f"stages[{i}].hold_s", s.get("hold_s", 0), 0, 1e9), approve))
-    return tuple(stages)
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -182,7 +102,7 @@ class Snapshot:
 @dataclass(frozen=True, slots=True)
 class Decision:
     time: float
-    result: str  # hold | advance | promote | promoted | rollback | pause | resume | start | abort
+    result: Result
     reason: str
     evidence: dict[str, Any] = field(default_factory=dict)
 
@@ -200,7 +120,7 @@ class Status:
     stage_started: float = 0.0
     started_at: float = 0.0
     finished_at: float | None = None
-    paused_by: str | None = None  # operator | approval | controller
+    paused_by: PausedBy | None = None
     no_data_intervals: int = 0
     last_analysis: float = 0.0
     last_decision: Decision | None = None
@@ -294,7 +214,7 @@ def _upper_tail(k: int, n: int, p: float) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Analysis:
-    verdict: str  # ok | wait | breach | spike | rollback
+    verdict: Verdict
     reason: str
     evidence: dict[str, Any]
 
@@ -387,7 +307,7 @@ def step(policy: Policy, status: Status, snap: Snapshot, now: float) -> tuple[St
         no_data = status.no_data_intervals + (status.phase != Phase.PAUSED)
     base = dataclasses.replace(status, last_analysis=now, no_data_intervals=no_data)
 
-    def decide(st: Status, kind: str, reason: str) -> Status:
+    def decide(st: Status, kind: Result, reason: str) -> Status:
         return dataclasses.replace(st, last_decision=Decision(now, kind, reason, result.evidence))
 
     if result.verdict == "rollback":  # in any active phase, paused included: a rollback must never wait
@@ -451,7 +371,7 @@ def advance(policy: Policy, status: Status, now: float, evidence: dict[str, Any]
 # ----------------------------------------------------------------------------------------------- operators
 
 
-def operator(command: str, status: Status, now: float, who: str) -> tuple[Status, list[Action]]:
+def operator(command: Command, status: Status, now: float, who: str) -> tuple[Status, list[Action]]:
     """pause | resume | promote | abort, as an operator asks; ValueError when the phase does not allow it."""
     policy = status.policy
     cand = status.candidate

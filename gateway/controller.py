@@ -19,7 +19,6 @@ merged.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections import deque
@@ -29,9 +28,10 @@ from dataclasses import dataclass
 from gateway import canary
 from gateway.canary import ACTIVE, ColorSample, Snapshot, Status
 from gateway.errors import PreconditionFailed
+from gateway.release import Release
 from gateway.settings import COLORS, Color, other
 from gateway.sources import Counts, MetricsSource
-from gateway.state import ModelState, StateStore
+from gateway.state import ModelState
 from gateway.windows import Snapshot as WindowSnapshot
 from serving.lifecycle import Periodic
 
@@ -47,10 +47,14 @@ class Reading:
 
 
 class Controller:
-    def __init__(self, store: StateStore, source: MetricsSource, *, tick_s: float = 0.25,
+    """The periodic driver: reads the numbers, calls ``canary.step`` and hands what it decides to the release
+    core (``Release.apply``), which writes it; every rule about a decision lives in ``canary`` and ``release``."""
+
+    def __init__(self, release: Release, source: MetricsSource, *, tick_s: float = 0.25,
                  clock: Callable[[], float] = time.time, is_leader: Callable[[], bool] = lambda: True,
                  window_s: float = 60.0, history_s: float = 60.0) -> None:
-        self.store = store
+        self.release = release
+        self.store = release.store
         self.source = source
         self.tick_s = tick_s
         self.clock = clock
@@ -82,7 +86,7 @@ class Controller:
         now = self.clock()
         for name in list(self.store.models):
             state = self.store.get(name)
-            status = Status.from_json(state.canary)
+            status = state.canary
             reading = self._record(state, now)
             if status.phase not in ACTIVE or status.candidate is None:
                 self._pinned.pop(name, None)
@@ -152,30 +156,7 @@ class Controller:
         if new == status:
             return
         try:
-            await apply(self.store, state, new, actions, who="controller", fenced=True)
+            await self.release.apply(state, new, actions, who="controller", fenced=True)
         except PreconditionFailed:
             log.info("canary decision for %s dropped: the state changed meanwhile", state.name)
 
-
-async def apply(store: StateStore, state: ModelState, status: Status, actions: list[canary.Action], *,
-                who: str, reason: str | None = None, force_audit: bool = False,
-                action: str | None = None, fenced: bool = False) -> ModelState:
-    """Write a canary decision: the status, the weights and candidate it implies, in one compare-and-set."""
-    def change(s: ModelState) -> ModelState:
-        weights = dict(s.weights)
-        candidate = s.candidate_override
-        for action in actions:
-            if isinstance(action, canary.SetWeight):
-                weights = {action.candidate: action.weight, other(action.candidate): 100 - action.weight}
-                candidate = action.candidate
-            elif isinstance(action, canary.Promoted):
-                candidate = action.next_candidate
-        return dataclasses.replace(s, weights=weights, candidate_override=candidate, canary=status.as_json())
-
-    decision = status.last_decision
-    kind = decision.result if decision else "update"
-    audited = force_audit or kind != "hold"
-    return await store.update(state.name, state.revision, change, who=who, action=action or f"canary_{kind}",
-                              reason=reason or (decision.reason if decision else None),
-                              evidence=decision.evidence if decision and audited else None, audit=audited,
-                              fenced=fenced)

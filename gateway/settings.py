@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.policy import Policy
 from serving.http_server import Limits
 
 Color = Literal["blue", "green"]
@@ -170,7 +171,9 @@ class ModelRoute(BaseModel):
     candidate: Color | None = None
     """The color a release goes to; default: the color at 0% (green when both carry traffic)."""
     shadow_percent: int = Field(0, ge=0, le=100)
-    canary: dict[str, Any] = Field(default_factory=dict)
+    canary: Policy = Field(default_factory=Policy)
+    """The model's canary policy: the release plan's defaults with this block's fields on top, validated here so a
+    misspelled field stops the gateway at start-up, named (``canary start`` overrides apply on top of it)."""
     max_batch_size: StrictInt | None = Field(None, ge=1)
     """Most rows one request may carry, checked before any backend is called; default: the model servers'
     ``max_batch_size`` from ``/v2/models/{m}/versions/{v}/config`` (the smaller one when both are known)."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from gateway.canary import ACTIVE, Status
 from gateway.errors import NotFound, PreconditionFailed
 from gateway.settings import COLORS, Color, RoutingFile, other
 
@@ -50,18 +51,21 @@ class ModelState:
     candidate_override: Color | None = None
     shadow_percent: int = 0
     revision: int = 1
-    canary: dict[str, Any] | None = None
-    """The persisted canary status (``gateway.canary.Status.as_json()``); None: never started."""
+    canary: Status = field(default_factory=Status)
+    """The canary status, typed; it becomes JSON only where it is persisted (state file, Redis)."""
 
     @property
     def candidate(self) -> Color:
-        """The color a release goes to: as configured, else the color at 0%, else green."""
-        if self.candidate_override is not None:
-            return self.candidate_override
+        """The color a release goes to. During a rollout, the rollout's candidate; otherwise the color at 0% (so
+        after a promotion, an abort or any manual split that leaves one color idle, that color is next); when
+        both carry traffic, the color last named (the routing file's ``candidate``, the last rollout's), else
+        green."""
+        if self.canary.phase in ACTIVE and self.canary.candidate is not None:
+            return self.canary.candidate
         for color in COLORS:
             if self.weights[color] == 0:
                 return color
-        return "green"
+        return self.candidate_override or "green"
 
     @property
     def stable(self) -> Color:
@@ -80,17 +84,20 @@ class ModelState:
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "colors": {c: s.as_json() for c, s in self.colors.items()},
                 "weights": dict(self.weights), "candidate": self.candidate, "stable": self.stable,
-                "shadow_percent": self.shadow_percent, "revision": self.revision, "canary": self.canary}
+                "shadow_percent": self.shadow_percent, "revision": self.revision, "canary": self.canary.as_json()}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> ModelState:
         colors = {c: ColorState(str(v["version"]), tuple(v["backends"])) for c, v in doc["colors"].items()}
         return cls(doc["name"], colors, dict(doc["weights"]), doc.get("candidate_override"),
-                   int(doc.get("shadow_percent", 0)), int(doc.get("revision", 1)), doc.get("canary"))
+                   int(doc.get("shadow_percent", 0)), int(doc.get("revision", 1)), Status.from_json(doc.get("canary")))
 
     def persisted(self) -> dict[str, Any]:
         """The JSON kept in a state file or in Redis (``from_json`` reads it back)."""
-        return {**dataclasses.asdict(self), "colors": {c: s.as_json() for c, s in self.colors.items()}}
+        return {"name": self.name, "colors": {c: s.as_json() for c, s in self.colors.items()},
+                "weights": dict(self.weights), "candidate_override": self.candidate_override,
+                "shadow_percent": self.shadow_percent, "revision": self.revision,
+                "canary": self.canary.as_json() if self.canary != Status() else None}
 
 
 @dataclass(frozen=True, slots=True)

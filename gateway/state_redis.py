@@ -153,7 +153,7 @@ class RedisStateStore:
         The state keeps its revision, so ETags that clients hold stay valid. True when this replica seeded."""
         state = self.models[name]
         raw = self._raw.get(name) or _encode(state)
-        phase = (state.canary or {}).get("phase", "idle")
+        phase = state.canary.phase.value
         entry = AuditEntry(time.time(), f"gateway:{self.replica}", "state_recovered", name, {},
                            {"revision": state.revision, "weights": dict(state.weights), "canary": phase},
                            f"the state of {name!r} was missing from Redis (restarted empty?); re-seeded from this "

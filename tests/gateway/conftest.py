@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.admin import Authenticator
 from gateway.app import Gateway
+from gateway.auth import Authenticator
 from gateway.controller import Controller
 from gateway.dataplane import DataPlane
+from gateway.release import Release
 from gateway.settings import GatewaySettings, RoutingFile
 from gateway.sources import LocalMetrics
 from gateway.state import MemoryStateStore
@@ -45,7 +46,8 @@ async def gateway(clock: FakeClock) -> AsyncIterator[Gateway]:
     for version in ("1", "2", "3"):
         plane.signatures[("digits", version)] = DIGITS
     auth = Authenticator(settings.tokens(), settings.auth_max_failures, settings.auth_window_s, clock)
-    yield Gateway(settings, store, plane, auth, plane.telemetry, {}, Controller(store, LocalMetrics(plane)))
+    release = Release(store)
+    yield Gateway(settings, store, plane, auth, plane.telemetry, release, Controller(release, LocalMetrics(plane)))
     task = plane._signature_refresh  # private, but the only handle on that background task
     if task is not None:
         await task  # re-raises what it raised

@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.admin import ADMIN_BODY_LIMIT, Authenticator
+from gateway.admin import ADMIN_BODY_LIMIT
 from gateway.app import Gateway
+from gateway.auth import Authenticator
 from gateway.errors import TooManyRequests, Unauthorized
 from tests.gateway.support import ALICE, BOB, FakeClock, client
 

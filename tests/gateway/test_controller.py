@@ -13,8 +13,9 @@ import pytest
 
 from gateway import canary
 from gateway.canary import Policy, Stage, Status
-from gateway.controller import Controller, apply
+from gateway.controller import Controller
 from gateway.dataplane import DataPlane
+from gateway.release import Release
 from gateway.settings import Color, GatewaySettings, RoutingFile
 from gateway.sources import LocalMetrics
 from gateway.state import MemoryStateStore
@@ -32,7 +33,8 @@ class Rig:
         self.plane = DataPlane(GatewaySettings(), self.store)
         for version in ("1", "2"):  # known up front, so a state change schedules no call to a backend
             self.plane.signatures[(MODEL, version)] = DIGITS
-        self.controller = Controller(self.store, LocalMetrics(self.plane), clock=clock)
+        self.release = Release(self.store)
+        self.controller = Controller(self.release, LocalMetrics(self.plane), clock=clock)
 
     def serve(self, color: Color, requests: int, errors: int = 0) -> None:
         """What the data plane records for each attempt: the cumulative totals and the recent window."""
@@ -43,10 +45,10 @@ class Rig:
     async def start(self, policy: Policy = POLICY) -> None:
         """An operator's start, as the admin API applies it (at the clock's time, between two ticks)."""
         status, actions = canary.start(policy, "green", self.clock())
-        await apply(self.store, self.store.get(MODEL), status, actions, who="alice", force_audit=True)
+        await self.release.apply(self.store.get(MODEL), status, actions, who="alice", audit=True)
 
     def status(self) -> Status:
-        return Status.from_json(self.store.get(MODEL).canary)
+        return self.store.get(MODEL).canary
 
     def evidence(self) -> dict[str, Any]:
         decision = self.status().last_decision
@@ -128,7 +130,7 @@ async def test_an_operator_promote_counts_from_its_own_time(rig: Rig) -> None:
     await rig.controller.tick()
     rig.clock.advance(0.1)
     status, actions = canary.operator("promote", rig.status(), rig.clock(), "alice")
-    await apply(rig.store, rig.store.get(MODEL), status, actions, who="alice", force_audit=True)
+    await rig.release.apply(rig.store.get(MODEL), status, actions, who="alice", audit=True)
     rig.serve("green", 100)
     rig.clock.advance(POLICY.interval_s)
     await rig.controller.tick()
@@ -143,7 +145,7 @@ async def test_a_controller_without_a_reading_from_before_watches_one_interval_b
     await rig.start()
     rig.serve("green", 100)
     rig.clock.advance(3 * POLICY.interval_s)  # long overdue when a new leader takes over
-    fresh = Controller(rig.store, LocalMetrics(rig.plane), clock=rig.clock)
+    fresh = Controller(rig.release, LocalMetrics(rig.plane), clock=rig.clock)
     await fresh.tick()
     assert rig.status().last_analysis == rig.status().started_at  # no verdict on an interval it did not see
     rig.serve("green", 80)

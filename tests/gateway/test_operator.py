@@ -212,7 +212,7 @@ def test_canary_options_only_go_with_start(stack: Stack, capsys: pytest.CaptureF
     assert main(["canary", "digits", "start", "--policy", "{not json"]) == 2
     assert "--policy is not valid JSON" in capsys.readouterr().err
     assert main(["canary", "digits", "start", "--force", "--policy", '{"stages": []}']) == 1
-    assert "invalid policy: stages must be a non-empty list" in capsys.readouterr().err
+    assert "invalid policy: stages: at least one stage is needed" in capsys.readouterr().err
     assert stack.canary()["phase"] != "progressing"
 
 

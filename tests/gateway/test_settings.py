@@ -11,6 +11,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from gateway.policy import Policy
 from gateway.settings import BreakerSettings, GatewaySettings, RoutingFile, check_weights, other
 from tests.gateway.support import routing_doc
 
@@ -38,7 +39,7 @@ models:
     assert route.weights == {"blue": 95, "green": 5}
     assert route.colors["green"].version == "2"  # a bare YAML number is a version string
     assert route.colors["green"].backends == ["http://127.0.0.1:8002", "https://green.example:8443"]
-    assert route.canary == {"max_p95_ms": 120} and route.candidate is None
+    assert route.canary == Policy(max_p95_ms=120) and route.candidate is None
     # The same document as JSON.
     as_json = tmp_path / "routing.json"
     as_json.write_text(json.dumps(yaml.safe_load(path.read_text())))

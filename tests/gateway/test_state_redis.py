@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from gateway import canary
-from gateway.controller import apply
+from gateway.release import Release
 from gateway.settings import RoutingFile
 from gateway.state import ModelState
 from gateway.state_redis import RedisStateStore
@@ -88,7 +88,7 @@ async def test_the_refresh_reseeds_without_a_write_and_a_rollout_carries_on(serv
                                                                            store: RedisStateStore) -> None:
     policy = canary.Policy(stages=(canary.Stage(10, 60),))
     status, actions = canary.start(policy, "green", 1000.0)
-    started = await apply(store, store.get(MODEL), status, actions, who="alice", force_audit=True)
+    started = await Release(store).apply(store.get(MODEL), status, actions, who="alice", audit=True)
     server.restart_empty()
     await store.reload()  # what the state-refresh loop runs every refresh_s
     raw = server.client().get(f"bluegreen:state:{MODEL}")
@@ -96,9 +96,9 @@ async def test_the_refresh_reseeds_without_a_write_and_a_rollout_carries_on(serv
     assert store.get(MODEL) == started  # nothing changed, the revision included
     assert [e.action for e in await store.read_audit()] == ["state_recovered"]
     # The rollout is where it was: an operator can pause it (and a controller go on with it).
-    paused, more = canary.operator("pause", canary.Status.from_json(store.get(MODEL).canary), 1001.0, "bob")
-    done = await apply(store, store.get(MODEL), paused, more, who="bob", force_audit=True)
-    assert canary.Status.from_json(done.canary).phase == "paused" and done.weights == {"blue": 90, "green": 10}
+    paused, more = canary.operator("pause", store.get(MODEL).canary, 1001.0, "bob")
+    done = await Release(store).apply(store.get(MODEL), paused, more, who="bob", audit=True)
+    assert done.canary.phase == "paused" and done.weights == {"blue": 90, "green": 10}
 
 
 async def test_replicas_racing_to_recover_seed_once(server: Server, store: RedisStateStore) -> None:

@@ -28,7 +28,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from gateway.admin import validation_report
+from gateway.release import validation_report
 from gateway.app import Gateway
 from gateway.cli import build_parser
 from gateway.settings import COLORS, GatewaySettings, RoutingFile

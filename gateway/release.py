@@ -1,0 +1,234 @@
+"""The release core: every rule about changing a model's routing, and the one write (with its audit entry).
+
+The admin API, the CLI (through the admin API), the canary controller and any later transport (the console,
+signals) call these methods and nothing else to change routing state, so a rule lives in exactly one place:
+
+- weights are set by hand only while no rollout is active (the rollout owns them until it ends);
+- a color is re-pointed to another version only while it carries no traffic, unless forced (audited as such);
+- a rollout starts only when none is active, on a candidate that does not already carry everything, and — with
+  the validation gate on — only for a version whose report passed, unless forced (audited with the reason);
+- an operator's pause / resume / promote / abort is judged by the pure ``canary.operator``;
+- the controller's decision (``canary.step``) is applied with the weights and candidate it implies.
+
+Each write is one compare-and-set on the model's state (``StateStore.update``): the rule is judged inside the
+change function, on the state the write applies to, so a write that raced another one is refused (412) or
+re-judged, never applied to a state nobody looked at. Requests arrive here already parsed into the pydantic
+bodies below; a refusal is a :class:`~gateway.errors.ServingError` carrying its HTTP status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+
+from gateway import canary
+from gateway.canary import ACTIVE, Command, Policy, Status
+from gateway.errors import BadRequest, Conflict
+from gateway.settings import COLORS, Color, ColorConfig, other
+from gateway.state import ColorState, ModelState, StateStore
+
+Reason = Annotated[str, Field(max_length=500)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    reason: Reason | None = None
+    """Recorded in the audit entry."""
+
+
+class SplitBody(_Body):
+    """``PUT /admin/v1/models/{m}/split``: both weights, integers summing to 100."""
+
+    blue: Annotated[StrictInt, Field(ge=0, le=100)]
+    green: Annotated[StrictInt, Field(ge=0, le=100)]
+
+    @model_validator(mode="after")
+    def _sum(self) -> SplitBody:
+        if self.blue + self.green != 100:
+            raise ValueError(f"weights must sum to 100, got {self.blue + self.green}")
+        return self
+
+    def weights(self) -> dict[Color, int]:
+        return {"blue": self.blue, "green": self.green}
+
+
+class ColorBody(ColorConfig):
+    """``PUT /admin/v1/models/{m}/colors/{c}``: the version and backends a color serves."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    force: StrictBool = False
+    """Re-point a color that carries traffic (audited as ``set_color_forced``)."""
+    reason: Reason | None = None
+
+
+class ShadowBody(_Body):
+    """``PUT /admin/v1/models/{m}/shadow``: the share of answered requests copied to the color not chosen."""
+
+    percent: Annotated[StrictInt, Field(ge=0, le=100)]
+
+
+class StartBody(_Body):
+    """``POST /admin/v1/models/{m}/canary/start``. Policy overrides go in ``policy`` (validated on top of the
+    routing file's policy for the model); ``candidate`` defaults to the model's candidate (the color at 0%)."""
+
+    force: StrictBool = False
+    """Start without a passing validation report (audited as ``canary_start_forced``)."""
+    candidate: Color | None = None
+    policy: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _overrides_alone(cls, doc: Any) -> Any:
+        """Overrides may also come alone, beside the other keys (``{"interval_s": 2}``): the first API's form."""
+        if not isinstance(doc, dict) or "policy" in doc:
+            return doc
+        own = {k: v for k, v in doc.items() if k in ("force", "candidate", "reason")}
+        rest = {k: v for k, v in doc.items() if k not in own}
+        return {**own, "policy": rest} if rest else own
+
+
+class CommandBody(_Body):
+    """``POST /admin/v1/models/{m}/canary/{pause|resume|promote|abort}``: only a reason."""
+
+
+@dataclass
+class Release:
+    """The release rules over a state store. ``policies``: per model, the routing file's canary policy (the base
+    that a start's overrides apply to); ``validation_repo``: where the release gate's reports are (None: off)."""
+
+    store: StateStore
+    validation_repo: Path | None = None
+    policies: dict[str, Policy] = field(default_factory=dict)
+    clock: Callable[[], float] = time.time
+
+    def get(self, model: str) -> ModelState:
+        return self.store.get(model)
+
+    # ------------------------------------------------------------------ operator writes
+
+    async def set_split(self, model: str, body: SplitBody, *, who: str, if_revision: int | None) -> ModelState:
+        weights = body.weights()
+
+        def change(s: ModelState) -> ModelState:
+            if s.canary.phase in ACTIVE:
+                raise Conflict(f"a canary rollout of {model!r} is {s.canary.phase.value}: abort it (or let it "
+                               "finish) before setting weights by hand")
+            return dataclasses.replace(s, weights=weights)
+
+        return await self.store.update(model, if_revision, change, who=who, action="set_weights",
+                                       reason=body.reason)
+
+    async def set_color(self, model: str, color: Color, body: ColorBody, *, who: str,
+                        if_revision: int | None) -> ModelState:
+        new_color = ColorState(body.version, tuple(body.backends))
+
+        def change(s: ModelState) -> ModelState:
+            if s.weights[color] > 0 and not body.force:
+                raise Conflict(f"{color} carries {s.weights[color]}% of {model!r}; move its traffic away first, "
+                               "or re-point it anyway with force")
+            return dataclasses.replace(s, colors={**s.colors, color: new_color})
+
+        return await self.store.update(model, if_revision, change, who=who, reason=body.reason,
+                                       action="set_color_forced" if body.force else "set_color")
+
+    async def set_shadow(self, model: str, body: ShadowBody, *, who: str, if_revision: int | None) -> ModelState:
+        return await self.store.update(model, if_revision,
+                                       lambda s: dataclasses.replace(s, shadow_percent=body.percent),
+                                       who=who, action="set_shadow", reason=body.reason)
+
+    # ------------------------------------------------------------------ rollouts
+
+    def policy_for(self, model: str, overrides: dict[str, Any] | None) -> Policy:
+        """The routing file's policy for ``model`` with a start's overrides on top; BadRequest names the field."""
+        try:
+            return Policy.from_json(overrides, self.policies.get(model))
+        except ValueError as exc:
+            raise BadRequest(f"invalid policy: {exc}") from None
+
+    async def start(self, model: str, body: StartBody, *, who: str) -> ModelState:
+        policy = self.policy_for(model, body.policy)
+        state = self.store.get(model)
+        if state.canary.phase in ACTIVE:
+            raise Conflict(f"a rollout of {model!r} is already {state.canary.phase.value}")
+        cand = body.candidate or state.candidate
+        if state.weights[cand] == 100:
+            raise Conflict(f"{cand} already carries 100% of {model!r}: deploy the release to {other(cand)} "
+                           "and start again")
+        version = state.colors[cand].version
+        report = validation_report(self.validation_repo, model, version)
+        if report is not True and not body.force:
+            raise Conflict(f"{model}:{version} has no passing validation report ({report}); run "
+                           f"`bluegreen validate --model {model}:{version}`, or start anyway with force")
+        status, actions = canary.start(policy, cand, self.clock(), f"started by {who}")
+        if report is True:
+            return await self.apply(state, status, actions, who=who, reason=body.reason, audit=True,
+                                    action="canary_start")
+        why = f"forced: {report}" + (f"; {body.reason}" if body.reason else "")
+        return await self.apply(state, status, actions, who=who, reason=why, audit=True,
+                                action="canary_start_forced")
+
+    async def command(self, model: str, command: Command, body: CommandBody, *, who: str) -> ModelState:
+        state = self.store.get(model)
+        try:
+            status, actions = canary.operator(command, state.canary, self.clock(), who)
+        except ValueError as exc:
+            raise Conflict(f"cannot {command}: {exc}") from None
+        return await self.apply(state, status, actions, who=who, reason=body.reason, audit=True)
+
+    async def apply(self, state: ModelState, status: Status, actions: list[canary.Action], *, who: str,
+                    reason: str | None = None, audit: bool = False, action: str | None = None,
+                    fenced: bool = False) -> ModelState:
+        """Write a canary decision — the status and the weights and candidate it implies — in one compare-and-set
+        on the revision the decision was based on (a decision made on stale state is refused with 412, never
+        applied twice). Audited when ``audit`` or whenever the decision is not a plain "hold"."""
+        def change(s: ModelState) -> ModelState:
+            weights = dict(s.weights)
+            candidate = s.candidate_override
+            for act in actions:
+                if isinstance(act, canary.SetWeight):
+                    weights = {act.candidate: act.weight, other(act.candidate): 100 - act.weight}
+                    candidate = act.candidate
+                elif isinstance(act, canary.Promoted):
+                    candidate = act.next_candidate
+            return dataclasses.replace(s, weights=weights, candidate_override=candidate, canary=status)
+
+        decision = status.last_decision
+        kind = decision.result if decision else "update"
+        audited = audit or kind != "hold"
+        return await self.store.update(state.name, state.revision, change, who=who,
+                                       action=action or f"canary_{kind}",
+                                       reason=reason or (decision.reason if decision else None),
+                                       evidence=decision.evidence if decision and audited else None,
+                                       audit=audited, fenced=fenced)
+
+    def time_in_stage(self, status: Status) -> float | None:
+        return round(self.clock() - status.stage_started, 3) if status.phase in ACTIVE else None
+
+
+def validation_report(repo: Path | None, model: str, version: str) -> bool | str:
+    """True when ``<repo>/<model>/<version>/validation.json`` says the release gate passed, else why not."""
+    if repo is None:
+        return True  # the gate is switched off (BLUEGREEN_VALIDATION_REPO unset)
+    path = repo / model / version / "validation.json"
+    try:
+        doc = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return f"no report at {path}"
+    except (OSError, orjson.JSONDecodeError) as exc:
+        return f"unreadable report {path}: {exc}"
+    if isinstance(doc, dict) and doc.get("passed") is True:
+        return True
+    failed = [c.get("check") for c in doc.get("checks", []) if isinstance(c, dict) and c.get("result") == "FAIL"] \
+        if isinstance(doc, dict) else []
+    return f"the report at {path} did not pass" + (f" (failed: {', '.join(map(str, failed))})" if failed else "")
+
+
+__all__ = ["COLORS", "ColorBody", "CommandBody", "Release", "ShadowBody", "SplitBody", "StartBody",
+           "validation_report"]

@@ -1,0 +1,280 @@
+"""gateway/release.py: every release rule, in process, against a real in-memory state store.
+
+Each refusal is checked to change nothing (same revision, no audit entry); each accepted write to leave one audit
+entry naming who, what and why. The HTTP tests of the admin API only check authentication, parsing and rendering.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from gateway import canary
+from gateway.canary import Phase, Policy, Stage
+from gateway.errors import BadRequest, Conflict, PreconditionFailed, ServingError
+from gateway.release import ColorBody, CommandBody, Release, ShadowBody, SplitBody, StartBody
+from gateway.settings import RoutingFile
+from gateway.state import MemoryStateStore, ModelState
+from tests.gateway.support import FakeClock, routing_doc
+
+ROOT = Path(__file__).resolve().parents[2]
+M = "digits"
+QUICK = Policy(stages=(Stage(10, 0), Stage(50, 0)), interval_s=1, min_requests=0)
+
+
+def release(tmp_path: Path | None = None, *, gate: bool = False, **routing: Any) -> Release:
+    doc = routing_doc()
+    doc["models"][M].update(routing)
+    store = MemoryStateStore.from_routing(RoutingFile.model_validate(doc))
+    repo = tmp_path if gate else None
+    return Release(store, repo, {M: QUICK}, clock=FakeClock())
+
+
+def report(repo: Path, version: str, passed: bool) -> None:
+    path = repo / M / version / "validation.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checks = [{"check": "accuracy", "result": "PASS" if passed else "FAIL"}]
+    path.write_text(json.dumps({"passed": passed, "checks": checks}))
+
+
+async def refused(r: Release, error: type[ServingError], match: str, call: Any) -> None:
+    """``call`` is refused with ``error`` and changes nothing: same revision, no new audit entry."""
+    before, audited = r.get(M), len(await r.store.read_audit(10_000))
+    with pytest.raises(error, match=match):
+        await call
+    assert r.get(M) is before and len(await r.store.read_audit(10_000)) == audited
+
+
+async def last_audit(r: Release) -> dict[str, Any]:
+    return (await r.store.read_audit(1))[0].as_json()
+
+
+async def started(r: Release, **body: Any) -> ModelState:
+    return await r.start(M, StartBody(**body), who="alice")
+
+
+# ---------------------------------------------------------------------------------------------- manual split
+
+
+async def test_split_is_written_and_audited() -> None:
+    r = release()
+    state = await r.set_split(M, SplitBody(blue=70, green=30, reason="drill"), who="alice", if_revision=1)
+    assert state.weights == {"blue": 70, "green": 30} and state.revision == 2
+    entry = await last_audit(r)
+    assert (entry["who"], entry["action"], entry["reason"]) == ("alice", "set_weights", "drill")
+    assert entry["old"]["weights"] == {"blue": 100, "green": 0} and entry["new"]["weights"] == {"blue": 70, "green": 30}
+
+
+async def test_split_on_a_stale_revision_is_refused() -> None:
+    r = release()
+    await r.set_split(M, SplitBody(blue=90, green=10), who="alice", if_revision=1)
+    await refused(r, PreconditionFailed, "revision 2", r.set_split(M, SplitBody(blue=0, green=100), who="bob",
+                                                                  if_revision=1))
+
+
+@pytest.mark.parametrize("doc", [{"blue": 60, "green": 60}, {"blue": 100}, {"blue": True, "green": 0},
+                                 {"blue": 50.0, "green": 50}, {"blue": 50, "green": 50, "extra": 1}])
+def test_split_body_is_checked(doc: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        SplitBody.model_validate(doc)
+
+
+@pytest.mark.parametrize("phase_after", ["progressing", "paused", "promoting"])
+async def test_no_manual_split_while_a_rollout_is_active(phase_after: str) -> None:
+    r = release()
+    await started(r)
+    if phase_after == "paused":
+        await r.command(M, "pause", CommandBody(), who="alice")
+    elif phase_after == "promoting":
+        await r.command(M, "promote", CommandBody(), who="alice")
+    assert r.get(M).canary.phase == phase_after
+    await refused(r, Conflict, f"rollout of 'digits' is {phase_after}",
+                  r.set_split(M, SplitBody(blue=50, green=50), who="bob", if_revision=None))
+
+
+async def test_manual_split_is_allowed_again_after_the_rollout_ends() -> None:
+    r = release()
+    await started(r)
+    await r.command(M, "abort", CommandBody(), who="alice")
+    state = await r.set_split(M, SplitBody(blue=50, green=50), who="bob", if_revision=None)
+    assert state.weights == {"blue": 50, "green": 50}
+
+
+# ---------------------------------------------------------------------------------------------- colors, shadow
+
+
+async def test_an_idle_color_is_re_pointed() -> None:
+    r = release()
+    body = ColorBody(version="3", backends=["http://127.0.0.1:8003/"])
+    state = await r.set_color(M, "green", body, who="alice", if_revision=None)
+    assert state.colors["green"].version == "3" and state.colors["green"].backends == ("http://127.0.0.1:8003",)
+    assert (await last_audit(r))["action"] == "set_color"
+
+
+async def test_a_color_with_traffic_is_re_pointed_only_when_forced() -> None:
+    r = release()
+    body = ColorBody(version="3", backends=["http://127.0.0.1:8003"])
+    await refused(r, Conflict, "blue carries 100%.*with force", r.set_color(M, "blue", body, who="alice",
+                                                                            if_revision=None))
+    forced = ColorBody(version="3", backends=["http://127.0.0.1:8003"], force=True, reason="hotfix")
+    state = await r.set_color(M, "blue", forced, who="alice", if_revision=None)
+    assert state.colors["blue"].version == "3"
+    entry = await last_audit(r)
+    assert (entry["action"], entry["reason"]) == ("set_color_forced", "hotfix")
+
+
+async def test_shadow_share_is_written_and_audited() -> None:
+    r = release()
+    state = await r.set_shadow(M, ShadowBody(percent=25), who="alice", if_revision=1)
+    assert state.shadow_percent == 25 and (await last_audit(r))["action"] == "set_shadow"
+    for bad in ({"percent": 101}, {"percent": True}, {"percent": 5.5}, {}):
+        with pytest.raises(ValidationError):
+            ShadowBody.model_validate(bad)
+
+
+# ---------------------------------------------------------------------------------------------- starting
+
+
+async def test_start_moves_the_color_at_zero_to_the_first_stage_of_the_models_policy() -> None:
+    r = release()
+    state = await started(r, reason="release 2")
+    assert state.canary.phase == Phase.PROGRESSING and state.canary.candidate == "green"
+    assert state.weights == {"blue": 90, "green": 10} and state.canary.policy == QUICK
+    entry = await last_audit(r)
+    assert (entry["who"], entry["action"], entry["reason"]) == ("alice", "canary_start", "release 2")
+
+
+async def test_start_overrides_apply_on_top_of_the_routing_policy() -> None:
+    r = release()
+    state = await started(r, policy={"min_requests": 7})
+    assert state.canary.policy.min_requests == 7 and state.canary.policy.stages == QUICK.stages
+    legacy = release()  # the first API's form: overrides alone, beside the other keys
+    state = await legacy.start(M, StartBody.model_validate({"min_requests": 9, "reason": "x"}), who="alice")
+    assert state.canary.policy.min_requests == 9
+
+
+async def test_a_bad_policy_override_names_the_field_and_starts_nothing() -> None:
+    r = release()
+    await refused(r, BadRequest, r"invalid policy: max_p95: unknown field", started(r, policy={"max_p95": 1}))
+    await refused(r, BadRequest, r"stages\.0\.weight", started(r, policy={"stages": [{"weight": 100}]}))
+
+
+async def test_no_second_start_while_one_is_active() -> None:
+    r = release()
+    await started(r)
+    await refused(r, Conflict, "already progressing", started(r))
+
+
+async def test_no_start_on_a_color_that_already_carries_everything() -> None:
+    r = release()
+    await refused(r, Conflict, "blue already carries 100%", started(r, candidate="blue"))
+
+
+async def test_the_validation_gate_refuses_unless_forced(tmp_path: Path) -> None:
+    r = release(tmp_path, gate=True)
+    await refused(r, Conflict, r"digits:2 has no passing validation report \(no report at .*\).*with force",
+                  started(r))
+    report(tmp_path, "2", passed=False)
+    await refused(r, Conflict, r"did not pass \(failed: accuracy\)", started(r))
+    state = await started(r, force=True, reason="hotfix")
+    assert state.canary.phase == Phase.PROGRESSING
+    entry = await last_audit(r)
+    assert entry["action"] == "canary_start_forced"
+    assert entry["reason"].startswith("forced: the report at") and entry["reason"].endswith("; hotfix")
+
+
+async def test_a_passing_report_opens_the_gate(tmp_path: Path) -> None:
+    r = release(tmp_path, gate=True)
+    report(tmp_path, "2", passed=True)
+    await started(r)
+    assert (await last_audit(r))["action"] == "canary_start"
+
+
+# ---------------------------------------------------------------------------------------------- operators
+
+
+async def test_operator_commands_follow_the_phase() -> None:
+    r = release()
+    await refused(r, Conflict, "cannot pause: no rollout in progress", r.command(M, "pause", CommandBody(),
+                                                                                 who="bob"))
+    await started(r)
+    state = await r.command(M, "pause", CommandBody(reason="look"), who="bob")
+    assert state.canary.phase == Phase.PAUSED and state.canary.paused_by == "operator"
+    entry = await last_audit(r)
+    assert (entry["who"], entry["action"], entry["reason"]) == ("bob", "canary_pause", "look")
+    await refused(r, Conflict, "cannot pause: already paused", r.command(M, "pause", CommandBody(), who="bob"))
+    assert (await r.command(M, "resume", CommandBody(), who="bob")).canary.phase == Phase.PROGRESSING
+    await refused(r, Conflict, "cannot resume: not paused", r.command(M, "resume", CommandBody(), who="bob"))
+    state = await r.command(M, "promote", CommandBody(), who="bob")
+    assert state.canary.phase == Phase.PROMOTING and state.weights == {"blue": 0, "green": 100}
+    state = await r.command(M, "abort", CommandBody(), who="bob")
+    assert state.canary.phase == Phase.ROLLED_BACK and state.weights == {"blue": 100, "green": 0}
+
+
+# ---------------------------------------------------------------------------------------------- decisions
+
+
+async def test_a_decision_is_applied_with_the_weights_it_implies_and_holds_are_not_audited() -> None:
+    r = release()
+    state = await started(r)
+    audited = len(await r.store.read_audit(100))
+    held = canary.Status(**{**_fields(state.canary), "last_decision": canary.Decision(1.0, "hold", "waiting")})
+    state = await r.apply(state, held, [], who="controller", fenced=True)
+    assert len(await r.store.read_audit(100)) == audited and state.canary.last_decision == held.last_decision
+    advanced, actions = canary.advance(QUICK, state.canary, 2.0, {"n": 1}, "stage 1 passed")
+    state = await r.apply(state, advanced, actions, who="controller")
+    assert state.weights == {"blue": 50, "green": 50}
+    entry = await last_audit(r)
+    assert (entry["action"], entry["evidence"]) == ("canary_advance", {"n": 1})
+
+
+async def test_a_decision_on_stale_state_is_dropped() -> None:
+    r = release()
+    before = await started(r)
+    await r.command(M, "pause", CommandBody(), who="bob")
+    advanced, actions = canary.advance(QUICK, before.canary, 2.0, {}, "stage 1 passed")
+    with pytest.raises(PreconditionFailed):
+        await r.apply(before, advanced, actions, who="controller", fenced=True)
+    assert r.get(M).canary.phase == Phase.PAUSED and r.get(M).weights == {"blue": 90, "green": 10}
+
+
+async def test_after_a_promotion_and_a_manual_split_the_idle_color_is_the_candidate() -> None:
+    """The newcomer's stumble: promoted green, then ``weights blue=100`` — blue carries everything, so the next
+    release goes to green (the color at 0%), and ``canary start`` works without naming a candidate."""
+    r = release()
+    state = await started(r)
+    state = await r.command(M, "promote", CommandBody(), who="alice")
+    promoted, actions = canary.step(QUICK, state.canary, canary.Snapshot(canary.ColorSample(10), canary.ColorSample(),
+                                                                         new_candidate_requests=10), 5000.0)
+    state = await r.apply(state, promoted, actions, who="controller")
+    assert state.canary.phase == Phase.PROMOTED and (state.stable, state.candidate) == ("green", "blue")
+    state = await r.set_split(M, SplitBody(blue=100, green=0), who="alice", if_revision=None)
+    assert (state.stable, state.candidate) == ("blue", "green")
+    assert state.as_json()["candidate"] == "green"
+    state = await started(r)
+    assert state.canary.candidate == "green" and state.weights == {"blue": 90, "green": 10}
+
+
+def _fields(status: canary.Status) -> dict[str, Any]:
+    return {f: getattr(status, f) for f in status.__dataclass_fields__}
+
+
+# ---------------------------------------------------------------------------------------------- start-up
+
+
+def test_a_misspelled_canary_field_stops_the_gateway_naming_it(tmp_path: Path) -> None:
+    doc = routing_doc()
+    doc["models"][M]["canary"] = {"max_p95_msec": 120, "stages": [{"weight": 5, "hold_s": 60}]}
+    path = tmp_path / "routing.json"
+    path.write_text(json.dumps(doc))
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "gateway", "--config", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "BLUEGREEN_ADMIN_TOKENS": "a:abcdefghijklmnop"})
+    assert done.returncode == 2, done.stderr
+    assert "models.digits.canary.max_p95_msec" in done.stderr, done.stderr
