@@ -37,7 +37,7 @@ class Rig:
     blue: StubUpstream
     green: StubUpstream
 
-    async def infer(self, i: int = 0, **fields: Any) -> Reply:
+    async def infer(self, i: int = 0, /, **fields: Any) -> Reply:
         return await self.plane.infer(InferRequest(MODEL, body(i), **fields))
 
 
