@@ -61,7 +61,8 @@ def header(reply: Reply, name: str) -> str | None:
 
 @contextlib.asynccontextmanager
 async def rig(weights: tuple[int, int] = (100, 0), *, dead_blue: bool = False, cache: PredictionCache | None = None,
-              upstream: UpstreamSettings | None = None, **settings: Any) -> AsyncIterator[Rig]:
+              upstream: UpstreamSettings | None = None, shadow_percent: int = 0, **settings: Any
+              ) -> AsyncIterator[Rig]:
     """Blue (version 1) and green (version 2) on their own stub servers; ``dead_blue`` points blue at a port
     nothing listens on (a connection that cannot be opened)."""
     async with stubs(BLUE_LABEL, GREEN_LABEL) as (blue, green):
@@ -69,7 +70,8 @@ async def rig(weights: tuple[int, int] = (100, 0), *, dead_blue: bool = False, c
         routing = RoutingFile.model_validate({"models": {MODEL: {
             "colors": {"blue": {"version": "1", "backends": [blue_url]},
                        "green": {"version": "2", "backends": [green.url]}},
-            "weights": {"blue": weights[0], "green": weights[1]}, "candidate": "green"}}})
+            "weights": {"blue": weights[0], "green": weights[1]}, "candidate": "green",
+            "shadow_percent": shadow_percent}}})
         plane = DataPlane(GatewaySettings(upstream=upstream or UpstreamSettings(), **settings),
                           MemoryStateStore.from_routing(routing), cache)
         for version in ("1", "2"):  # known up front: no metadata calls to the stubs
