@@ -28,6 +28,7 @@ class StubUpstream:
         self.release = asyncio.Event()  # lets "hang" requests go on (with the scripted status)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
@@ -39,10 +40,14 @@ class StubUpstream:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
 
     async def close(self) -> None:
+        """Stop listening and end every connection's handler (none is left for the loop to cancel)."""
         if self._server is not None:
             self._server.close()
+            self.release.set()
             for w in list(self._writers):
                 w.close()
+            if self._handlers:
+                await asyncio.wait(list(self._handlers), timeout=5)
             await self._server.wait_closed()
 
     def answer(self, request_id: object) -> bytes:
@@ -55,6 +60,9 @@ class StubUpstream:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
         try:
             while True:
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
@@ -87,6 +95,7 @@ class StubUpstream:
             pass
         finally:
             self._writers.discard(writer)
+            self._handlers.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
