@@ -11,6 +11,7 @@ import httpx
 import orjson
 import pytest
 
+from tests.integration.expect import expect
 from tests.procs import admin_headers, routing, start_gateway, start_model_server, wait_until
 
 pytestmark = pytest.mark.usefixtures("model_repo")
@@ -19,7 +20,7 @@ NO_CACHE = {"cache-control": "no-cache, no-store"}
 
 
 def blue_backends(admin: str) -> dict[str, str]:
-    doc = httpx.get(f"{admin}/admin/v1/models", headers=admin_headers()).json()
+    doc = expect(httpx.get(f"{admin}/admin/v1/models", headers=admin_headers())).json()
     return {b["url"]: b["breaker"] for b in doc["models"][0]["colors"]["blue"]["backends"]}
 
 
@@ -45,12 +46,11 @@ def test_pods_behind_one_name_come_and_go_and_a_dead_pod_opens_only_its_breaker(
 
         with httpx.Client(base_url=data, timeout=10) as c:
             for _ in range(40):
-                assert c.post("/v2/models/digits/infer", content=BODY, headers=NO_CACHE).status_code == 200
+                expect(c.post("/v2/models/digits/infer", content=BODY, headers=NO_CACHE), 200, "two pods")
             pod_a.popen.send_signal(signal.SIGKILL)
             pod_a.wait(5)
             for _ in range(120):  # every request still answered: pod b (or green) takes them
-                r = c.post("/v2/models/digits/infer", content=BODY, headers=NO_CACHE)
-                assert r.status_code == 200
+                expect(c.post("/v2/models/digits/infer", content=BODY, headers=NO_CACHE), 200, "pod a killed")
         states = blue_backends(admin)
         assert states == {url_a: "open", url_b: "closed"}, states
 

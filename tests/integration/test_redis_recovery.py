@@ -12,6 +12,7 @@ import httpx
 import pytest
 import redis
 
+from tests.integration.expect import expect
 from tests.procs import admin_headers, routing, start_gateway, start_model_server, start_redis, wait_until
 
 pytestmark = pytest.mark.usefixtures("model_repo")
@@ -36,24 +37,25 @@ def test_redis_restarted_empty_the_next_admin_write_succeeds_audited_and_a_canar
                                     {"BLUEGREEN_REDIS_URL": f"redis://127.0.0.1:{rport}/0"})
     client = redis.Redis(port=rport)
     try:
-        r = httpx.put(f"{admin}{SPLIT}", json={"blue": 90, "green": 10, "reason": "before"}, headers=admin_headers())
-        assert r.status_code == 200, r.text
+        r = expect(httpx.put(f"{admin}{SPLIT}", json={"blue": 90, "green": 10, "reason": "before"},
+                             headers=admin_headers()), 200, "the split before the outage")
         etag = r.headers["etag"]
         wait_until(lambda: client.exists("bluegreen:leader"), 10, what="a controller lease")
         log_before = len(gw.log())
 
         rproc.stop()
         wait_until(lambda: "failed: " in gw.log()[log_before:], 10, what="a logged failure")
-        time.sleep(OUTAGE_S)  # the outage itself: several rounds of every background loop fail
+        # The outage's length is the scenario, not a wait for a condition: several rounds of every background loop
+        # (1 s apart) must fail, and only each loop's first failure shows in the log.
+        time.sleep(OUTAGE_S)
         rproc, _ = start_redis(tmp_path, port=rport)
         # restarted empty: nothing persisted (start_redis saves nothing), the state key is gone
 
         # The next write, with the ETag from before the outage, succeeds on the recovered state.
-        r = httpx.put(f"{admin}{SPLIT}", json={"blue": 80, "green": 20, "reason": "after"},
-                      headers={**admin_headers(), "if-match": etag})
-        assert r.status_code == 200, r.text
+        r = expect(httpx.put(f"{admin}{SPLIT}", json={"blue": 80, "green": 20, "reason": "after"},
+                             headers={**admin_headers(), "if-match": etag}), 200, "the first write after the outage")
         assert r.json() == {"blue": 80, "green": 20}
-        entries = httpx.get(f"{admin}/admin/v1/audit", headers=admin_headers()).json()["entries"]
+        entries = expect(httpx.get(f"{admin}/admin/v1/audit", headers=admin_headers())).json()["entries"]
         assert entries[0]["action"] == "set_weights" and entries[0]["reason"] == "after"
         assert entries[0]["new"]["weights"] == {"blue": 80, "green": 20}
         recovered = [e for e in entries if e["action"] == "state_recovered"]
@@ -62,15 +64,15 @@ def test_redis_restarted_empty_the_next_admin_write_succeeds_audited_and_a_canar
         assert recovered[0]["who"].startswith("gateway:")
 
         # A rollout starts on the recovered state, and the controller (lease re-taken) drives it.
-        r = httpx.put(f"{admin}{SPLIT}", json={"blue": 100, "green": 0}, headers=admin_headers())
-        assert r.status_code == 200, r.text
-        r = httpx.post(f"{admin}/admin/v1/models/digits/canary/start", headers=admin_headers(),
-                       json={"force": True, "policy": {"stages": [{"weight": 10, "hold_s": 3600}], "interval_s": 1}})
-        assert r.status_code == 200, r.text
+        expect(httpx.put(f"{admin}{SPLIT}", json={"blue": 100, "green": 0}, headers=admin_headers()))
+        r = expect(httpx.post(f"{admin}/admin/v1/models/digits/canary/start", headers=admin_headers(),
+                              json={"force": True,
+                                    "policy": {"stages": [{"weight": 10, "hold_s": 3600}], "interval_s": 1}}),
+                   200, "canary start")
         assert r.json()["phase"] == "progressing" and r.json()["weights"] == {"blue": 90, "green": 10}
-        wait_until(lambda: httpx.get(f"{admin}/admin/v1/models/digits/canary", headers=admin_headers())
+        wait_until(lambda: expect(httpx.get(f"{admin}/admin/v1/models/digits/canary", headers=admin_headers()))
                    .json()["last_analysis"] > r.json()["started_at"], 15, interval=0.2, what="an analysis")
-        assert httpx.get(f"{data}/v2/health/ready").status_code == 200
+        expect(httpx.get(f"{data}/v2/health/ready"))
 
         # Every background loop failed many rounds in the outage; each logged one traceback for its streak
         # and one line with the count when it recovered.
