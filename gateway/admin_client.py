@@ -1,29 +1,39 @@
-"""The operator verbs — ``bluegreen status|weights|canary|audit`` — as HTTP calls to the admin API.
+"""The operator verbs — ``bluegreen status|weights|shadow|canary|audit`` — as HTTP calls to the admin API.
 
-``gateway/cli.py`` only parses arguments; everything here takes plain values, so the tests drive each step
-(``put_weights`` with a given ETag, ``watch`` with a given sleep) against a real gateway. httpx's exceptions
-never leave :class:`AdminClient`: they become one of these, and :func:`run` turns them into a message on
-stderr and an exit status::
+``gateway/cli.py`` only parses arguments and ``gateway/admin_text.py`` only renders; everything here takes plain
+values, so the tests drive each step (``put_weights`` with a given ETag, ``watch`` with a given sleep) against a
+real gateway. httpx's exceptions never leave :class:`AdminClient`: they become one of these, and :func:`run`
+turns them into a message on stderr and an exit status::
 
     OperatorError (exit 1)
     ├── UsageError (exit 2)        no token, a malformed weights spec or policy: nothing was sent
     ├── AdminUnreachable (exit 1)  the admin URL refused the connection, timed out, is not HTTP
-    └── AdminError (exit 1)        the API answered 4xx/5xx; carries the status and the server's "error"
-        └── StaleWeights           412 on a weight change: someone else wrote first; carries what is there now
+    └── AdminError (exit 1)        the API answered 4xx/5xx; carries the status, the server's "error" and, after
+        │                          a 429, how long to wait (Retry-After)
+        ├── StaleWeights           412 on a weight change: someone else wrote first; carries what is there now
+        └── StaleRollout           412 on a canary command: the rollout changed between the read and the write
+
+Every write carries ``If-Match`` with the ETag read just before it: the admin API refuses a write without one
+(428), and a write decided on a state that has changed since is refused (412) rather than applied blindly.
+The server's messages name JSON body keys (it serves any client); where the CLI has a flag for a key, the
+message is rewritten to name the flag (:func:`cli_wording`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+
+from gateway.admin_text import format_audit_entry, format_canary, format_status, format_weights
 
 COLORS = ("blue", "green")
 CANARY_COMMANDS = ("start", "pause", "resume", "promote", "abort")
@@ -47,9 +57,12 @@ class AdminUnreachable(OperatorError):
 
 
 class AdminError(OperatorError):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after_s: int | None = None) -> None:
+        if retry_after_s is not None:
+            message += f"; wait {retry_after_s} s before trying again"
         super().__init__(message)
         self.status = status
+        self.retry_after_s = retry_after_s
 
     @property
     def transient(self) -> bool:
@@ -64,6 +77,29 @@ class StaleWeights(AdminError):
                               "Check who changed them (`bluegreen audit`) and run the command again if still wanted.")
         self.current = dict(current) if current else None
         self.etag = etag
+
+
+class StaleRollout(AdminError):
+    def __init__(self, model: str, command: str, current: Mapping[str, Any] | None) -> None:
+        now = f" it is now {current.get('phase')} at {format_weights(current.get('weights') or {})}" if current else ""
+        super().__init__(412, f"the rollout of {model!r} changed while `canary {command}` was sent; nothing was "
+                              f"done;{now}. Run the command again if still wanted.")
+        self.current = dict(current) if current else None
+
+
+_FLAGS = {"force": "--force", "candidate": "--candidate", "policy": "--policy", "reason": "--reason"}
+_JSON_KEY = re.compile(r'"(force|candidate|policy|reason)": ?(?:true|"[^"]*"|\{[^}]*\})')
+_BARE_KEY = re.compile(r"\b(with|send|pass|add) (force)\b")
+_FIELD = re.compile(r"(body: |; )(force|candidate|policy|reason)([:.])")
+
+
+def cli_wording(message: str) -> str:
+    """The server's message with its body keys named as the CLI's flags. The admin API serves any client, so it
+    names JSON keys: ``start with "force": true`` (the first API's wording), ``start anyway with force`` (the
+    release core's), ``invalid body: reason: ...`` (a field refused); the CLI's user knows only the flags."""
+    message = _JSON_KEY.sub(lambda m: _FLAGS[m.group(1)], message)
+    message = _BARE_KEY.sub(lambda m: f"{m.group(1)} {_FLAGS[m.group(2)]}", message)
+    return _FIELD.sub(lambda m: f"{m.group(1)}{_FLAGS[m.group(2)]}{':' if m.group(3) == ':' else ' '}", message)
 
 
 # ------------------------------------------------------------------------------------------ connection
@@ -122,7 +158,7 @@ class AdminClient:
             raise AdminUnreachable(f"talking to the admin API at {self.url} failed: {exc}") from None
         if response.is_success:
             return response
-        raise AdminError(response.status_code, _error_message(response))
+        raise AdminError(response.status_code, _error_message(response), _retry_after(response))
 
     def get(self, path: str, params: dict[str, str] | None = None) -> Any:
         return _json(self.request("GET", path, params=params))
@@ -159,13 +195,13 @@ class AdminClient:
                                                  headers={"if-match": etag}))
         return doc
 
-    def canary(self, model: str) -> dict[str, Any]:
-        doc: dict[str, Any] = self.get(f"/models/{_seg(model)}/canary")
-        return doc
+    def canary(self, model: str) -> tuple[dict[str, Any], str]:
+        response = self.request("GET", f"/models/{_seg(model)}/canary")
+        return _json(response), response.headers.get("etag", "*")
 
-    def canary_command(self, model: str, command: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    def canary_command(self, model: str, command: str, body: Mapping[str, Any], etag: str) -> dict[str, Any]:
         doc: dict[str, Any] = _json(self.request("POST", f"/models/{_seg(model)}/canary/{command}",
-                                                 json_body=dict(body)))
+                                                 json_body=dict(body), headers={"if-match": etag}))
         return doc
 
     def audit(self, limit: int) -> list[dict[str, Any]]:
@@ -197,6 +233,16 @@ def _error_message(response: httpx.Response) -> str:
     return f"HTTP {response.status_code} from {response.request.url}" + (f": {text}" if text else "")
 
 
+def _retry_after(response: httpx.Response) -> int | None:
+    """A 429's Retry-After in whole seconds (the admin API sends delta-seconds); None when absent or unreadable."""
+    if response.status_code != 429:
+        return None
+    try:
+        return max(0, int(response.headers.get("retry-after", "")))
+    except ValueError:
+        return None
+
+
 def run(url: str | None, token_file: Path | None, verb: Callable[[AdminClient], int],
         environ: Mapping[str, str] = os.environ) -> int:
     """Resolve URL and token, run ``verb``; an OperatorError becomes ``error: ...`` on stderr and its exit code."""
@@ -204,7 +250,7 @@ def run(url: str | None, token_file: Path | None, verb: Callable[[AdminClient], 
         with AdminClient(admin_url(url, environ), admin_token(token_file, environ)) as client:
             return verb(client)
     except OperatorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cli_wording(str(exc))}", file=sys.stderr)
         return exc.exit_code
 
 
@@ -249,77 +295,6 @@ def watch(client: AdminClient, interval_s: float, *, as_json: bool = False,
             sleep(interval_s)
     except KeyboardInterrupt:
         return 0
-
-
-def format_status(doc: Mapping[str, Any]) -> str:
-    stats = {s["model"]: s for s in doc.get("stats", [])}
-    blocks = [_format_model(m, stats.get(m["name"], {})) for m in doc.get("models", [])]
-    return "\n\n".join(blocks) if blocks else "no models configured"
-
-
-def _format_model(model: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
-    canary = model.get("canary") or {}
-    lines = [f"{model['name']}  weights {format_weights(model['weights'])}  stable {model.get('stable', '?')}  "
-             f"candidate {model.get('candidate', '?')}  revision {model.get('revision', '?')}",
-             f"  canary {_canary_summary(canary)}"]
-    rows = [("color", "version", "weight", "p50 ms", "p95 ms", "p99 ms", "errors", "rps", "requests", "breakers")]
-    for color in COLORS:
-        c = model["colors"][color]
-        s = stats.get("colors", {}).get(color, {})
-        rows.append((color, str(c.get("version", "?")), f"{model['weights'][color]}%", _ms(s.get("p50_ms")),
-                     _ms(s.get("p95_ms")), _ms(s.get("p99_ms")), _percent(s.get("error_rate"), s.get("count")),
-                     _number(s.get("rps")), _number(s.get("count")), _breakers(c.get("backends", []))))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    window = next((s.get("window_s") for s in stats.get("colors", {}).values() if s.get("window_s")), None)
-    if window:
-        lines.append(f"  (latency, errors and rps over the last {window:g} s)")
-    return "\n".join(lines)
-
-
-def _canary_summary(canary: Mapping[str, Any]) -> str:
-    phase = canary.get("phase", "idle")
-    if phase == "idle":
-        return "idle"
-    text = f"{phase}, candidate {canary.get('candidate', '?')}, stage {_stage(canary)}"
-    if canary.get("time_in_stage_s") is not None:
-        text += f" for {canary['time_in_stage_s']:.0f} s"
-    last = canary.get("last_decision")
-    if last:
-        text += f"; last decision: {last.get('result')} — {last.get('reason')}"
-    return text
-
-
-def _stage(canary: Mapping[str, Any]) -> str:
-    stage, stages = canary.get("stage", 0), canary.get("stages", 0)
-    if stages and stage > stages:
-        return "promotion"
-    return f"{stage}/{stages}"
-
-
-def _breakers(backends: Iterable[Mapping[str, Any]]) -> str:
-    states = [str(b.get("breaker", "?")) for b in backends]
-    if not states:
-        return "no backends"
-    if len(set(states)) == 1:
-        return states[0] if len(states) == 1 else f"{len(states)}× {states[0]}"
-    return " ".join(states)
-
-
-def _ms(value: Any) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def _number(value: Any) -> str:
-    return "-" if value is None else f"{value:g}"
-
-
-def _percent(rate: Any, count: Any) -> str:
-    return "-" if rate is None or not count else f"{rate * 100:.2f}%"
-
-
-def format_weights(weights: Mapping[str, Any]) -> str:
-    return " / ".join(f"{c} {weights.get(c, '?')}%" for c in COLORS)
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -370,8 +345,14 @@ def put_weights(client: AdminClient, model: str, weights: Mapping[str, int], eta
 
 
 def set_weights(client: AdminClient, model: str, specs: Sequence[str], reason: str | None = None) -> int:
-    weights = parse_weights(specs)
+    """Show the split (no ``specs``) or set it, ``If-Match`` on the split just read."""
+    weights = parse_weights(specs) if specs else None
+    if weights is None and reason:
+        raise UsageError("--reason goes with a change: give the new weight of a color (green=N or blue=N)")
     before, etag = client.split(model)
+    if weights is None:
+        print(f"{model}: weights {format_weights(before)}")
+        return 0
     after, _ = put_weights(client, model, weights, etag, reason)
     print(f"{model}: weights {format_weights(after)} (were {format_weights(before)})")
     return 0
@@ -439,26 +420,33 @@ def canary_body(command: str, *, force: bool = False, candidate: str | None = No
     return body
 
 
-def canary(client: AdminClient, model: str, command: str, *, force: bool = False, candidate: str | None = None,
-           policy: str | None = None, reason: str | None = None, as_json: bool = False) -> int:
-    """POST the command (a malformed ``--policy`` is refused before anything is sent) and show the outcome."""
-    body = canary_body(command, force=force, candidate=candidate, policy=policy, reason=reason)
-    doc = client.canary_command(model, command, body)
+def canary(client: AdminClient, model: str, command: str | None, *, force: bool = False,
+           candidate: str | None = None, policy: str | None = None, reason: str | None = None,
+           as_json: bool = False) -> int:
+    """Show the rollout (no ``command``), or POST the command with ``If-Match`` on the rollout just read and show
+    the outcome. A malformed ``--policy`` is refused before anything is sent; a 412 is not retried (the command
+    was decided on a rollout that has moved on); the server's refusals name the CLI's flags."""
+    if command is None:
+        given = [flag for flag, value in (("--force", force), ("--candidate", candidate), ("--policy", policy),
+                                          ("--reason", reason)) if value]
+        if given:
+            raise UsageError(f"{', '.join(given)} go with a command: `canary MODEL start|pause|...`")
+        doc, _ = client.canary(model)
+    else:
+        body = canary_body(command, force=force, candidate=candidate, policy=policy, reason=reason)
+        _, etag = client.canary(model)
+        try:
+            doc = client.canary_command(model, command, body, etag)
+        except AdminError as exc:
+            if exc.status != 412:
+                raise
+            try:
+                current: dict[str, Any] | None = client.canary(model)[0]
+            except OperatorError:
+                current = None
+            raise StaleRollout(model, command, current) from None
     print(json.dumps(doc, indent=2) if as_json else format_canary(doc))
     return 0
-
-
-def format_canary(doc: Mapping[str, Any]) -> str:
-    lines = [f"{doc.get('model', '?')}: canary {doc.get('phase')}, candidate {doc.get('candidate')}, "
-             f"stage {_stage(doc)}",
-             f"  weights {format_weights(doc.get('weights') or {})}"]
-    last = doc.get("last_decision")
-    if last:
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last["time"])) if last.get("time") else "?"
-        lines.append(f"  last decision {when}: {last.get('result')} — {last.get('reason')}")
-        if last.get("evidence"):
-            lines.append(f"  evidence {_compact(last['evidence'])}")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ audit
@@ -481,29 +469,3 @@ def audit(client: AdminClient, limit: int, model: str | None = None, *, as_json:
         for entry in entries:
             print(format_audit_entry(entry))
     return 0
-
-
-def format_audit_entry(entry: Mapping[str, Any]) -> str:
-    when = entry.get("time_iso") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.get("time", 0)))
-    parts = [when, str(entry.get("who")), str(entry.get("action")), str(entry.get("model") or "-"),
-             json.dumps(entry["reason"], ensure_ascii=False) if entry.get("reason") else "-"]
-    change = _change(entry.get("old"), entry.get("new"))
-    if change:
-        parts.append(change)
-    return "  ".join(parts)
-
-
-def _change(old: Any, new: Any) -> str:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = [*old, *(k for k in new if k not in old)]
-        return "; ".join(f"{k} {_compact(old.get(k))} → {_compact(new.get(k))}" for k in keys)
-    if old is None and new is None:
-        return ""
-    return f"{_compact(old)} → {_compact(new)}"
-
-
-def _compact(value: Any) -> str:
-    if isinstance(value, dict) and all(not isinstance(v, dict | list) for v in value.values()):
-        keys = sorted(value, key=lambda k: (COLORS.index(k) if k in COLORS else len(COLORS), str(k)))
-        return " ".join(f"{k}={value[k]}" for k in keys)  # blue before green, whichever was written first
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

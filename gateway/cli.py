@@ -1,4 +1,9 @@
-"""The ``bluegreen`` command: one console script, one sub-command per verb (README.md, "Commands")."""
+"""The ``bluegreen`` command: one console script, one sub-command per verb (README.md, "Commands").
+
+The parser's texts are what ``bluegreen --help`` prints, so they are plain text: the module docstring is not
+reused as the description (its reStructuredText markup would show), and each sub-command's one-line ``help``
+is also its ``--help`` description (:func:`_add`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from models.build import DEFAULT_REPOSITORY
+from serving.repository import DEFAULT_REPOSITORY
 
 
 def _cmd_build_models(args: argparse.Namespace) -> int:
@@ -126,17 +131,28 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                         lambda c: operator.audit(c, args.limit, args.model, as_json=args.json))
 
 
+DESCRIPTION = ("bluegreen: an inference gateway that splits predictions between a blue and a green model "
+               "server, and the tools around it. One sub-command per verb; 'bluegreen COMMAND --help' for its "
+               "options. The operator verbs (status, weights, shadow, canary, audit) call the admin API at "
+               "$BLUEGREEN_ADMIN_URL with the token in $BLUEGREEN_ADMIN_TOKEN; 'bluegreen up' prints both.")
+
+
+def _add(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str) -> argparse.ArgumentParser:
+    """A sub-command whose one-line summary (in ``bluegreen --help``) is also the description of its own help."""
+    return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bluegreen", description=__doc__)
+    parser = argparse.ArgumentParser(prog="bluegreen", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("build-models", help="build every bundled model (skips what is current)")
+    p = _add(sub, "build-models", "build every bundled model (skips what is current)")
     p.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY)
     p.add_argument("--only", action="append", default=[], metavar="NAME[:VERSION]")
     p.add_argument("--force", action="store_true", help="rebuild even what is current")
     p.set_defaults(func=_cmd_build_models)
 
-    p = sub.add_parser("serve-model", help="run one V2 model server")
+    p = _add(sub, "serve-model", "run one V2 model server")
     p.add_argument("--repo", type=Path)
     p.add_argument("--model", action="append", metavar="NAME[:VERSION]", help="repeat to serve several")
     p.add_argument("--host")
@@ -152,11 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault-error-rate", type=float, help="drills: fraction of inferences answered 500")
     p.set_defaults(func=_cmd_serve_model)
 
-    p = sub.add_parser("gateway", help="run the gateway (data and admin listeners)")
+    p = _add(sub, "gateway", "run the gateway (data and admin listeners)")
     p.add_argument("--config", type=Path, help="the YAML routing file (default: $BLUEGREEN_CONFIG)")
     p.set_defaults(func=_cmd_gateway)
 
-    p = sub.add_parser("up", help="run the whole local stack: blue, green and the gateway")
+    p = _add(sub, "up", "run the whole local stack: blue, green and the gateway")
     p.add_argument("--blue", default="digits:1", metavar="NAME:VERSION")
     p.add_argument("--green", default="digits:2", metavar="NAME:VERSION")
     p.add_argument("--repo", type=Path, default=None)
@@ -168,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path, default=Path(".bluegreen"), help="routing file, state, logs")
     p.set_defaults(func=_cmd_up)
 
-    p = sub.add_parser("bench", help="run benchmarks and write docs/benchmarks.md")
+    p = _add(sub, "bench", "run benchmarks and write docs/benchmarks.md")
     # No argparse choices: Python 3.11 checks an empty nargs="*" list against them and refuses it; the runner
     # refuses unknown names itself.
     p.add_argument("suites", nargs="*", metavar="SUITE",
@@ -179,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="the serving suite's device (cuda: its own report section); other suites ignore it")
     p.set_defaults(func=_cmd_bench)
-    p = sub.add_parser("validate", help="the release plan's validation gate for one model version")
+    p = _add(sub, "validate", "the release plan's validation gate for one model version")
     p.add_argument("--model", required=True, metavar="NAME:VERSION")
     p.add_argument("--baseline", metavar="NAME:VERSION", help="also measure this version and show the differences")
     p.add_argument("--url", help="a running V2 server to validate (default: start one on a free loopback port)")
@@ -189,30 +205,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="for the server started here")
     p.set_defaults(func=_cmd_validate)
 
-    p = sub.add_parser("status", help="weights, canary, latency, errors and breakers of every model")
+    p = _add(sub, "status", "weights, canary, latency, errors and breakers of every model")
     p.add_argument("--watch", action="store_true", help="redraw every --interval seconds until Ctrl-C")
     p.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between redraws (default 2)")
     p.add_argument("--json", action="store_true", help="print the admin API's JSON instead of the table")
     _admin_options(p)
     p.set_defaults(func=_cmd_status)
 
-    p = sub.add_parser("weights", help="set a model's split: MODEL green=N (or blue=N, or both summing to 100)")
+    p = _add(sub, "weights", "show a model's split, or set it: MODEL green=N (or blue=N, or both summing to 100)")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("weights", nargs="+", metavar="COLOR=N")
+    p.add_argument("weights", nargs="*", metavar="COLOR=N", help="the new weights; omit to show the current split")
     p.add_argument("--reason", help="recorded in the audit log")
     _admin_options(p)
     p.set_defaults(func=_cmd_weights)
 
-    p = sub.add_parser("shadow", help="show or set the share of requests copied to the other color")
+    p = _add(sub, "shadow", "show or set the share of requests copied to the other color")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("percent", nargs="?", type=int, metavar="PERCENT", help="0-100; omit to show the current share")
     p.add_argument("--reason", help="recorded in the audit log")
     _admin_options(p)
     p.set_defaults(func=_cmd_shadow)
 
-    p = sub.add_parser("canary", help="start, pause, resume, promote or abort a model's canary rollout")
+    p = _add(sub, "canary", "show a model's canary rollout, or start, pause, resume, promote or abort it")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("action", choices=["start", "pause", "resume", "promote", "abort"])
+    p.add_argument("action", nargs="?", choices=["start", "pause", "resume", "promote", "abort"],
+                   help="omit to show the rollout: phase, stage, weights, the last decision")
     p.add_argument("--force", action="store_true", help="start: without a passing validation report (audited)")
     p.add_argument("--candidate", choices=["blue", "green"], help="start: the color released (default: the one at 0%%)")
     p.add_argument("--policy", metavar="JSON|@FILE", help="start: policy overrides, inline or from a file")
@@ -221,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     _admin_options(p)
     p.set_defaults(func=_cmd_canary)
 
-    p = sub.add_parser("audit", help="the audit log, newest first")
+    p = _add(sub, "audit", "the audit log, newest first")
     p.add_argument("--limit", type=int, default=20, metavar="N", help="entries to show (default 20)")
     p.add_argument("--model", metavar="M", help="only this model's entries")
     p.add_argument("--json", action="store_true", help="print the admin API's JSON instead")

@@ -1,9 +1,10 @@
-"""The operator verbs (``bluegreen status|weights|canary|audit``) against a real gateway process in front of
-real model servers on loopback. One stack serves the module; every test starts from blue 100 / green 0 with
-no rollout in progress."""
+"""The operator verbs (``bluegreen status|weights|shadow|canary|audit``) against a real gateway process in front
+of real model servers on loopback. One stack serves the module; every test starts from blue 100 / green 0 with
+no rollout in progress. The help texts are checked without a gateway."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import orjson
 import pytest
 
 from gateway import admin_client as operator
-from gateway.cli import main
+from gateway.cli import build_parser, main
 from tests.procs import ADMIN_TOKEN, admin_headers, free_port, routing, start_gateway, start_model_server
 
 ROW = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8, 0,
@@ -27,6 +28,7 @@ POLICY = '{"stages":[{"weight":10,"hold_s":1}],"interval_s":1,"min_requests":5}'
 class Stack:
     data: str
     admin: str
+    backends: tuple[str, str]
 
     def split(self) -> dict[str, int]:
         r = httpx.get(f"{self.admin}/admin/v1/models/digits/split", headers=admin_headers())
@@ -53,7 +55,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_repo: Path) -> Iterato
         try:
             gw, data, admin = start_gateway(tmp, routing([blue_url], [green_url]))
             try:
-                yield Stack(data, admin)
+                yield Stack(data, admin, (blue_url, green_url))
             finally:
                 gw.stop()
         finally:
@@ -66,7 +68,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_repo: Path) -> Iterato
 def admin_env(stack: Stack, monkeypatch: pytest.MonkeyPatch, _no_bluegreen_env: None) -> Stack:
     """The operator's environment, and a known starting state: no rollout, blue 100 / green 0."""
     if stack.canary()["phase"] in ("progressing", "paused", "promoting"):
-        r = httpx.post(f"{stack.admin}/admin/v1/models/digits/canary/abort", headers=admin_headers())
+        r = httpx.post(f"{stack.admin}/admin/v1/models/digits/canary/abort",
+                       headers={**admin_headers(), "if-match": "*"})
         assert r.status_code == 200, r.text
     stack.put_split(100, 0)
     monkeypatch.setenv("BLUEGREEN_ADMIN_URL", stack.admin)
@@ -280,3 +283,72 @@ def test_shadow_shows_and_sets_the_share(stack: Stack, capsys: pytest.CaptureFix
         assert "shadow 10%" in capsys.readouterr().out
     finally:
         assert main(["shadow", "digits", "0"]) == 0
+
+
+def test_weights_without_a_value_shows_the_split(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    stack.put_split(75, 25)
+    assert main(["weights", "digits"]) == 0
+    assert capsys.readouterr().out.strip() == "digits: weights blue 75% / green 25%"
+    assert stack.split() == {"blue": 75, "green": 25}
+    assert main(["weights", "digits", "--reason", "nothing to change"]) == 2  # a reason without a change
+    assert "--reason goes with a change" in capsys.readouterr().err
+
+
+def test_canary_without_a_command_shows_the_rollout(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["canary", "digits"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("digits: canary ") and "weights blue 100% / green 0%" in out
+    assert main(["canary", "digits", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["model"] == "digits" and doc["phase"] == stack.canary()["phase"]
+    assert main(["canary", "digits", "--force"]) == 2  # a start option without a command: nothing is sent
+    assert "--force go with a command" in capsys.readouterr().err
+
+
+def test_the_validation_gate_refusal_names_the_cli_flag(stack: Stack, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A gateway with the gate on (an empty validation repository: no version has a report) refuses the start;
+    the server's words name its JSON body key, the CLI's name ``--force``."""
+    gw, _, admin = start_gateway(tmp_path, routing([stack.backends[0]], [stack.backends[1]]),
+                                 {"BLUEGREEN_VALIDATION_REPO": str(tmp_path / "no-reports")})
+    try:
+        assert main(["canary", "digits", "start", "--admin-url", admin]) == 1
+        err = capsys.readouterr().err
+        assert "no passing validation report" in err and "--force" in err, err
+        assert '"force"' not in err and " force " not in err.replace("--force", ""), err
+        assert main(["canary", "digits", "start", "--force", "--admin-url", admin, "--policy", POLICY]) == 0
+        assert "canary progressing, candidate green" in capsys.readouterr().out
+    finally:
+        gw.stop()
+
+
+def test_after_429_the_cli_says_how_long_to_wait(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Its own gateway (one failed authentication locks the address out for 30 s), so the module's stays open."""
+    gw, _, admin = start_gateway(tmp_path, routing([stack.backends[0]], [stack.backends[1]]),
+                                 {"BLUEGREEN_AUTH_MAX_FAILURES": "1", "BLUEGREEN_AUTH_WINDOW_S": "30"})
+    try:
+        monkeypatch.setenv("BLUEGREEN_ADMIN_TOKEN", "not-the-token-0123456789")
+        assert main(["status", "--admin-url", admin]) == 1
+        assert "(HTTP 401)" in capsys.readouterr().err
+        monkeypatch.setenv("BLUEGREEN_ADMIN_TOKEN", ADMIN_TOKEN)  # even the right token waits now
+        assert main(["weights", "digits", "--admin-url", admin]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "(HTTP 429)" in err, err
+        wait = int(err.rsplit("wait ", 1)[1].split(" s before trying again")[0])
+        assert 1 <= wait <= 30, err
+    finally:
+        gw.stop()
+
+
+def test_help_is_plain_text() -> None:
+    """``bluegreen --help`` and every sub-command's help: no reStructuredText markup, and each says what it does."""
+    parser = build_parser()
+    texts = {"bluegreen": parser.format_help()}
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # argparse has no API
+    for name, sub in subs.choices.items():
+        texts[name] = sub.format_help()
+    assert set(texts) >= {"bluegreen", "status", "weights", "shadow", "canary", "audit", "up", "validate"}
+    for name, text in texts.items():
+        assert "``" not in text and "`" not in text, (name, text)
+        assert len(text.split("\n\n")) >= 3, (name, text)  # usage, a description, the arguments
