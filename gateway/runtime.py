@@ -41,7 +41,8 @@ class ColorRuntime:
         return self.pool.backends
 
     def record(self, latency_s: float, ok: bool) -> None:
-        """One attempt's outcome: into the window and the cumulative counts (what the request path does inline)."""
+        """One attempt's outcome: into the window and the cumulative counts. The request path does the same
+        inline (``Forwarder._settle``); this is for everything else that records an attempt (tests, tools)."""
         self.window.record(latency_s, ok)
         self.requests += 1
         self.errors += not ok
@@ -54,9 +55,6 @@ class ColorRuntime:
         """Every backend's breaker is open: the color cannot take a request now (True for a color without any
         backend, which cannot either)."""
         return all(b.breaker.state == "open" for b in self.pool.backends)
-
-    def any_admitting(self) -> bool:
-        return self.pool.any_admitting()
 
     def backends_json(self) -> list[dict[str, object]]:
         return [b.as_json() for b in self.pool.backends]
