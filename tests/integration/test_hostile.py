@@ -26,6 +26,7 @@ import pytest
 from gateway.settings import GatewaySettings, ListenerLimits
 from loadtests import hostile
 from serving.http_server import Limits
+from tests.integration.expect import expect
 from tests.procs import Proc, routing, start_gateway, start_model_server, wait_until
 
 pytestmark = pytest.mark.usefixtures("model_repo")
@@ -153,7 +154,7 @@ def test_malformed_framing_and_oversized_headers_get_a_json_4xx_at_once_on_both_
         assert out.answer_s is not None and out.answer_s < 0.1, (where, out.answer_s)
         assert out.closed_s is not None, f"{where}: the connection was left open"
     with httpx.Client(base_url=stack.data, timeout=10) as c:  # the listener still serves
-        assert c.post(INFER, content=BODY).status_code == 200
+        expect(c.post(INFER, content=BODY), 200, "the listener after the malformed requests")
     after = model_server_requests(stack.model_urls)
     # The one good request above went upstream (or came from the cache): at most one request, one row, moved.
     assert after[0] - before[0] <= 1 and after[1] - before[1] <= 1, (before, after)
@@ -215,7 +216,7 @@ def test_a_client_that_never_reads_its_answers_is_let_go(stack: Stack) -> None:
         assert out.error is None, out
         assert out.lifetime_s is not None, f"{out.kind}: still open"
         assert out.lifetime_s <= send_s + 2 * GAP_S + SLACK_S, (out.kind, out.lifetime_s)
-    assert httpx.get(f"{stack.data}/v2/health/live").status_code == 200
+    expect(httpx.get(f"{stack.data}/v2/health/live"), 200, "after the non-readers")
 
 
 # ---------------------------------------------------------------------------------------------------- the flood
@@ -293,6 +294,7 @@ def test_sixteen_bodies_of_the_maximum_size_keep_memory_bounded_and_health_fast(
     Gateway peak RSS (VmHWM) ≤ 400 MB and VmRSS back within 50 MB of its start within 10 s;
     ``/v2/health/live`` answers in < 100 ms throughout (probed every 20 ms by another process); every answer
     is a 4xx with ``{"error"}`` or the budget's 503."""
+    import select
     import subprocess
     import sys
 
@@ -306,7 +308,10 @@ def test_sixteen_bodies_of_the_maximum_size_keep_memory_bounded_and_health_fast(
                    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (INFER.encode(), len(body))) + body
         probe = subprocess.Popen([sys.executable, "-c", LIVE_PROBE, str(port), "25"], stdout=subprocess.PIPE)
         try:
-            time.sleep(0.3)  # the probe is connected and probing before the bodies arrive
+            # The probe is connected and probing before the bodies arrive: it prints a line per answered probe.
+            assert probe.stdout is not None
+            ready, _, _ = select.select([probe.stdout], [], [], 10)
+            assert ready and probe.stdout.readline(), "the health probe answered nothing within 10 s"
 
             async def send_all() -> list[hostile.Outcome]:
                 clock = hostile.Clock()
