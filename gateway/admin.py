@@ -1,9 +1,11 @@
 """The admin listener: ``/admin/v1`` as thin endpoints over the release core.
 
 Each endpoint authenticates (``gateway.auth``), parses the body into one of the release core's pydantic bodies,
-calls the core (``gateway.release``) and renders its answer; every rule about what may change and when lives in
-the core. Every write is compare-and-set (If-Match carries the ETag a reader got) and audited with the token's
-name; a refused request changes nothing.
+calls the core (``gateway.release``) and renders its answer; every rule about what may change, when and by whom
+lives in the core (reads need the ``viewer`` role, checked here). Every write is compare-and-set: it must carry
+``If-Match`` with the ETag its author read (428 without one, unless ``BLUEGREEN_ADMIN__REQUIRE_IF_MATCH=false``;
+``If-Match: *`` is an explicit unconditional write) and is audited with the token's name and roles; a refused
+request changes nothing.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.auth import Authenticator
+from gateway.auth import Authenticator, Principal
 from gateway.canary import COMMANDS, Command
 from gateway.dataplane import DataPlane
-from gateway.errors import BadRequest, NotFound
+from gateway.errors import BadRequest, NotFound, PreconditionRequired
 from gateway.policy import describe
-from gateway.release import ColorBody, CommandBody, Release, ShadowBody, SplitBody, StartBody
+from gateway.release import ApproveBody, ColorBody, CommandBody, Release, ShadowBody, SplitBody, StartBody
 from gateway.settings import COLORS, Color
 from gateway.state import ModelState
 from serving.errors import exception_handlers
@@ -37,10 +39,15 @@ def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) ->
     return Response(orjson.dumps(doc), status_code=status, media_type="application/json", headers=headers)
 
 
-def _if_match(request: Request) -> int | None:
-    """The revision an If-Match header names; None when absent or ``*`` (unconditional write)."""
+def _if_match(request: Request, required: bool) -> int | None:
+    """The revision an If-Match header names; None for ``*`` (an unconditional write) or, where allowed, none."""
     value = request.headers.get("if-match")
-    if value is None or value.strip() == "*":
+    if value is None:
+        if required:
+            raise PreconditionRequired("admin writes need If-Match with the model's ETag (read it with a GET: "
+                                       "the ETag header), or If-Match: * to write unconditionally")
+        return None
+    if value.strip() == "*":
         return None
     tag = value.strip().removeprefix("W/").strip('"')
     try:
@@ -66,12 +73,29 @@ async def _parse(request: Request, body: type[B], *, optional: bool = False) -> 
         raise BadRequest(f"invalid body: {describe(exc)}") from None
 
 
-def create_admin_app(release: Release, plane: DataPlane, auth: Authenticator) -> Starlette:
+def create_admin_app(release: Release, plane: DataPlane, auth: Authenticator, *,
+                     require_if_match: bool = False) -> Starlette:
     """The admin API over ``release`` (the rules and the state) and ``plane`` (the live numbers it shows)."""
 
-    def who(request: Request) -> str:
+    def caller(request: Request) -> Principal:
         client = request.client.host if request.client else "unknown"
         return auth.authenticate(client, request.headers.get("authorization"))
+
+    def who(request: Request) -> Principal:
+        """A reader: any token with the viewer role (or more)."""
+        actor = caller(request)
+        actor.require("viewer", "reading the admin API")
+        return actor
+
+    def writer(request: Request) -> tuple[Principal, str, int | None]:
+        """A writer: the caller (roles are the core's to judge), the model and the If-Match revision — in that
+        order, so an unknown path is 404 whatever the headers."""
+        actor = caller(request)
+        model = model_of(request).name
+        color = request.path_params.get("color")
+        if color is not None and color not in COLORS:
+            raise NotFound(f"unknown color {color!r}: blue or green")
+        return actor, model, _if_match(request, require_if_match)
 
     def model_of(request: Request) -> ModelState:
         return release.get(request.path_params["model"])
@@ -104,19 +128,17 @@ def create_admin_app(release: Release, plane: DataPlane, auth: Authenticator) ->
         return tagged(dict(state.weights), state)
 
     async def put_split(request: Request) -> Response:
-        name, model = who(request), model_of(request).name
+        actor, model, revision = writer(request)
         body = await _parse(request, SplitBody)
-        state = await release.set_split(model, body, who=name, if_revision=_if_match(request))
+        state = await release.set_split(model, body, actor=actor, if_revision=revision)
         return tagged(dict(state.weights), state)
 
     async def put_color(request: Request) -> Response:
-        name, model = who(request), model_of(request).name
+        actor, model, revision = writer(request)
         color = request.path_params["color"]
-        if color not in COLORS:
-            raise NotFound(f"unknown color {color!r}: blue or green")
         body = await _parse(request, ColorBody)
         c: Color = "blue" if color == "blue" else "green"
-        state = await release.set_color(model, c, body, who=name, if_revision=_if_match(request))
+        state = await release.set_color(model, c, body, actor=actor, if_revision=revision)
         return tagged(model_json(state), state)
 
     async def get_shadow(request: Request) -> Response:
@@ -126,9 +148,9 @@ def create_admin_app(release: Release, plane: DataPlane, auth: Authenticator) ->
         return tagged({"percent": state.shadow_percent, "agreement": ratio, "compared": samples}, state)
 
     async def put_shadow(request: Request) -> Response:
-        name, model = who(request), model_of(request).name
+        actor, model, revision = writer(request)
         body = await _parse(request, ShadowBody)
-        state = await release.set_shadow(model, body, who=name, if_revision=_if_match(request))
+        state = await release.set_shadow(model, body, actor=actor, if_revision=revision)
         return tagged({"percent": state.shadow_percent}, state)
 
     async def stats(request: Request) -> Response:
@@ -144,15 +166,20 @@ def create_admin_app(release: Release, plane: DataPlane, auth: Authenticator) ->
         return tagged(canary_json(state), state)
 
     async def canary_command(request: Request) -> Response:
-        name, model = who(request), model_of(request).name
         command = request.path_params["command"]
+        if command not in ("start", "approve", *COMMANDS):
+            caller(request)
+            raise NotFound(f"unknown canary command {command!r}: start, pause, resume, promote, abort or approve")
+        actor, model, revision = writer(request)
         if command == "start":
-            state = await release.start(model, await _parse(request, StartBody, optional=True), who=name)
-        elif command in COMMANDS:
-            body = await _parse(request, CommandBody, optional=True)
-            state = await release.command(model, cast(Command, command), body, who=name)
+            start = await _parse(request, StartBody, optional=True)
+            state = await release.start(model, start, actor=actor, if_revision=revision)
+        elif command == "approve":
+            state = await release.approve(model, await _parse(request, ApproveBody), actor=actor,
+                                          if_revision=revision)
         else:
-            raise NotFound(f"unknown canary command {command!r}: start, pause, resume, promote or abort")
+            body = await _parse(request, CommandBody, optional=True)
+            state = await release.command(model, cast(Command, command), body, actor=actor, if_revision=revision)
         return tagged(canary_json(state), state)
 
     async def cache_stats(request: Request) -> Response:

@@ -179,7 +179,8 @@ class Gateway:
         return self.data
 
     def admin_app(self) -> ASGIApp:
-        return create_admin_app(self.release, self.plane, self.auth)
+        return create_admin_app(self.release, self.plane, self.auth,
+                                require_if_match=self.settings.admin.require_if_match)
 
 
 _HEALTH_PREFIX = "/v2/health"

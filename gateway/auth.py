@@ -1,4 +1,10 @@
-"""Who is calling the admin API: named bearer tokens, compared in constant time, with failed attempts rationed.
+"""Who is calling the admin API and what they may do: named bearer tokens with roles, compared in constant time,
+with failed attempts rationed.
+
+Roles: ``viewer`` reads everything; ``operator`` also sets the split and the shadow share and pauses, resumes and
+aborts rollouts; ``admin`` also re-points colors, starts and promotes rollouts and forces what a rule refuses.
+Each includes the ones before it. ``approve:<gate>`` approves one named approval gate of a rollout and nothing
+else — ``admin`` does not include it: a gate exists so that someone other than the people who ship signs off.
 
 Tokens are compared against every configured token (no early exit on the first match), so timing does not tell
 which one matched or how much of one did. An address with ``max_failures`` failed attempts in the last
@@ -14,16 +20,51 @@ import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from gateway.errors import TooManyRequests, Unauthorized
+from pydantic import Field
+
+from gateway.errors import Forbidden, TooManyRequests, Unauthorized
 
 _TRACKED_ADDRESSES = 10_000
+Level = Literal["viewer", "operator", "admin"]
+_RANK: dict[str, int] = {"viewer": 0, "operator": 1, "admin": 2}
+Role = Annotated[str, Field(pattern=r"^(viewer|operator|admin|approve:[a-z0-9][a-z0-9_-]{0,62})$")]
+"""A role as the tokens file names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller: the token's name (never the token) and its roles."""
+
+    name: str
+    roles: frozenset[str]
+
+    def may(self, role: str) -> bool:
+        """Holds ``role``: named directly, or (for viewer/operator) through a higher level."""
+        if role in self.roles:
+            return True
+        need = _RANK.get(role)
+        return need is not None and any(_RANK.get(r, -1) >= need for r in self.roles)
+
+    def require(self, role: str, doing: str) -> None:
+        if not self.may(role):
+            raise Forbidden(f"{doing} needs the {role!r} role; {self.name!r} has {', '.join(sorted(self.roles))}")
+
+    @property
+    def role_list(self) -> list[str]:
+        return sorted(self.roles)
+
+
+CONTROLLER = Principal("controller", frozenset({"admin"}))
+"""The canary controller's own writes."""
 
 
 class Authenticator:
-    def __init__(self, tokens: dict[str, str], max_failures: int, window_s: float,
+    def __init__(self, tokens: dict[str, Principal], max_failures: int, window_s: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._tokens = [(t.encode(), name) for t, name in tokens.items()]
+        self._tokens = [(t.encode(), who) for t, who in tokens.items()]
         self.max_failures = max_failures
         self.window_s = window_s
         self._clock = clock
@@ -33,8 +74,8 @@ class Authenticator:
     def enabled(self) -> bool:
         return bool(self._tokens)
 
-    def authenticate(self, client: str, authorization: str | None) -> str:
-        """The token's name, or Unauthorized / TooManyRequests."""
+    def authenticate(self, client: str, authorization: str | None) -> Principal:
+        """The token's holder, or Unauthorized / TooManyRequests."""
         now = self._clock()
         recent = self._failures.get(client)
         if recent is not None:
@@ -46,16 +87,16 @@ class Authenticator:
         if not self._tokens:
             raise Unauthorized("the admin API is disabled: no admin tokens are configured")
         scheme, _, presented = (authorization or "").partition(" ")
-        name: str | None = None
+        found: Principal | None = None
         if scheme.lower() == "bearer" and presented:
             candidate = presented.strip().encode()
-            for token, token_name in self._tokens:  # compare with all of them: time does not tell which matched
+            for token, who in self._tokens:  # compare with all of them: time does not tell which matched
                 if hmac.compare_digest(token, candidate):
-                    name = token_name
-        if name is None:
+                    found = who
+        if found is None:
             self._fail(client, now)
             raise Unauthorized("missing or invalid bearer token" if presented else "missing bearer token")
-        return name
+        return found
 
     def _fail(self, client: str, now: float) -> None:
         recent = self._failures.get(client)

@@ -32,19 +32,41 @@ Rules: a stage passes when its hold time has elapsed, the candidate served
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
 from gateway.policy import Policy, Stage
 from gateway.settings import Color, other
+from gateway.stats import error_rate_lower_bound
 
-__all__ = ["ACTIVE", "Action", "Analysis", "ColorSample", "Command", "Decision", "Phase", "Policy", "Promoted",
-           "SetWeight", "Snapshot", "Stage", "Status", "Verdict", "advance", "analyse", "error_rate_lower_bound",
-           "operator", "start", "step"]
+__all__ = [
+    "ACTIVE",
+    "Action",
+    "Analysis",
+    "Approval",
+    "ColorSample",
+    "Command",
+    "Decision",
+    "Phase",
+    "Policy",
+    "Promoted",
+    "SetWeight",
+    "Snapshot",
+    "Stage",
+    "Status",
+    "Verdict",
+    "advance",
+    "analyse",
+    "approve",
+    "error_rate_lower_bound",
+    "operator",
+    "start",
+    "step",
+]
 
-Result = Literal["hold", "advance", "promote", "promoted", "rollback", "pause", "resume", "start", "abort"]
+Result = Literal["hold", "advance", "promote", "promoted", "rollback", "pause", "resume", "start", "abort",
+                 "approve"]
 """What a decision did (the audit log's ``canary_<result>`` action)."""
 Verdict = Literal["ok", "wait", "spike", "rollback"]
 """What one analysis found: pass, not enough evidence yet, a breach the stable color shares, a rollback."""
@@ -111,6 +133,15 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class Approval:
+    """One named gate approved: which, by whom (the token's name), when."""
+
+    gate: str
+    by: str
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     """The persisted canary status of one model: one small object (Flagger's CanaryStatus)."""
 
@@ -125,6 +156,15 @@ class Status:
     last_analysis: float = 0.0
     last_decision: Decision | None = None
     policy: Policy = field(default_factory=Policy)
+    approved: tuple[Approval, ...] = ()
+    """The named gates of the current stage approved so far; cleared when the stage ends, however it ends."""
+
+    def pending_gates(self) -> list[str]:
+        """The current stage's named gates still waiting for an approval."""
+        if not 1 <= self.stage <= len(self.policy.stages):
+            return []
+        given = {a.gate for a in self.approved}
+        return [g for g in self.policy.stages[self.stage - 1].approvals if g not in given]
 
     def candidate_weight(self) -> int:
         if self.phase in (Phase.PROMOTING, Phase.PROMOTED):
@@ -141,7 +181,8 @@ class Status:
                 "started_at": self.started_at, "finished_at": self.finished_at, "paused_by": self.paused_by,
                 "no_data_intervals": self.no_data_intervals, "last_analysis": self.last_analysis,
                 "last_decision": self.last_decision.as_json() if self.last_decision else None,
-                "policy": self.policy.as_json()}
+                "policy": self.policy.as_json(), "approved": [dataclasses.asdict(a) for a in self.approved],
+                "waiting_for": self.pending_gates() if self.paused_by == "approval" else []}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any] | None) -> Status:
@@ -151,7 +192,8 @@ class Status:
         return cls(Phase(doc["phase"]), doc.get("candidate"), int(doc.get("stage", 0)),
                    float(doc.get("stage_started", 0)), float(doc.get("started_at", 0)), doc.get("finished_at"),
                    doc.get("paused_by"), int(doc.get("no_data_intervals", 0)), float(doc.get("last_analysis", 0)),
-                   Decision(**last) if last else None, Policy.from_json(doc.get("policy")))
+                   Decision(**last) if last else None, Policy.from_json(doc.get("policy")),
+                   tuple(Approval(**a) for a in doc.get("approved") or ()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,43 +212,6 @@ class Promoted:
 
 
 Action = SetWeight | Promoted
-
-
-# ----------------------------------------------------------------------------------------------- statistics
-
-
-def error_rate_lower_bound(errors: int, n: int, confidence: float) -> float:
-    """Exact one-sided (Clopper-Pearson) lower confidence bound of a binomial proportion.
-
-    The largest p with P(X >= errors | n, p) <= 1 - confidence, found by bisection on the binomial tail.
-    """
-    if errors <= 0 or n <= 0:
-        return 0.0
-    alpha = 1.0 - confidence
-    lo, hi = 0.0, errors / n
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if _upper_tail(errors, n, mid) > alpha:
-            hi = mid
-        else:
-            lo = mid
-    return lo
-
-
-def _upper_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p), computed as 1 - P(X <= k-1) in log space (stable for small p)."""
-    if p <= 0:
-        return 0.0
-    if p >= 1:
-        return 1.0
-    log_p, log_q = math.log(p), math.log1p(-p)
-    total = 0.0
-    log_coef = 0.0  # log C(n, 0)
-    for i in range(k):
-        if i > 0:
-            log_coef += math.log(n - i + 1) - math.log(i)
-        total += math.exp(log_coef + i * log_p + (n - i) * log_q)
-    return max(0.0, 1.0 - total)
 
 
 # ----------------------------------------------------------------------------------------------- analysis
@@ -311,10 +316,10 @@ def step(policy: Policy, status: Status, snap: Snapshot, now: float) -> tuple[St
         return dataclasses.replace(st, last_decision=Decision(now, kind, reason, result.evidence))
 
     if result.verdict == "rollback":  # in any active phase, paused included: a rollback must never wait
-        st = dataclasses.replace(base, phase=Phase.ROLLED_BACK, finished_at=now, paused_by=None)
+        st = dataclasses.replace(base, phase=Phase.ROLLED_BACK, finished_at=now, paused_by=None, approved=())
         return decide(st, "rollback", result.reason), [SetWeight(candidate, 0)]
     if no_data > policy.max_no_data_intervals:
-        st = dataclasses.replace(base, phase=Phase.ROLLED_BACK, finished_at=now, paused_by=None)
+        st = dataclasses.replace(base, phase=Phase.ROLLED_BACK, finished_at=now, paused_by=None, approved=())
         return decide(st, "rollback", f"no candidate requests for {no_data} intervals"), [SetWeight(candidate, 0)]
 
     if status.phase == Phase.PAUSED:
@@ -343,9 +348,10 @@ def step(policy: Policy, status: Status, snap: Snapshot, now: float) -> tuple[St
                                                                f"{stage.hold_s:.0f}s"
         return decide(base, "hold", why), []
     # The stage passed.
-    if stage.approve:
+    if stage.gated:
         st = dataclasses.replace(base, phase=Phase.PAUSED, paused_by="approval")
-        return decide(st, "pause", f"stage {status.stage} passed; awaiting approval"), []
+        waiting = f"waiting for approval: {', '.join(st.pending_gates())}" if stage.approvals else "awaiting approval"
+        return decide(st, "pause", f"stage {status.stage} passed; {waiting}"), []
     return advance(policy, base, now, result.evidence, f"stage {status.stage} passed")
 
 
@@ -361,10 +367,11 @@ def advance(policy: Policy, status: Status, now: float, evidence: dict[str, Any]
     nxt = status.stage + 1
     if nxt > len(policy.stages):
         st = dataclasses.replace(status, phase=Phase.PROMOTING, stage=nxt, stage_started=now, paused_by=None,
-                                 last_analysis=now, last_decision=Decision(now, "promote", reason, evidence))
+                                 last_analysis=now, last_decision=Decision(now, "promote", reason, evidence),
+                                 approved=())
         return st, [SetWeight(status.candidate, 100)]
     st = dataclasses.replace(status, phase=Phase.PROGRESSING, stage=nxt, stage_started=now, paused_by=None,
-                             last_analysis=now, last_decision=Decision(now, "advance", reason, evidence))
+                             last_analysis=now, last_decision=Decision(now, "advance", reason, evidence), approved=())
     return st, [SetWeight(status.candidate, policy.stages[nxt - 1].weight)]
 
 
@@ -386,17 +393,59 @@ def operator(command: Command, status: Status, now: float, who: str) -> tuple[St
         if status.phase != Phase.PAUSED:
             raise ValueError("not paused")
         # An operator's resume or promote starts a fresh count of intervals without data.
+        pending = status.pending_gates()
+        if status.paused_by == "approval" and pending:
+            raise ValueError(f"waiting for approval: {', '.join(pending)}; a resume cannot stand in for a named "
+                             "approval (approve each gate with a token holding approve:<gate>)")
         if status.paused_by == "approval":
             return advance(policy, dataclasses.replace(status, no_data_intervals=0), now, {},
                            f"stage {status.stage} approved by {who}")
         return dataclasses.replace(status, phase=_running(policy, status), paused_by=None, no_data_intervals=0,
                                    last_decision=decision), []
     if command == "promote":
+        gated = _gates_ahead(status)
+        if gated:
+            raise ValueError(f"stages ahead need named approvals ({', '.join(gated)}): a promotion cannot skip them")
         st = dataclasses.replace(status, phase=Phase.PROMOTING, stage=len(policy.stages) + 1, stage_started=now,
-                                 paused_by=None, last_analysis=now, no_data_intervals=0, last_decision=decision)
+                                 paused_by=None, last_analysis=now, no_data_intervals=0, last_decision=decision,
+                                 approved=())
         return st, [SetWeight(cand, 100)]
     if command == "abort":
         st = dataclasses.replace(status, phase=Phase.ROLLED_BACK, finished_at=now, paused_by=None,
-                                 last_decision=decision)
+                                 last_decision=decision, approved=())
         return st, [SetWeight(cand, 0)]
     raise ValueError(f"unknown command {command!r}")
+
+
+def _gates_ahead(status: Status) -> list[str]:
+    """Named gates not yet approved in the current stage and every later one (what a promotion would skip)."""
+    later = status.policy.stages[status.stage:] if status.stage >= 1 else status.policy.stages
+    return status.pending_gates() + [g for s in later for g in s.approvals]
+
+
+def approve(status: Status, gate: str, who: str, now: float) -> tuple[Status, list[Action]]:
+    """One named gate of the stage the rollout waits at, approved by ``who``; the last one advances the rollout.
+    ValueError when the rollout is not waiting for that gate, or ``who`` already approved another gate (each gate
+    needs its own approver: one token cannot stand in for two teams)."""
+    if status.phase != Phase.PAUSED or status.paused_by != "approval" or status.candidate is None:
+        raise ValueError(f"the rollout is not waiting for an approval (phase {status.phase.value})")
+    pending = status.pending_gates()
+    if gate not in pending:
+        given = next((a for a in status.approved if a.gate == gate), None)
+        if given is not None:
+            raise ValueError(f"{gate!r} was already approved by {given.by}")
+        raise ValueError(f"stage {status.stage} has no pending gate {gate!r}"
+                         + (f"; it waits for: {', '.join(pending)}" if pending else ""))
+    mine = next((a for a in status.approved if a.by == who), None)
+    if mine is not None:
+        raise ValueError(f"{who} already approved {mine.gate!r}: each gate needs a different approver")
+    approved = (*status.approved, Approval(gate, who, now))
+    st = dataclasses.replace(status, approved=approved)
+    evidence = {"approved": [dataclasses.asdict(a) for a in approved]}
+    rest = st.pending_gates()
+    if rest:
+        why = f"{gate} approved by {who}; waiting for approval: {', '.join(rest)}"
+        return dataclasses.replace(st, last_decision=Decision(now, "approve", why, evidence)), []
+    names = ", ".join(f"{a.gate} by {a.by}" for a in approved)
+    return advance(status.policy, dataclasses.replace(st, no_data_intervals=0), now, evidence,
+                   f"stage {status.stage} approved: {names}")

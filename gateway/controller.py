@@ -156,7 +156,7 @@ class Controller:
         if new == status:
             return
         try:
-            await self.release.apply(state, new, actions, who="controller", fenced=True)
+            await self.release.apply(state, new, actions, fenced=True)
         except PreconditionFailed:
             log.info("canary decision for %s dropped: the state changed meanwhile", state.name)
 

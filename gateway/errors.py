@@ -5,10 +5,12 @@
     ServingError (500)                    shared with the model server (serving/errors.py)
     ├── BadRequest (400)                  malformed body, input mismatch, invalid admin body
     ├── Unauthorized (401)                missing or wrong admin token
+    ├── Forbidden (403)                   a token without the role an action needs
     ├── NotFound (404)                    unknown model, version, color or route
     ├── MethodNotAllowed (405)
     ├── Conflict (409)                    re-pointing a color that carries traffic without "force"
     ├── PreconditionFailed (412)          stale If-Match on an admin write
+    ├── PreconditionRequired (428)        an admin write without If-Match
     ├── PayloadTooLarge (413)
     ├── TooManyRequests (429)             an address that failed authentication too often
     └── Unavailable (503)                 both colors down, load shed; carries Retry-After
@@ -31,8 +33,9 @@ from serving.errors import (
 )
 
 __all__ = [
-    "BadRequest", "Conflict", "MethodNotAllowed", "NotFound", "PayloadTooLarge", "PreconditionFailed",
-    "ServingError", "TooManyRequests", "Unauthorized", "Unavailable", "UpstreamFailure", "error_response", "render",
+    "BadRequest", "Conflict", "Forbidden", "MethodNotAllowed", "NotFound", "PayloadTooLarge", "PreconditionFailed",
+    "PreconditionRequired", "ServingError", "TooManyRequests", "Unauthorized", "Unavailable", "UpstreamFailure",
+    "error_response", "render",
 ]
 
 
@@ -41,6 +44,14 @@ class Unauthorized(ServingError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, headers={"www-authenticate": 'Bearer realm="bluegreen-admin"'})
+
+
+class Forbidden(ServingError):
+    status = 403
+
+
+class PreconditionRequired(ServingError):
+    status = 428
 
 
 class Conflict(ServingError):

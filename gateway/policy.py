@@ -29,11 +29,28 @@ Number = Annotated[float, BeforeValidator(_plain_number)]
 _STRICT = ConfigDict(extra="forbid")
 
 
+GATE_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+Gate = Annotated[str, Field(pattern=GATE_NAME)]
+"""An approval gate's name (``security``, ``product-owner``); a token approves it with the role ``approve:<name>``."""
+
+
 @pdc.dataclass(frozen=True, slots=True, config=_STRICT)
 class Stage:
     weight: Annotated[StrictInt, Field(ge=1, le=99)]
     hold_s: Annotated[Number, Field(ge=0, le=1e9)] = 0.0
     approve: StrictBool = False
+    """Pause after the hold until an operator resumes (an unnamed approval)."""
+    approvals: tuple[Gate, ...] = ()
+    """Named gates: pause after the hold until each is approved by a token holding ``approve:<gate>``, each by a
+    different token."""
+
+    def __post_init__(self) -> None:
+        if len(set(self.approvals)) != len(self.approvals):
+            raise ValueError("approvals: a gate is named twice")
+
+    @property
+    def gated(self) -> bool:
+        return self.approve or bool(self.approvals)
 
 
 @pdc.dataclass(frozen=True, slots=True, config=_STRICT)
@@ -77,7 +94,7 @@ class Policy:
 
     def as_json(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
-        doc["stages"] = [dataclasses.asdict(s) for s in self.stages]
+        doc["stages"] = [{**dataclasses.asdict(s), "approvals": list(s.approvals)} for s in self.stages]
         return doc
 
 
@@ -92,7 +109,8 @@ def parse_policy(doc: Any) -> Policy:
 
 
 def describe(exc: ValidationError) -> str:
-    """A pydantic error in one line an operator can act on: ``where: what`` for each problem."""
+    """A pydantic error in one line an operator can act on: ``where: what`` for each problem. It never quotes the
+    input (pydantic's own ``str`` does), so a body or file holding a secret cannot leak it into an answer or log."""
     parts = []
     for err in exc.errors(include_url=False):
         where = ".".join(str(p) for p in err.get("loc", ()))

@@ -7,8 +7,11 @@ signals) call these methods and nothing else to change routing state, so a rule 
 - a color is re-pointed to another version only while it carries no traffic, unless forced (audited as such);
 - a rollout starts only when none is active, on a candidate that does not already carry everything, and — with
   the validation gate on — only for a version whose report passed, unless forced (audited with the reason);
-- an operator's pause / resume / promote / abort is judged by the pure ``canary.operator``;
-- the controller's decision (``canary.step``) is applied with the weights and candidate it implies.
+- an operator's pause / resume / promote / abort is judged by the pure ``canary.operator``, a named approval by
+  ``canary.approve``;
+- the controller's decision (``canary.step``) is applied with the weights and candidate it implies;
+- who may do what (``gateway.auth``): ``operator`` sets the split and shadow share and pauses, resumes and aborts;
+  ``admin`` also re-points colors, starts and promotes; ``approve:<gate>`` approves that gate.
 
 Each write is one compare-and-set on the model's state (``StateStore.update``): the rule is judged inside the
 change function, on the state the write applies to, so a write that raced another one is refused (412) or
@@ -29,8 +32,10 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from gateway import canary
+from gateway.auth import CONTROLLER, Principal
 from gateway.canary import ACTIVE, Command, Policy, Status
-from gateway.errors import BadRequest, Conflict
+from gateway.errors import BadRequest, Conflict, PreconditionFailed
+from gateway.policy import Gate
 from gateway.settings import COLORS, Color, ColorConfig, other
 from gateway.state import ColorState, ModelState, StateStore
 
@@ -98,6 +103,16 @@ class CommandBody(_Body):
     """``POST /admin/v1/models/{m}/canary/{pause|resume|promote|abort}``: only a reason."""
 
 
+class ApproveBody(_Body):
+    """``POST /admin/v1/models/{m}/canary/approve``: the named gate approved."""
+
+    gate: Gate
+
+
+COMMAND_ROLES: dict[str, str] = {"pause": "operator", "resume": "operator", "abort": "operator",
+                                 "promote": "admin"}
+
+
 @dataclass
 class Release:
     """The release rules over a state store. ``policies``: per model, the routing file's canary policy (the base
@@ -113,7 +128,9 @@ class Release:
 
     # ------------------------------------------------------------------ operator writes
 
-    async def set_split(self, model: str, body: SplitBody, *, who: str, if_revision: int | None) -> ModelState:
+    async def set_split(self, model: str, body: SplitBody, *, actor: Principal,
+                        if_revision: int | None) -> ModelState:
+        actor.require("operator", "setting the split")
         weights = body.weights()
 
         def change(s: ModelState) -> ModelState:
@@ -122,11 +139,11 @@ class Release:
                                "finish) before setting weights by hand")
             return dataclasses.replace(s, weights=weights)
 
-        return await self.store.update(model, if_revision, change, who=who, action="set_weights",
-                                       reason=body.reason)
+        return await self._write(model, if_revision, change, actor, "set_weights", body.reason)
 
-    async def set_color(self, model: str, color: Color, body: ColorBody, *, who: str,
+    async def set_color(self, model: str, color: Color, body: ColorBody, *, actor: Principal,
                         if_revision: int | None) -> ModelState:
+        actor.require("admin", "re-pointing a color")
         new_color = ColorState(body.version, tuple(body.backends))
 
         def change(s: ModelState) -> ModelState:
@@ -135,13 +152,19 @@ class Release:
                                "or re-point it anyway with force")
             return dataclasses.replace(s, colors={**s.colors, color: new_color})
 
-        return await self.store.update(model, if_revision, change, who=who, reason=body.reason,
-                                       action="set_color_forced" if body.force else "set_color")
+        return await self._write(model, if_revision, change, actor,
+                                 "set_color_forced" if body.force else "set_color", body.reason)
 
-    async def set_shadow(self, model: str, body: ShadowBody, *, who: str, if_revision: int | None) -> ModelState:
-        return await self.store.update(model, if_revision,
-                                       lambda s: dataclasses.replace(s, shadow_percent=body.percent),
-                                       who=who, action="set_shadow", reason=body.reason)
+    async def set_shadow(self, model: str, body: ShadowBody, *, actor: Principal,
+                         if_revision: int | None) -> ModelState:
+        actor.require("operator", "setting the shadow share")
+        return await self._write(model, if_revision, lambda s: dataclasses.replace(s, shadow_percent=body.percent),
+                                 actor, "set_shadow", body.reason)
+
+    async def _write(self, model: str, if_revision: int | None, change: Callable[[ModelState], ModelState],
+                     actor: Principal, action: str, reason: str | None) -> ModelState:
+        return await self.store.update(model, if_revision, change, who=actor.name, roles=tuple(actor.role_list),
+                                       action=action, reason=reason)
 
     # ------------------------------------------------------------------ rollouts
 
@@ -152,9 +175,11 @@ class Release:
         except ValueError as exc:
             raise BadRequest(f"invalid policy: {exc}") from None
 
-    async def start(self, model: str, body: StartBody, *, who: str) -> ModelState:
+    async def start(self, model: str, body: StartBody, *, actor: Principal,
+                    if_revision: int | None = None) -> ModelState:
+        actor.require("admin", "starting a rollout")
         policy = self.policy_for(model, body.policy)
-        state = self.store.get(model)
+        state = self._at(model, if_revision)
         if state.canary.phase in ACTIVE:
             raise Conflict(f"a rollout of {model!r} is already {state.canary.phase.value}")
         cand = body.candidate or state.candidate
@@ -166,25 +191,47 @@ class Release:
         if report is not True and not body.force:
             raise Conflict(f"{model}:{version} has no passing validation report ({report}); run "
                            f"`bluegreen validate --model {model}:{version}`, or start anyway with force")
-        status, actions = canary.start(policy, cand, self.clock(), f"started by {who}")
+        status, actions = canary.start(policy, cand, self.clock(), f"started by {actor.name}")
         if report is True:
-            return await self.apply(state, status, actions, who=who, reason=body.reason, audit=True,
+            return await self.apply(state, status, actions, actor=actor, reason=body.reason, audit=True,
                                     action="canary_start")
         why = f"forced: {report}" + (f"; {body.reason}" if body.reason else "")
-        return await self.apply(state, status, actions, who=who, reason=why, audit=True,
+        return await self.apply(state, status, actions, actor=actor, reason=why, audit=True,
                                 action="canary_start_forced")
 
-    async def command(self, model: str, command: Command, body: CommandBody, *, who: str) -> ModelState:
-        state = self.store.get(model)
+    async def command(self, model: str, command: Command, body: CommandBody, *, actor: Principal,
+                      if_revision: int | None = None) -> ModelState:
+        actor.require(COMMAND_ROLES[command], f"{command} of a rollout")
+        state = self._at(model, if_revision)
         try:
-            status, actions = canary.operator(command, state.canary, self.clock(), who)
+            status, actions = canary.operator(command, state.canary, self.clock(), actor.name)
         except ValueError as exc:
             raise Conflict(f"cannot {command}: {exc}") from None
-        return await self.apply(state, status, actions, who=who, reason=body.reason, audit=True)
+        return await self.apply(state, status, actions, actor=actor, reason=body.reason, audit=True)
 
-    async def apply(self, state: ModelState, status: Status, actions: list[canary.Action], *, who: str,
-                    reason: str | None = None, audit: bool = False, action: str | None = None,
-                    fenced: bool = False) -> ModelState:
+    async def approve(self, model: str, body: ApproveBody, *, actor: Principal,
+                      if_revision: int | None = None) -> ModelState:
+        """One named gate approved by a token holding ``approve:<gate>``; the last pending one advances."""
+        actor.require(f"approve:{body.gate}", f"approving the {body.gate!r} gate")
+        state = self._at(model, if_revision)
+        try:
+            status, actions = canary.approve(state.canary, body.gate, actor.name, self.clock())
+        except ValueError as exc:
+            raise Conflict(f"cannot approve: {exc}") from None
+        return await self.apply(state, status, actions, actor=actor, reason=body.reason, audit=True,
+                                action="canary_approve")
+
+    def _at(self, model: str, if_revision: int | None) -> ModelState:
+        """The model's state, refused at once when the caller's ETag is stale (the write would be refused too)."""
+        state = self.store.get(model)
+        if if_revision is not None and state.revision != if_revision:
+            raise PreconditionFailed(f"stale ETag: model {model!r} is at revision {state.revision}, "
+                                     f"the write was based on {if_revision}")
+        return state
+
+    async def apply(self, state: ModelState, status: Status, actions: list[canary.Action], *,
+                    actor: Principal = CONTROLLER, reason: str | None = None, audit: bool = False,
+                    action: str | None = None, fenced: bool = False) -> ModelState:
         """Write a canary decision — the status and the weights and candidate it implies — in one compare-and-set
         on the revision the decision was based on (a decision made on stale state is refused with 412, never
         applied twice). Audited when ``audit`` or whenever the decision is not a plain "hold"."""
@@ -202,8 +249,8 @@ class Release:
         decision = status.last_decision
         kind = decision.result if decision else "update"
         audited = audit or kind != "hold"
-        return await self.store.update(state.name, state.revision, change, who=who,
-                                       action=action or f"canary_{kind}",
+        return await self.store.update(state.name, state.revision, change, who=actor.name,
+                                       roles=tuple(actor.role_list), action=action or f"canary_{kind}",
                                        reason=reason or (decision.reason if decision else None),
                                        evidence=decision.evidence if decision and audited else None,
                                        audit=audited, fenced=fenced)
@@ -230,5 +277,5 @@ def validation_report(repo: Path | None, model: str, version: str) -> bool | str
     return f"the report at {path} did not pass" + (f" (failed: {', '.join(map(str, failed))})" if failed else "")
 
 
-__all__ = ["COLORS", "ColorBody", "CommandBody", "Release", "ShadowBody", "SplitBody", "StartBody",
+__all__ = ["COLORS", "ApproveBody", "ColorBody", "CommandBody", "Release", "ShadowBody", "SplitBody", "StartBody",
            "validation_report"]

@@ -12,10 +12,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gateway.policy import Policy
+from gateway.auth import Principal, Role
+from gateway.policy import Policy, describe
 from serving.http_server import Limits
 
 Color = Literal["blue", "green"]
@@ -30,6 +40,12 @@ class Listener(BaseModel):
     model_config = ConfigDict(extra="forbid")
     host: str = "127.0.0.1"
     port: int = Field(ge=0, le=65535)
+
+
+class AdminListener(Listener):
+    require_if_match: bool = False
+    """Refuse admin writes without ``If-Match`` (428): a write must name the state it was based on, so an operator
+    never overwrites a change they did not see. ``If-Match: *`` still writes unconditionally, on purpose."""
 
 
 class BreakerSettings(BaseModel):
@@ -200,6 +216,14 @@ class RoutingFile(BaseModel):
         return cls.model_validate(doc)
 
 
+class TokenEntry(BaseModel):
+    """One named admin token in the tokens file: ``{token: "...", roles: [operator]}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    token: str
+    roles: list[Role] = Field(min_length=1)
+
+
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BLUEGREEN_", env_nested_delimiter="__", extra="ignore")
 
@@ -207,8 +231,8 @@ class GatewaySettings(BaseSettings):
     """The YAML routing file (models, colors, backends, weights)."""
     data: Listener = Listener(port=8080)
     """The data listener: V2 endpoints for client apps."""
-    admin: Listener = Listener(port=8081)
-    """The admin listener: /admin/v1 (bearer tokens) and /metrics."""
+    admin: AdminListener = AdminListener(port=8081)
+    """The admin listener: /admin/v1 (bearer tokens with roles) and /metrics."""
     admin_token: str | None = None
     """A single admin token, audited as ``admin``."""
     admin_tokens: str | None = None
@@ -255,23 +279,35 @@ class GatewaySettings(BaseSettings):
             raise ValueError("no routing file: pass --config FILE or set BLUEGREEN_CONFIG")
         return RoutingFile.load(self.config)
 
-    def tokens(self) -> dict[str, str]:
-        """token -> name, from every configured source."""
-        named: dict[str, str] = {}
+    def tokens(self) -> dict[str, Principal]:
+        """token -> its holder (name and roles), from every configured source. The tokens file maps a name to a
+        token (role ``admin``, the first form) or to ``{token: ..., roles: [...]}``; the environment's tokens
+        are ``admin``."""
+        named: dict[str, tuple[str, frozenset[str]]] = {}
+        admin = frozenset({"admin"})
         if self.admin_tokens_file is not None:
             doc = yaml.safe_load(self.admin_tokens_file.read_text()) or {}
             if not isinstance(doc, dict):
                 raise ValueError(f"{self.admin_tokens_file}: expected a mapping of name: token")
-            named.update({str(k): str(v) for k, v in doc.items()})
+            for key, value in doc.items():
+                if isinstance(value, dict):
+                    try:
+                        entry = TokenEntry.model_validate(value)
+                    except ValidationError as exc:  # never echo the input: it holds a token
+                        raise ValueError(f"{self.admin_tokens_file}: {key}: "
+                                         f"{describe(exc)}") from None
+                    named[str(key)] = (entry.token, frozenset(entry.roles))
+                else:
+                    named[str(key)] = (str(value), admin)
         if self.admin_tokens:
             for pair in self.admin_tokens.split(","):
                 name, sep, token = pair.strip().partition(":")
                 if not sep or not name or not token:
                     raise ValueError("BLUEGREEN_ADMIN_TOKENS must be name:token pairs separated by commas")
-                named[name] = token
+                named[name] = (token, admin)
         if self.admin_token:
-            named.setdefault("admin", self.admin_token)
-        for name, token in named.items():
+            named.setdefault("admin", (self.admin_token, admin))
+        for name, (token, _) in named.items():
             if len(token) < 16:
                 raise ValueError(f"admin token {name!r} is shorter than 16 characters")
-        return {token: name for name, token in named.items()}
+        return {token: Principal(name, roles) for name, (token, roles) in named.items()}

@@ -110,6 +110,8 @@ class AuditEntry:
     new: Any
     reason: str | None = None
     evidence: Any = None
+    roles: list[str] | None = None
+    """The roles of the token that acted (None: an entry written before roles existed)."""
 
     def as_json(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
@@ -131,7 +133,7 @@ class StateStore(Protocol):
     async def read_audit(self, limit: int = 100) -> list[AuditEntry]: ...
     async def update(self, name: str, if_revision: int | None, change: Callable[[ModelState], ModelState], *,
                      who: str, action: str, reason: str | None = None, evidence: Any = None,
-                     audit: bool = True, fenced: bool = False) -> ModelState: ...
+                     audit: bool = True, fenced: bool = False, roles: tuple[str, ...] = ()) -> ModelState: ...
     async def start(self) -> None: ...
     async def aclose(self) -> None: ...
 
@@ -182,7 +184,7 @@ class MemoryStateStore:
 
     async def update(self, name: str, if_revision: int | None, change: Callable[[ModelState], ModelState], *,
                      who: str, action: str, reason: str | None = None, evidence: Any = None,
-                     audit: bool = True, fenced: bool = False) -> ModelState:
+                     audit: bool = True, fenced: bool = False, roles: tuple[str, ...] = ()) -> ModelState:
         """Compare-and-set: apply ``change`` if the model is still at ``if_revision`` (None: unconditionally).
         ``change`` may raise (a ServingError) to refuse the write after seeing the current state. ``fenced``
         (controller writes) means nothing in one process: it is trivially the only controller."""
@@ -194,7 +196,7 @@ class MemoryStateStore:
         self.models[name] = updated
         if audit:
             old, new = changes(current, updated)
-            self.audit_log.append(AuditEntry(time.time(), who, action, name, old, new, reason, evidence))
+            self.audit_log.append(AuditEntry(time.time(), who, action, name, old, new, reason, evidence, list(roles)))
         self._save_file()
         for listener in self._listeners:
             listener(updated)

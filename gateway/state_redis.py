@@ -224,7 +224,7 @@ class RedisStateStore:
 
     async def update(self, name: str, if_revision: int | None, change: Callable[[ModelState], ModelState], *,
                      who: str, action: str, reason: str | None = None, evidence: Any = None,
-                     audit: bool = True, fenced: bool = False) -> ModelState:
+                     audit: bool = True, fenced: bool = False, roles: tuple[str, ...] = ()) -> ModelState:
         """Compare-and-set against the state in Redis; ``fenced`` writes (the controller's) also require the
         writer's lease epoch to be the current one."""
         self.get(name)
@@ -243,7 +243,7 @@ class RedisStateStore:
             if audit:
                 old, new = changes(current, updated)
                 entry = orjson.dumps(dataclasses.asdict(
-                    AuditEntry(time.time(), who, action, name, old, new, reason, evidence)))
+                    AuditEntry(time.time(), who, action, name, old, new, reason, evidence, list(roles))))
             new_raw = _encode(updated)
             result = await self._cas(keys=[_state_key(name), AUDIT, EVENTS, LEADER],
                                      args=[raw, new_raw, entry, fence, name, AUDIT_LIMIT])

@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.admin import ADMIN_BODY_LIMIT
+from gateway.admin import ADMIN_BODY_LIMIT, create_admin_app
 from gateway.app import Gateway
-from gateway.auth import Authenticator
+from gateway.auth import Authenticator, Principal
 from gateway.errors import TooManyRequests, Unauthorized
 from tests.gateway.support import ALICE, BOB, FakeClock, client
 
@@ -25,6 +25,11 @@ SPLIT = f"{API}/models/digits/split"
 
 def auth(token: str = ALICE) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
+
+
+def write(token: str = ALICE) -> dict[str, str]:
+    """A write that is not about the ETag: explicitly unconditional (without If-Match it would be 428)."""
+    return {**auth(token), "if-match": "*"}
 
 
 @pytest.fixture
@@ -227,7 +232,7 @@ COLOR3 = {"version": "3", "backends": ["http://127.0.0.1:9003", "http://127.0.0.
 
 
 async def test_put_color_points_an_idle_color_at_a_new_deployment(admin: httpx.AsyncClient, gateway: Gateway) -> None:
-    r = await admin.put(f"{API}/models/digits/colors/green", json={**COLOR3, "reason": "release 3"}, headers=auth(BOB))
+    r = await admin.put(f"{API}/models/digits/colors/green", json={**COLOR3, "reason": "release 3"}, headers=write(BOB))
     assert r.status_code == 200
     doc = r.json()
     assert doc["colors"]["green"]["version"] == "3"
@@ -244,12 +249,12 @@ async def test_put_color_points_an_idle_color_at_a_new_deployment(admin: httpx.A
 
 async def test_put_color_carrying_traffic_needs_force(admin: httpx.AsyncClient, gateway: Gateway) -> None:
     before = unchanged(gateway)
-    r = await admin.put(f"{API}/models/digits/colors/blue", json=COLOR3, headers=auth())
+    r = await admin.put(f"{API}/models/digits/colors/blue", json=COLOR3, headers=write())
     assert r.status_code == 409 and "force" in r.json()["error"]
-    r = await admin.put(f"{API}/models/digits/colors/blue", json={**COLOR3, "force": False}, headers=auth())
+    r = await admin.put(f"{API}/models/digits/colors/blue", json={**COLOR3, "force": False}, headers=write())
     assert r.status_code == 409
     assert unchanged(gateway) == before
-    r = await admin.put(f"{API}/models/digits/colors/blue", json={**COLOR3, "force": True}, headers=auth())
+    r = await admin.put(f"{API}/models/digits/colors/blue", json={**COLOR3, "force": True}, headers=write())
     assert r.status_code == 200
     entry = gateway.store.audit()[0]
     assert (entry.who, entry.action) == ("alice", "set_color_forced")
@@ -257,7 +262,7 @@ async def test_put_color_carrying_traffic_needs_force(admin: httpx.AsyncClient, 
 
 
 async def test_put_color_with_a_stale_if_match_is_412(admin: httpx.AsyncClient, gateway: Gateway) -> None:
-    await admin.put(SPLIT, json={"blue": 100, "green": 0}, headers=auth())
+    await admin.put(SPLIT, json={"blue": 100, "green": 0}, headers=write())
     before = unchanged(gateway)
     r = await admin.put(f"{API}/models/digits/colors/green", json=COLOR3, headers={**auth(), "if-match": '"1"'})
     assert r.status_code == 412
@@ -277,9 +282,9 @@ async def test_put_color_rechecks_traffic_at_the_moment_of_the_write(admin: http
         yield b'"backends": ["http://127.0.0.1:9003"]}'
 
     put_color = asyncio.ensure_future(
-        admin.put(f"{API}/models/digits/colors/green", content=slow_body(), headers=auth()))
+        admin.put(f"{API}/models/digits/colors/green", content=slow_body(), headers=write()))
     await reading.wait()
-    r = await admin.put(SPLIT, json={"blue": 50, "green": 50}, headers=auth(BOB))
+    r = await admin.put(SPLIT, json={"blue": 50, "green": 50}, headers=write(BOB))
     assert r.status_code == 200
     release.set()
     r = await put_color
@@ -305,7 +310,7 @@ INVALID_COLORS: list[tuple[str, Any]] = [
 @pytest.mark.parametrize(("case", "body"), INVALID_COLORS, ids=[c for c, _ in INVALID_COLORS])
 async def test_put_color_invalid_body_is_400(admin: httpx.AsyncClient, gateway: Gateway, case: str, body: Any) -> None:
     before = unchanged(gateway)
-    r = await admin.put(f"{API}/models/digits/colors/green", json=body, headers=auth())
+    r = await admin.put(f"{API}/models/digits/colors/green", json=body, headers=write())
     assert r.status_code == 400, r.text
     assert set(r.json()) == {"error"}
     assert unchanged(gateway) == before
@@ -313,7 +318,7 @@ async def test_put_color_invalid_body_is_400(admin: httpx.AsyncClient, gateway: 
 
 async def test_put_color_malformed_json_is_400(admin: httpx.AsyncClient, gateway: Gateway) -> None:
     before = unchanged(gateway)
-    r = await admin.put(f"{API}/models/digits/colors/green", content=b'{"version": ', headers=auth())
+    r = await admin.put(f"{API}/models/digits/colors/green", content=b'{"version": ', headers=write())
     assert r.status_code == 400
     assert unchanged(gateway) == before
 
@@ -367,14 +372,14 @@ async def test_unknown_route_and_wrong_method_answer_json(admin: httpx.AsyncClie
 async def test_oversized_admin_body_is_413_and_changes_nothing(admin: httpx.AsyncClient, gateway: Gateway) -> None:
     before = unchanged(gateway)
     big = b'{"blue": 100, "green": 0, "reason": "' + b"x" * ADMIN_BODY_LIMIT + b'"}'
-    r = await admin.put(SPLIT, content=big, headers=auth())  # declared length
+    r = await admin.put(SPLIT, content=big, headers=write())  # declared length
     assert r.status_code == 413 and set(r.json()) == {"error"}
 
     async def chunked() -> AsyncIterator[bytes]:  # no length: counted while streaming
         for i in range(0, len(big), 4096):
             yield big[i:i + 4096]
 
-    r = await admin.put(SPLIT, content=chunked(), headers=auth())
+    r = await admin.put(SPLIT, content=chunked(), headers=write())
     assert r.status_code == 413 and set(r.json()) == {"error"}
     assert unchanged(gateway) == before
 
@@ -407,7 +412,75 @@ async def test_shadow_share_is_read_and_set_with_etag_and_audit(admin: httpx.Asy
 async def test_invalid_shadow_share_is_400_and_changes_nothing(admin: httpx.AsyncClient, gateway: Gateway,
                                                                body: dict[str, Any]) -> None:
     before = unchanged(gateway)
-    r = await admin.put(SHADOW, json=body, headers=auth())
+    r = await admin.put(SHADOW, json=body, headers=write())
     assert r.status_code == 400, r.text
     assert set(r.json()) == {"error"}
     assert unchanged(gateway) == before and gateway.store.get("digits").shadow_percent == 0
+
+
+# ---------------------------------------------------------------- roles and If-Match (the core judges; HTTP renders)
+
+VIEWER_T, OPERATOR_T, SECURITY_T = "grafana-token-0123456789", "ci-token-0123456789ab", "sec-token-0123456789abc"
+
+
+@pytest.fixture
+async def roles_admin(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    tokens = {VIEWER_T: Principal("grafana", frozenset({"viewer"})),
+              OPERATOR_T: Principal("ci", frozenset({"operator"})),
+              SECURITY_T: Principal("sec-lead", frozenset({"approve:security"}))}
+    app = create_admin_app(gateway.release, gateway.plane, Authenticator(tokens, 10, 60), require_if_match=True)
+    async with client(app) as c:
+        yield c
+
+
+async def test_a_viewer_reads_but_its_put_is_403_and_changes_nothing(roles_admin: httpx.AsyncClient,
+                                                                      gateway: Gateway) -> None:
+    assert (await roles_admin.get(f"{API}/models", headers=auth(VIEWER_T))).status_code == 200
+    before = unchanged(gateway)
+    r = await roles_admin.put(SPLIT, json={"blue": 50, "green": 50}, headers=write(VIEWER_T))
+    assert r.status_code == 403 and "needs the 'operator' role" in r.json()["error"], r.text
+    assert unchanged(gateway) == before
+
+
+async def test_a_token_without_viewer_cannot_read(roles_admin: httpx.AsyncClient) -> None:
+    r = await roles_admin.get(f"{API}/models", headers=auth(SECURITY_T))
+    assert r.status_code == 403 and "'viewer' role" in r.json()["error"]
+
+
+async def test_an_operator_pauses_but_cannot_promote_and_the_audit_names_its_roles(
+        roles_admin: httpx.AsyncClient, admin: httpx.AsyncClient) -> None:
+    started = await admin.post(f"{API}/models/digits/canary/start", json={}, headers=write())
+    assert started.status_code == 200, started.text
+    r = await roles_admin.post(f"{API}/models/digits/canary/pause", headers=write(OPERATOR_T))
+    assert r.status_code == 200 and r.json()["phase"] == "paused", r.text
+    r = await roles_admin.post(f"{API}/models/digits/canary/promote", headers=write(OPERATOR_T))
+    assert r.status_code == 403 and "'admin' role" in r.json()["error"]
+    entry = (await admin.get(f"{API}/audit?limit=1", headers=auth())).json()["entries"][0]
+    assert (entry["who"], entry["roles"], entry["action"]) == ("ci", ["operator"], "canary_pause")
+
+
+async def test_50_concurrent_writes_without_if_match_are_428_and_change_nothing(admin: httpx.AsyncClient,
+                                                                                 gateway: Gateway) -> None:
+    before = unchanged(gateway)
+    rs = await asyncio.gather(*(admin.put(SPLIT, json={"blue": i, "green": 100 - i}, headers=auth())
+                                for i in range(50)))
+    assert [r.status_code for r in rs] == [428] * 50
+    assert all("If-Match" in r.json()["error"] for r in rs)
+    assert unchanged(gateway) == before
+
+
+async def test_canary_commands_honour_if_match(admin: httpx.AsyncClient, gateway: Gateway) -> None:
+    r = await admin.post(f"{API}/models/digits/canary/start", json={}, headers={**auth(), "if-match": '"7"'})
+    assert r.status_code == 412 and gateway.store.get("digits").canary.phase == "idle"
+    etag = (await admin.get(f"{API}/models/digits/canary", headers=auth())).headers["etag"]
+    r = await admin.post(f"{API}/models/digits/canary/start", json={}, headers={**auth(), "if-match": etag})
+    assert r.status_code == 200 and r.json()["phase"] == "progressing"
+
+
+async def test_approve_parses_the_gate_and_renders_the_refusal(roles_admin: httpx.AsyncClient) -> None:
+    r = await roles_admin.post(f"{API}/models/digits/canary/approve", json={"gate": "Security!"},
+                               headers=write(SECURITY_T))
+    assert r.status_code == 400 and r.json()["error"].startswith("invalid body: gate:")
+    r = await roles_admin.post(f"{API}/models/digits/canary/approve", json={"gate": "security"},
+                               headers=write(SECURITY_T))
+    assert r.status_code == 409 and "not waiting for an approval" in r.json()["error"]

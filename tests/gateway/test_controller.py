@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from gateway import canary
+from gateway.auth import Principal
 from gateway.canary import Policy, Stage, Status
 from gateway.controller import Controller
 from gateway.dataplane import DataPlane
@@ -21,6 +22,7 @@ from gateway.sources import LocalMetrics
 from gateway.state import MemoryStateStore
 from tests.gateway.support import DIGITS, FakeClock, routing_doc
 
+ALICE = Principal("alice", frozenset({"admin"}))
 MODEL = "digits"
 POLICY = Policy(stages=(Stage(20, 10.0), Stage(50, 10.0)), interval_s=5.0, min_requests=100,
                 max_no_data_intervals=3)
@@ -45,7 +47,7 @@ class Rig:
     async def start(self, policy: Policy = POLICY) -> None:
         """An operator's start, as the admin API applies it (at the clock's time, between two ticks)."""
         status, actions = canary.start(policy, "green", self.clock())
-        await self.release.apply(self.store.get(MODEL), status, actions, who="alice", audit=True)
+        await self.release.apply(self.store.get(MODEL), status, actions, actor=ALICE, audit=True)
 
     def status(self) -> Status:
         return self.store.get(MODEL).canary
@@ -130,7 +132,7 @@ async def test_an_operator_promote_counts_from_its_own_time(rig: Rig) -> None:
     await rig.controller.tick()
     rig.clock.advance(0.1)
     status, actions = canary.operator("promote", rig.status(), rig.clock(), "alice")
-    await rig.release.apply(rig.store.get(MODEL), status, actions, who="alice", audit=True)
+    await rig.release.apply(rig.store.get(MODEL), status, actions, actor=ALICE, audit=True)
     rig.serve("green", 100)
     rig.clock.advance(POLICY.interval_s)
     await rig.controller.tick()

@@ -16,14 +16,17 @@ import pytest
 from pydantic import ValidationError
 
 from gateway import canary
+from gateway.auth import Principal
 from gateway.canary import Phase, Policy, Stage
 from gateway.errors import BadRequest, Conflict, PreconditionFailed, ServingError
-from gateway.release import ColorBody, CommandBody, Release, ShadowBody, SplitBody, StartBody
+from gateway.release import ApproveBody, ColorBody, CommandBody, Release, ShadowBody, SplitBody, StartBody
 from gateway.settings import RoutingFile
 from gateway.state import MemoryStateStore, ModelState
 from tests.gateway.support import FakeClock, routing_doc
 
 ROOT = Path(__file__).resolve().parents[2]
+ALICE = Principal("alice", frozenset({"admin"}))
+BOB = Principal("bob", frozenset({"admin"}))
 M = "digits"
 QUICK = Policy(stages=(Stage(10, 0), Stage(50, 0)), interval_s=1, min_requests=0)
 
@@ -55,8 +58,8 @@ async def last_audit(r: Release) -> dict[str, Any]:
     return (await r.store.read_audit(1))[0].as_json()
 
 
-async def started(r: Release, **body: Any) -> ModelState:
-    return await r.start(M, StartBody(**body), who="alice")
+async def started(r: Release, actor: Principal = ALICE, **body: Any) -> ModelState:
+    return await r.start(M, StartBody(**body), actor=actor)
 
 
 # ---------------------------------------------------------------------------------------------- manual split
@@ -64,7 +67,7 @@ async def started(r: Release, **body: Any) -> ModelState:
 
 async def test_split_is_written_and_audited() -> None:
     r = release()
-    state = await r.set_split(M, SplitBody(blue=70, green=30, reason="drill"), who="alice", if_revision=1)
+    state = await r.set_split(M, SplitBody(blue=70, green=30, reason="drill"), actor=ALICE, if_revision=1)
     assert state.weights == {"blue": 70, "green": 30} and state.revision == 2
     entry = await last_audit(r)
     assert (entry["who"], entry["action"], entry["reason"]) == ("alice", "set_weights", "drill")
@@ -73,8 +76,8 @@ async def test_split_is_written_and_audited() -> None:
 
 async def test_split_on_a_stale_revision_is_refused() -> None:
     r = release()
-    await r.set_split(M, SplitBody(blue=90, green=10), who="alice", if_revision=1)
-    await refused(r, PreconditionFailed, "revision 2", r.set_split(M, SplitBody(blue=0, green=100), who="bob",
+    await r.set_split(M, SplitBody(blue=90, green=10), actor=ALICE, if_revision=1)
+    await refused(r, PreconditionFailed, "revision 2", r.set_split(M, SplitBody(blue=0, green=100), actor=BOB,
                                                                   if_revision=1))
 
 
@@ -90,19 +93,19 @@ async def test_no_manual_split_while_a_rollout_is_active(phase_after: str) -> No
     r = release()
     await started(r)
     if phase_after == "paused":
-        await r.command(M, "pause", CommandBody(), who="alice")
+        await r.command(M, "pause", CommandBody(), actor=ALICE)
     elif phase_after == "promoting":
-        await r.command(M, "promote", CommandBody(), who="alice")
+        await r.command(M, "promote", CommandBody(), actor=ALICE)
     assert r.get(M).canary.phase == phase_after
     await refused(r, Conflict, f"rollout of 'digits' is {phase_after}",
-                  r.set_split(M, SplitBody(blue=50, green=50), who="bob", if_revision=None))
+                  r.set_split(M, SplitBody(blue=50, green=50), actor=BOB, if_revision=None))
 
 
 async def test_manual_split_is_allowed_again_after_the_rollout_ends() -> None:
     r = release()
     await started(r)
-    await r.command(M, "abort", CommandBody(), who="alice")
-    state = await r.set_split(M, SplitBody(blue=50, green=50), who="bob", if_revision=None)
+    await r.command(M, "abort", CommandBody(), actor=ALICE)
+    state = await r.set_split(M, SplitBody(blue=50, green=50), actor=BOB, if_revision=None)
     assert state.weights == {"blue": 50, "green": 50}
 
 
@@ -112,7 +115,7 @@ async def test_manual_split_is_allowed_again_after_the_rollout_ends() -> None:
 async def test_an_idle_color_is_re_pointed() -> None:
     r = release()
     body = ColorBody(version="3", backends=["http://127.0.0.1:8003/"])
-    state = await r.set_color(M, "green", body, who="alice", if_revision=None)
+    state = await r.set_color(M, "green", body, actor=ALICE, if_revision=None)
     assert state.colors["green"].version == "3" and state.colors["green"].backends == ("http://127.0.0.1:8003",)
     assert (await last_audit(r))["action"] == "set_color"
 
@@ -120,10 +123,10 @@ async def test_an_idle_color_is_re_pointed() -> None:
 async def test_a_color_with_traffic_is_re_pointed_only_when_forced() -> None:
     r = release()
     body = ColorBody(version="3", backends=["http://127.0.0.1:8003"])
-    await refused(r, Conflict, "blue carries 100%.*with force", r.set_color(M, "blue", body, who="alice",
+    await refused(r, Conflict, "blue carries 100%.*with force", r.set_color(M, "blue", body, actor=ALICE,
                                                                             if_revision=None))
     forced = ColorBody(version="3", backends=["http://127.0.0.1:8003"], force=True, reason="hotfix")
-    state = await r.set_color(M, "blue", forced, who="alice", if_revision=None)
+    state = await r.set_color(M, "blue", forced, actor=ALICE, if_revision=None)
     assert state.colors["blue"].version == "3"
     entry = await last_audit(r)
     assert (entry["action"], entry["reason"]) == ("set_color_forced", "hotfix")
@@ -131,7 +134,7 @@ async def test_a_color_with_traffic_is_re_pointed_only_when_forced() -> None:
 
 async def test_shadow_share_is_written_and_audited() -> None:
     r = release()
-    state = await r.set_shadow(M, ShadowBody(percent=25), who="alice", if_revision=1)
+    state = await r.set_shadow(M, ShadowBody(percent=25), actor=ALICE, if_revision=1)
     assert state.shadow_percent == 25 and (await last_audit(r))["action"] == "set_shadow"
     for bad in ({"percent": 101}, {"percent": True}, {"percent": 5.5}, {}):
         with pytest.raises(ValidationError):
@@ -155,7 +158,7 @@ async def test_start_overrides_apply_on_top_of_the_routing_policy() -> None:
     state = await started(r, policy={"min_requests": 7})
     assert state.canary.policy.min_requests == 7 and state.canary.policy.stages == QUICK.stages
     legacy = release()  # the first API's form: overrides alone, beside the other keys
-    state = await legacy.start(M, StartBody.model_validate({"min_requests": 9, "reason": "x"}), who="alice")
+    state = await legacy.start(M, StartBody.model_validate({"min_requests": 9, "reason": "x"}), actor=ALICE)
     assert state.canary.policy.min_requests == 9
 
 
@@ -202,18 +205,18 @@ async def test_a_passing_report_opens_the_gate(tmp_path: Path) -> None:
 async def test_operator_commands_follow_the_phase() -> None:
     r = release()
     await refused(r, Conflict, "cannot pause: no rollout in progress", r.command(M, "pause", CommandBody(),
-                                                                                 who="bob"))
+                                                                                 actor=BOB))
     await started(r)
-    state = await r.command(M, "pause", CommandBody(reason="look"), who="bob")
+    state = await r.command(M, "pause", CommandBody(reason="look"), actor=BOB)
     assert state.canary.phase == Phase.PAUSED and state.canary.paused_by == "operator"
     entry = await last_audit(r)
     assert (entry["who"], entry["action"], entry["reason"]) == ("bob", "canary_pause", "look")
-    await refused(r, Conflict, "cannot pause: already paused", r.command(M, "pause", CommandBody(), who="bob"))
-    assert (await r.command(M, "resume", CommandBody(), who="bob")).canary.phase == Phase.PROGRESSING
-    await refused(r, Conflict, "cannot resume: not paused", r.command(M, "resume", CommandBody(), who="bob"))
-    state = await r.command(M, "promote", CommandBody(), who="bob")
+    await refused(r, Conflict, "cannot pause: already paused", r.command(M, "pause", CommandBody(), actor=BOB))
+    assert (await r.command(M, "resume", CommandBody(), actor=BOB)).canary.phase == Phase.PROGRESSING
+    await refused(r, Conflict, "cannot resume: not paused", r.command(M, "resume", CommandBody(), actor=BOB))
+    state = await r.command(M, "promote", CommandBody(), actor=BOB)
     assert state.canary.phase == Phase.PROMOTING and state.weights == {"blue": 0, "green": 100}
-    state = await r.command(M, "abort", CommandBody(), who="bob")
+    state = await r.command(M, "abort", CommandBody(), actor=BOB)
     assert state.canary.phase == Phase.ROLLED_BACK and state.weights == {"blue": 100, "green": 0}
 
 
@@ -225,10 +228,10 @@ async def test_a_decision_is_applied_with_the_weights_it_implies_and_holds_are_n
     state = await started(r)
     audited = len(await r.store.read_audit(100))
     held = canary.Status(**{**_fields(state.canary), "last_decision": canary.Decision(1.0, "hold", "waiting")})
-    state = await r.apply(state, held, [], who="controller", fenced=True)
+    state = await r.apply(state, held, [], fenced=True)
     assert len(await r.store.read_audit(100)) == audited and state.canary.last_decision == held.last_decision
     advanced, actions = canary.advance(QUICK, state.canary, 2.0, {"n": 1}, "stage 1 passed")
-    state = await r.apply(state, advanced, actions, who="controller")
+    state = await r.apply(state, advanced, actions)
     assert state.weights == {"blue": 50, "green": 50}
     entry = await last_audit(r)
     assert (entry["action"], entry["evidence"]) == ("canary_advance", {"n": 1})
@@ -237,10 +240,10 @@ async def test_a_decision_is_applied_with_the_weights_it_implies_and_holds_are_n
 async def test_a_decision_on_stale_state_is_dropped() -> None:
     r = release()
     before = await started(r)
-    await r.command(M, "pause", CommandBody(), who="bob")
+    await r.command(M, "pause", CommandBody(), actor=BOB)
     advanced, actions = canary.advance(QUICK, before.canary, 2.0, {}, "stage 1 passed")
     with pytest.raises(PreconditionFailed):
-        await r.apply(before, advanced, actions, who="controller", fenced=True)
+        await r.apply(before, advanced, actions, fenced=True)
     assert r.get(M).canary.phase == Phase.PAUSED and r.get(M).weights == {"blue": 90, "green": 10}
 
 
@@ -249,12 +252,12 @@ async def test_after_a_promotion_and_a_manual_split_the_idle_color_is_the_candid
     release goes to green (the color at 0%), and ``canary start`` works without naming a candidate."""
     r = release()
     state = await started(r)
-    state = await r.command(M, "promote", CommandBody(), who="alice")
+    state = await r.command(M, "promote", CommandBody(), actor=ALICE)
     promoted, actions = canary.step(QUICK, state.canary, canary.Snapshot(canary.ColorSample(10), canary.ColorSample(),
                                                                          new_candidate_requests=10), 5000.0)
-    state = await r.apply(state, promoted, actions, who="controller")
+    state = await r.apply(state, promoted, actions)
     assert state.canary.phase == Phase.PROMOTED and (state.stable, state.candidate) == ("green", "blue")
-    state = await r.set_split(M, SplitBody(blue=100, green=0), who="alice", if_revision=None)
+    state = await r.set_split(M, SplitBody(blue=100, green=0), actor=ALICE, if_revision=None)
     assert (state.stable, state.candidate) == ("blue", "green")
     assert state.as_json()["candidate"] == "green"
     state = await started(r)
@@ -278,3 +281,128 @@ def test_a_misspelled_canary_field_stops_the_gateway_naming_it(tmp_path: Path) -
                           env={"PATH": "/usr/bin:/bin", "BLUEGREEN_ADMIN_TOKENS": "a:abcdefghijklmnop"})
     assert done.returncode == 2, done.stderr
     assert "models.digits.canary.max_p95_msec" in done.stderr, done.stderr
+
+
+# ---------------------------------------------------------------------------------------------- roles
+
+VIEWER = Principal("grafana", frozenset({"viewer"}))
+OPERATOR = Principal("ci", frozenset({"operator"}))
+SECURITY = Principal("sec-lead", frozenset({"viewer", "approve:security"}))
+OWNER = Principal("po", frozenset({"approve:product-owner"}))
+BOTH = Principal("both", frozenset({"approve:security", "approve:product-owner"}))
+GATED = Policy(stages=(Stage(10, 0), Stage(50, 0, approvals=("security", "product-owner"))), interval_s=1,
+               min_requests=0)
+
+
+async def test_a_viewer_writes_nothing() -> None:
+    r = release()
+    await refused(r, ServingError, "setting the split needs the 'operator' role; 'grafana' has viewer",
+                  r.set_split(M, SplitBody(blue=50, green=50), actor=VIEWER, if_revision=None))
+    await refused(r, ServingError, "needs the 'operator' role", r.set_shadow(M, ShadowBody(percent=5), actor=VIEWER,
+                                                                             if_revision=None))
+
+
+async def test_an_operator_steers_but_neither_starts_promotes_nor_re_points() -> None:
+    r = release()
+    await refused(r, ServingError, "starting a rollout needs the 'admin' role", started(r, actor=OPERATOR))
+    await refused(r, ServingError, "re-pointing a color needs the 'admin' role",
+                  r.set_color(M, "green", ColorBody(version="3", backends=["http://127.0.0.1:8003"]), actor=OPERATOR,
+                              if_revision=None))
+    await started(r)
+    assert (await r.command(M, "pause", CommandBody(), actor=OPERATOR)).canary.phase == Phase.PAUSED
+    await refused(r, ServingError, "promote of a rollout needs the 'admin' role",
+                  r.command(M, "promote", CommandBody(), actor=OPERATOR))
+    assert (await r.command(M, "abort", CommandBody(), actor=OPERATOR)).canary.phase == Phase.ROLLED_BACK
+    entry = await last_audit(r)
+    assert (entry["who"], entry["roles"], entry["action"]) == ("ci", ["operator"], "canary_abort")
+
+
+def test_a_403_is_forbidden() -> None:
+    from gateway.errors import Forbidden
+    with pytest.raises(Forbidden) as caught:
+        VIEWER.require("admin", "x")
+    assert caught.value.status == 403
+
+
+# ---------------------------------------------------------------------------------------------- approval gates
+
+
+async def waiting_at_gate(r: Release) -> ModelState:
+    """Start a GATED rollout and let the controller's step carry it through stage 1 to the gated stage 2's end."""
+    state = await started(r, policy=GATED.as_json())
+    clean = canary.Snapshot(canary.ColorSample(10), canary.ColorSample(10), new_candidate_requests=10)
+    for now in (2000.0, 3000.0):
+        new, actions = canary.step(state.canary.policy, state.canary, clean, now)
+        state = await r.apply(state, new, actions)
+    return state
+
+
+async def test_a_gated_stage_waits_for_each_named_approval_then_advances() -> None:
+    r = release()
+    state = await waiting_at_gate(r)
+    assert (state.canary.phase, state.canary.paused_by, state.canary.stage) == (Phase.PAUSED, "approval", 2)
+    assert state.canary.last_decision is not None
+    assert state.canary.last_decision.reason == "stage 2 passed; waiting for approval: security, product-owner"
+    assert state.canary.as_json()["waiting_for"] == ["security", "product-owner"]
+    await refused(r, Conflict, "a resume cannot stand in for a named approval",
+                  r.command(M, "resume", CommandBody(), actor=ALICE))
+    await refused(r, Conflict, "stages ahead need named approvals", r.command(M, "promote", CommandBody(), actor=ALICE))
+    await refused(r, ServingError, "approving the 'security' gate needs the 'approve:security' role",
+                  r.approve(M, ApproveBody(gate="security"), actor=ALICE))  # admin does not imply approve:
+    state = await r.approve(M, ApproveBody(gate="security", reason="pen test passed"), actor=SECURITY)
+    assert state.canary.phase == Phase.PAUSED and state.canary.pending_gates() == ["product-owner"]
+    entry = await last_audit(r)
+    assert (entry["who"], entry["action"], entry["reason"]) == ("sec-lead", "canary_approve", "pen test passed")
+    await refused(r, Conflict, "'security' was already approved by sec-lead",
+                  r.approve(M, ApproveBody(gate="security"), actor=BOTH))
+    state = await r.approve(M, ApproveBody(gate="product-owner"), actor=OWNER)
+    assert state.canary.phase == Phase.PROMOTING and state.weights == {"blue": 0, "green": 100}
+    assert state.canary.approved == ()
+    assert state.canary.last_decision is not None and state.canary.last_decision.reason == \
+        "stage 2 approved: security by sec-lead, product-owner by po"
+
+
+async def test_one_token_cannot_approve_two_gates() -> None:
+    r = release()
+    await waiting_at_gate(r)
+    await r.approve(M, ApproveBody(gate="security"), actor=BOTH)
+    await refused(r, Conflict, "both already approved 'security': each gate needs a different approver",
+                  r.approve(M, ApproveBody(gate="product-owner"), actor=BOTH))
+
+
+async def test_approvals_are_refused_unless_the_rollout_waits_for_that_gate() -> None:
+    r = release()
+    await refused(r, Conflict, "not waiting for an approval", r.approve(M, ApproveBody(gate="security"),
+                                                                        actor=SECURITY))
+    await waiting_at_gate(r)
+    await refused(r, Conflict, "no pending gate 'legal'", r.approve(M, ApproveBody(gate="legal"),
+                                                                    actor=Principal("x", frozenset({"approve:legal"}))))
+
+
+async def test_a_bad_candidate_rolls_back_while_waiting_and_the_approvals_go_with_it() -> None:
+    r = release()
+    state = await waiting_at_gate(r)
+    state = await r.approve(M, ApproveBody(gate="security"), actor=SECURITY)
+    failing = canary.Snapshot(canary.ColorSample(1000, 200), canary.ColorSample(1000), new_candidate_requests=100)
+    new, actions = canary.step(state.canary.policy, state.canary, failing, 5000.0)
+    state = await r.apply(state, new, actions)
+    assert state.canary.phase == Phase.ROLLED_BACK and state.weights == {"blue": 100, "green": 0}
+    assert state.canary.approved == () and state.canary.pending_gates() == ["security", "product-owner"]
+    await refused(r, Conflict, "not waiting for an approval", r.approve(M, ApproveBody(gate="product-owner"),
+                                                                        actor=OWNER))
+
+
+async def test_an_abort_cancels_pending_approvals() -> None:
+    r = release()
+    await waiting_at_gate(r)
+    await r.approve(M, ApproveBody(gate="security"), actor=SECURITY)
+    state = await r.command(M, "abort", CommandBody(), actor=OPERATOR)
+    assert state.canary.approved == ()
+
+
+def test_gate_names_are_checked() -> None:
+    for bad in ({"gate": "Security Team"}, {"gate": ""}, {}):
+        with pytest.raises(ValidationError):
+            ApproveBody.model_validate(bad)
+    with pytest.raises(ValueError, match="a gate is named twice"):
+        Policy.from_json({"stages": [{"weight": 5, "approvals": ["security", "security"]}]})

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from gateway.auth import Principal
 from gateway.policy import Policy
 from gateway.settings import BreakerSettings, GatewaySettings, RoutingFile, check_weights, other
 from tests.gateway.support import routing_doc
@@ -150,8 +151,33 @@ def test_tokens_from_every_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("BLUEGREEN_ADMIN_TOKENS", "alice:alice-token-0123456789, bob:bob:token-with-colon")
     monkeypatch.setenv("BLUEGREEN_ADMIN_TOKEN", "single-admin-token-000")
     s = GatewaySettings(admin_tokens_file=tokens_file)
-    assert s.tokens() == {"carol-token-0123456789": "carol", "alice-token-0123456789": "alice",
-                          "bob:token-with-colon": "bob", "single-admin-token-000": "admin"}
+    admin = frozenset({"admin"})  # the first form and the environment's tokens mean admin
+    assert s.tokens() == {"carol-token-0123456789": Principal("carol", admin),
+                          "alice-token-0123456789": Principal("alice", admin),
+                          "bob:token-with-colon": Principal("bob", admin),
+                          "single-admin-token-000": Principal("admin", admin)}
+
+
+def test_tokens_file_with_roles(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.yaml"
+    path.write_text('alice: {token: "alice-token-0123456789", roles: [admin]}\n'
+                    'ci: {token: "ci-token-0123456789ab", roles: [operator]}\n'
+                    'sec-lead: {token: "sec-token-0123456789abc", roles: [viewer, "approve:security"]}\n')
+    tokens = GatewaySettings(admin_tokens_file=path).tokens()
+    assert tokens["ci-token-0123456789ab"] == Principal("ci", frozenset({"operator"}))
+    assert tokens["sec-token-0123456789abc"] == Principal("sec-lead", frozenset({"viewer", "approve:security"}))
+
+
+@pytest.mark.parametrize("entry", ['{token: "a-secret-token-0123456789", roles: [root]}',
+                                   '{token: "a-secret-token-0123456789", roles: []}',
+                                   '{token: "a-secret-token-0123456789", roles: ["approve:Bad Gate"]}',
+                                   '{token: "a-secret-token-0123456789", role: [admin]}'])
+def test_a_bad_tokens_entry_names_it_without_echoing_the_token(tmp_path: Path, entry: str) -> None:
+    path = tmp_path / "tokens.yaml"
+    path.write_text(f"ci: {entry}\n")
+    with pytest.raises(ValueError, match="ci: ") as caught:
+        GatewaySettings(admin_tokens_file=path).tokens()
+    assert "a-secret-token" not in str(caught.value)
 
 
 def test_no_tokens_configured() -> None:

@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from gateway import canary
+from gateway.auth import Principal
 from gateway.release import Release
 from gateway.settings import RoutingFile
 from gateway.state import ModelState
@@ -19,6 +20,8 @@ from gateway.state_redis import RedisStateStore
 from tests.gateway.support import routing_doc
 from tests.procs import Proc, start_redis
 
+ALICE = Principal("alice", frozenset({"admin"}))
+BOB = Principal("bob", frozenset({"admin"}))
 MODEL = "digits"
 
 
@@ -88,7 +91,7 @@ async def test_the_refresh_reseeds_without_a_write_and_a_rollout_carries_on(serv
                                                                            store: RedisStateStore) -> None:
     policy = canary.Policy(stages=(canary.Stage(10, 60),))
     status, actions = canary.start(policy, "green", 1000.0)
-    started = await Release(store).apply(store.get(MODEL), status, actions, who="alice", audit=True)
+    started = await Release(store).apply(store.get(MODEL), status, actions, actor=ALICE, audit=True)
     server.restart_empty()
     await store.reload()  # what the state-refresh loop runs every refresh_s
     raw = server.client().get(f"bluegreen:state:{MODEL}")
@@ -97,7 +100,7 @@ async def test_the_refresh_reseeds_without_a_write_and_a_rollout_carries_on(serv
     assert [e.action for e in await store.read_audit()] == ["state_recovered"]
     # The rollout is where it was: an operator can pause it (and a controller go on with it).
     paused, more = canary.operator("pause", store.get(MODEL).canary, 1001.0, "bob")
-    done = await Release(store).apply(store.get(MODEL), paused, more, who="bob", audit=True)
+    done = await Release(store).apply(store.get(MODEL), paused, more, actor=BOB, audit=True)
     assert done.canary.phase == "paused" and done.weights == {"blue": 90, "green": 10}
 
 
