@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import orjson
 import pytest
@@ -34,6 +34,14 @@ async def server() -> AsyncIterator[HttpServer]:
     yield s
     s.handle_exit()
     await asyncio.wait_for(task, 5)
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout_s: float = 2.0) -> None:
+    """Poll ``predicate`` on this event loop (the server runs on it too) until it holds; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        await asyncio.sleep(0.005)
 
 
 async def exchange(server: HttpServer, data: bytes, wait_s: float = 3.0) -> tuple[bytes, float]:
@@ -115,11 +123,8 @@ async def test_an_idle_keep_alive_connection_is_closed_and_nothing_leaks(server:
             pass
     assert 0.4 <= time.monotonic() - t0 < 1.5  # the keep-alive timeout, within a sweep or two
     writer.close()
-    for _ in range(100):
-        if not server.connections:
-            break
-        await asyncio.sleep(0.01)
-    assert not server.connections and server.buffered == 0 and server.active == 0
+    await until(lambda: not server.connections, "the closed connection to be forgotten")
+    assert server.buffered == 0 and server.active == 0
 
 
 async def test_the_body_budget_refuses_before_reading() -> None:
@@ -129,16 +134,11 @@ async def test_the_body_budget_refuses_before_reading() -> None:
     try:
         _, held = await asyncio.open_connection("127.0.0.1", s.port)
         held.write(b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\nab")  # reserves 1000
-        await asyncio.sleep(0.1)
-        assert s.buffered == 1000
+        await until(lambda: s.buffered == 1000, "the held request's 1000 declared bytes to be reserved")
         out, _ = await exchange(s, b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 600\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in out
         held.close()
-        for _ in range(100):
-            if s.buffered == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert s.buffered == 0  # released with the connection
+        await until(lambda: s.buffered == 0, "the reservation to be released with the connection")
     finally:
         s.handle_exit()
         await asyncio.wait_for(task, 5)
