@@ -151,7 +151,7 @@ def test_both_colors_hung_serve_the_stale_answer_after_the_first_attempt(tmp_pat
     try:
         with httpx.Client(base_url=data, timeout=10) as c:
             expect(c.post(INFER, content=BODY))  # cached, fresh for 0.2 s, then stale
-            time.sleep(0.3)
+            time.sleep(0.3)  # the 0.2 s TTL's own clock: a request to see whether it expired would refresh it
             for p in proxies:
                 p.set_mode("hang")
             t0 = time.monotonic()

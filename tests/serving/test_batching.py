@@ -8,6 +8,7 @@ opens depend only on the queue, never on timing.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -56,7 +57,11 @@ async def until(predicate: Callable[[], bool], within_s: float = 10.0) -> None:
     deadline = time.monotonic() + within_s
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
+            try:
+                what = inspect.getsource(predicate).strip()  # the line that awaited it
+            except OSError:
+                what = repr(predicate)
+            raise AssertionError(f"not met within {within_s} s: {what}")
         await asyncio.sleep(0.001)
 
 
