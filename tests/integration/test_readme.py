@@ -4,7 +4,8 @@ The only changes made to the README's commands: the data address ``localhost:808
 port, and the ``export`` lines are the ones this ``up`` printed (its admin URL and token), as a reader pastes
 them. Everything else (the loop, the policy, the CLI calls) runs as written, under ``set -euo pipefail``, so a
 step that fails or a demo that rolls back (as the first README's did: its repeated request was a cache hit,
-which never counts as candidate traffic) fails this test.
+which never counts as candidate traffic) fails this test. Like a reader's, the run's ``bluegreen validate`` writes
+its report beside the model in the checkout's repository (ignored by git; other tests use their own repositories).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def test_the_readme_blocks_are_what_this_test_runs() -> None:
     script = "\n".join(blocks)
     assert len(blocks) >= 2 and README_DATA in script
     assert "canary digits start" in script and "no-cache" in script and "for round in $(seq" in script
+    assert "validate --model digits:2" in script
     assert "8081" not in script and "127.0.0.1" not in script and "TOKEN=" not in script
 
 
@@ -82,7 +84,9 @@ def test_the_first_steps_run_verbatim_and_promote(tmp_path: Path) -> None:
         doc = r.json()
         assert doc["phase"] == "promoted", (doc, output)
         assert doc["weights"] == {"blue": 0, "green": 100}, doc
-        assert '"label"' in run.stdout and "digits: canary promoted" in run.stdout, output
+        assert '"label"' in run.stdout and "PASSED: digits:2" in run.stdout, output
+        assert "digits: canary promoted" in run.stdout, output
+        assert " canary_start " in run.stdout and "canary_start_forced" not in run.stdout, output  # the gate passed
     finally:
         up.stop(30)
     assert time.monotonic() - started < BUDGET_S
