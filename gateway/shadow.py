@@ -14,47 +14,18 @@ import itertools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import orjson
 
 from gateway.runtime import ColorRuntime
 from gateway.settings import Color, other
 from gateway.state import ModelState
 from gateway.upstream import Upstream
+from serving.agreement import compare
 
 log = logging.getLogger(__name__)
 
 _STRIDE = 37  # the same deterministic spread as the router: exact percentages, interleaved
 
-
-def _outputs(body: bytes) -> dict[str, list[Any]] | None:
-    try:
-        doc = orjson.loads(body)
-        return {o["name"]: o["data"] for o in doc["outputs"] if isinstance(o.get("data"), list)}
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        return None
-
-
-def compare(primary: bytes, shadow: bytes, tolerance: float) -> tuple[bool, float] | None:
-    """(agree, max absolute difference over floating outputs) of two JSON V2 responses; None if incomparable."""
-    a, b = _outputs(primary), _outputs(shadow)
-    if not a or not b:
-        return None
-    max_diff = 0.0
-    floats_agree = True
-    for name in a.keys() & b.keys():
-        xa, xb = a[name], b[name]
-        if len(xa) != len(xb):
-            return False, float("inf")
-        for u, v in zip(xa, xb, strict=True):
-            if isinstance(u, float) or isinstance(v, float):
-                d = abs(float(u) - float(v))
-                max_diff = max(max_diff, d)
-                floats_agree = floats_agree and d <= tolerance
-    if "label" in a and "label" in b:
-        return a["label"] == b["label"], max_diff
-    return floats_agree, max_diff
+__all__ = ["Shadow", "ShadowCounts", "compare"]  # compare: the agreement rule, shared with the bench (serving)
 
 
 @dataclass(slots=True)

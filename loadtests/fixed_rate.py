@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from loadtests.cpu import process_cpu_s, self_cpu_s
+from serving.process import process_cpu_s, self_cpu_s
 
 LOOPBACK_PREFIX = "http://127.0.0.1:"
 PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)

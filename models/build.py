@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from serving.repository import DEFAULT_REPOSITORY
+
 log = logging.getLogger(__name__)
 
-DEFAULT_REPOSITORY = Path(__file__).resolve().parent / "repository"
 BUILD_FORMAT = 1  # bump when the layout or the graph construction changes: forces rebuilds
 OPSET = 17
 IR_VERSION = 9  # loadable by every onnxruntime >= 1.17

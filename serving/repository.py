@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.build import DEFAULT_REPOSITORY
-
 __all__ = ["DEFAULT_REPOSITORY", "ModelRef", "Repository"]
+
+#: Where ``bluegreen build-models`` writes the bundled models and every command looks by default. Defined here,
+#: in the lowest layer, so that the model server needs nothing from ``models`` (tests/test_layers.py).
+DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "models" / "repository"
 
 
 @dataclass(frozen=True, slots=True)

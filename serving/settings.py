@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models.build import DEFAULT_REPOSITORY
+from serving.repository import DEFAULT_REPOSITORY
 
 
 class ServingSettings(BaseSettings):

@@ -1,56 +1,49 @@
-"""One helper to start real processes on free loopback ports and always clean them up."""
+"""The tests' way to start real processes on free loopback ports and always clean them up: a thin layer over
+serving/process.py (the one process helper ``bluegreen up``, the bench and the validation gate use too), with
+the tests' defaults (the checkout as working directory, this environment plus a few variables, AssertionError on
+a timeout)."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
-import httpx
+from serving.process import ChildProcess, http_ok, redis_pong, wait_for
+from serving.process import free_port as free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BLUEGREEN = [sys.executable, "-m", "gateway.cli"]
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+T = TypeVar("T")
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):  # type: ignore[no-untyped-def]
-    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.02, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns a truthy value; fail (AssertionError) after ``timeout`` seconds."""
+    try:
+        return wait_for(predicate, timeout, interval_s=interval, what=what)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 class Proc:
-    """A child process with its log captured to a file; stopped (then killed) on :meth:`stop`."""
+    """A child process with its log captured to a file; stopped (SIGTERM, then SIGKILL) on :meth:`stop`."""
 
     def __init__(self, args: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.args = list(args)
+        self.child = ChildProcess.start(Path(str(args[0])).name, args, log_path, env={**os.environ, **(env or {})},
+                                        cwd=ROOT)
+        self.args = self.child.args
         self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.popen = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                      env={**os.environ, **(env or {})}, start_new_session=True)
+        self.popen = self.child.popen
 
     @property
     def pid(self) -> int:
         return self.popen.pid
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.child.log()
 
     def signal(self, sig: int) -> None:
         if self.popen.poll() is None:
@@ -60,27 +53,12 @@ class Proc:
         return self.popen.wait(timeout)
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(5)
-        self._log.close()
-        return self.popen.returncode
+        return self.child.stop(timeout)
 
 
 def wait_ready(proc: Proc, url: str, timeout: float = 60.0) -> None:
-    def ready() -> bool:
-        if proc.popen.poll() is not None:
-            raise AssertionError(f"{proc.args} exited with {proc.popen.returncode}:\n{proc.log()[-3000:]}")
-        try:
-            return httpx.get(url, timeout=1.0).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(ready, timeout, interval=0.05, what=f"{url} to be ready")
+    """Until ``url`` answers 200; fails at once, with the log's tail, if the process exits first."""
+    proc.child.wait_ready(http_ok(url), timeout)
 
 
 def start_model_server(tmp_path: Path, models: Sequence[str], *, port: int | None = None,
@@ -149,17 +127,7 @@ def start_redis(tmp_path: Path, port: int | None = None) -> tuple[Proc, int]:
     proc = Proc([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                  "--dir", str(tmp_path)], tmp_path / f"redis-{port}.log")
 
-    def pong() -> bool:
-        if proc.popen.poll() is not None:
-            raise AssertionError(f"redis-server exited:\n{proc.log()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    wait_until(pong, 10, what="redis-server")
+    proc.child.wait_ready(redis_pong(port), 10)
     return proc, port
 
 

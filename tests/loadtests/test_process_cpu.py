@@ -1,4 +1,4 @@
-"""CPU time readings of processes."""
+"""CPU time readings of processes (serving/process.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loadtests import cpu
+from serving import process as cpu
 
 
 def test_process_cpu_time_of_this_process() -> None:
