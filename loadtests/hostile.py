@@ -85,7 +85,7 @@ class Outcome:
 # ---------------------------------------------------------------------------------------------------------- senders
 
 
-def _request_head(method: str, path: str, headers: Sequence[tuple[str, str]]) -> bytes:
+def request_head(method: str, path: str, headers: Sequence[tuple[str, str]]) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in headers)]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
@@ -96,7 +96,7 @@ async def _forever() -> None:
 
 def partial_body(path: str = "/", declared: int = 5000, sent: int = 10) -> Sender:
     """Complete headers declaring ``declared`` body bytes, ``sent`` of them, then silence."""
-    data = _request_head("POST", path, [("Content-Type", "application/json"), ("Content-Length", str(declared))])
+    data = request_head("POST", path, [("Content-Type", "application/json"), ("Content-Length", str(declared))])
     data += b"0" * sent
 
     async def send(writer: asyncio.StreamWriter) -> None:
@@ -127,7 +127,7 @@ def slowloris(path: str = "/", interval_s: float = 1.0) -> Sender:
 
 def endless_chunked(path: str = "/", interval_s: float = 0.5) -> Sender:
     """A chunked body with a one-byte chunk every ``interval_s`` (well under any gap timeout), never ending."""
-    head = _request_head("POST", path, [("Content-Type", "application/json"), ("Transfer-Encoding", "chunked")])
+    head = request_head("POST", path, [("Content-Type", "application/json"), ("Transfer-Encoding", "chunked")])
 
     async def send(writer: asyncio.StreamWriter) -> None:
         writer.write(head)
@@ -169,7 +169,7 @@ def malformed(path: str = "/") -> dict[str, bytes]:
 
 def over_limit_body(path: str, max_body_bytes: int) -> bytes:
     """A request whose declared body is one byte over ``max_body_bytes`` (only its head is ever needed)."""
-    return _request_head("POST", path, [("Content-Type", "application/json"),
+    return request_head("POST", path, [("Content-Type", "application/json"),
                                         ("Content-Length", str(max_body_bytes + 1))]) + b"{"
 
 
@@ -194,9 +194,13 @@ async def _guarded(sender: Sender, writer: asyncio.StreamWriter) -> None:
         pass
 
 
-async def connection(host: str, port: int, kind: str, sender: Sender, clock: Clock, max_s: float) -> Outcome:
-    """Open a connection, run ``sender`` on it, and read until the server closes it or ``max_s`` passes."""
-    if host not in LOOPBACK_HOSTS:
+async def connection(host: str, port: int, kind: str, sender: Sender, clock: Clock, max_s: float, *,
+                     loopback_only: bool = True) -> Outcome:
+    """Open a connection, run ``sender`` on it, and read until the server closes it or ``max_s`` passes.
+
+    ``loopback_only=False`` is for one polite request a caller was pointed at (``bluegreen validate --url``'s
+    oversized body), never for a flood."""
+    if loopback_only and host not in LOOPBACK_HOSTS:
         raise ValueError(f"the hostile harness only targets loopback, not {host!r}")
     opened = clock.now()
     out = Outcome(kind, opened)

@@ -33,31 +33,27 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import math
-import os
 import re
-import resource
-import select
 import shlex
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 import orjson
 
-from models.build import DEFAULT_REPOSITORY
+from loadtests import closed_loop, hostile
+from loadtests.closed_loop import ClosedLoopResult
+from models.validation_report import render_markdown, report_lines
+from models.validation_types import Check, EvalSet, Signature, Target, ValidationError, predicted_classes, v2_body
 from serving.machine import describe_machine, machine_line
-
-Result = Literal["PASS", "FAIL", "N/A"]
+from serving.process import LOOPBACK, ChildFailed, ChildProcess, free_port, http_ok, process_alive
+from serving.repository import DEFAULT_REPOSITORY
 
 # The release plan's thresholds.
 MIN_ACCURACY = 0.85
@@ -76,122 +72,6 @@ SERVER_STOP_TIMEOUT_S = 20.0
 #: Twice the model server's and the gateway's default body limit (16 MiB): refused, whatever the target.
 OVERSIZED_BYTES = 32 * 1024 * 1024
 CHECK_ORDER = ("accuracy", "latency_p95", "throughput", "peak_memory", "bias", "security")
-
-
-class ValidationError(Exception):
-    """The gate could not run (unknown model, server that would not start): exit status 2, no report."""
-
-
-# --------------------------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class Signature:
-    """The one input a single-input model takes and the output the predicted class comes from."""
-
-    input_name: str
-    input_datatype: str
-    input_shape: tuple[int, ...]
-    output_name: str
-    output_is_label: bool  # True: the output holds class ids; False: scores, the class is their argmax
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, Any]) -> Signature:
-        inputs, outputs = meta.get("inputs") or [], meta.get("outputs") or []
-        if len(inputs) != 1 or not outputs:
-            raise ValidationError("the gate scores single-input models with at least one output; metadata.json "
-                                  f"declares {len(inputs)} inputs and {len(outputs)} outputs")
-        label = next((o for o in outputs if o.get("name") == "label"), None)
-        out = label or outputs[0]
-        return cls(str(inputs[0]["name"]), str(inputs[0]["datatype"]), tuple(int(d) for d in inputs[0]["shape"]),
-                   str(out["name"]), label is not None)
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    """The held-out split: ``input`` rows, their ``label`` and, where the data set has one, a ``group`` each."""
-
-    path: Path
-    inputs: np.ndarray
-    labels: np.ndarray
-    groups: np.ndarray | None
-
-    @classmethod
-    def load(cls, path: Path) -> EvalSet:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                inputs = np.asarray(data["input"], dtype=np.float32)
-                labels = np.asarray(data["label"]).astype(np.int64)
-                groups = np.asarray(data["group"]) if "group" in data.files else None
-        except (OSError, KeyError, ValueError) as exc:
-            raise ValidationError(f"cannot read the evaluation set {path}: {exc}") from None
-        if inputs.ndim != 2 or len(inputs) != len(labels) or len(labels) == 0:
-            raise ValidationError(f"{path}: expected 'input' [n, features] and 'label' [n] with n > 0, got "
-                                  f"{inputs.shape} and {labels.shape}")
-        if groups is not None and groups.shape != labels.shape:
-            raise ValidationError(f"{path}: 'group' has shape {groups.shape}, 'label' {labels.shape}")
-        return cls(path, inputs, labels, groups)
-
-
-@dataclass
-class Check:
-    """One line of the gate: ``figure`` is what a person reads, ``value`` the number compared (if any)."""
-
-    check: str
-    result: Result
-    figure: str
-    value: float | None = None
-    threshold: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
-    baseline: dict[str, Any] | None = None  # the baseline's result, figure, value and the difference
-
-    def as_json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"check": self.check, "result": self.result, "figure": self.figure,
-                               "value": self.value, "threshold": self.threshold, "details": self.details}
-        if self.baseline is not None:
-            doc["baseline"] = self.baseline
-        return doc
-
-
-@dataclass
-class Target:
-    """A model version behind a V2 server: one this command started (``pid`` known) or one at ``--url``."""
-
-    name: str
-    version: str
-    url: str
-    pid: int | None = None
-    device: str | None = None  # the execution provider the server logged, when this command started it
-
-    @property
-    def infer_url(self) -> str:
-        return f"{self.url}/v2/models/{self.name}/versions/{self.version}/infer"
-
-    def label(self) -> str:
-        return f"{self.name}:{self.version}"
-
-
-# --------------------------------------------------------------------------------------------- requests
-
-
-def v2_body(sig: Signature, rows: np.ndarray, request_id: str | None = None) -> bytes:
-    """A JSON V2 request for ``rows``, asking only for the output the class is read from."""
-    doc: dict[str, Any] = {"inputs": [{"name": sig.input_name, "datatype": sig.input_datatype,
-                                       "shape": [int(rows.shape[0]), *rows.shape[1:]], "data": rows.ravel().tolist()}],
-                           "outputs": [{"name": sig.output_name}]}
-    if request_id is not None:
-        doc["id"] = request_id
-    return orjson.dumps(doc)
-
-
-def predicted_classes(sig: Signature, response: dict[str, Any], rows: int) -> np.ndarray:
-    out = next((o for o in response.get("outputs", ()) if o.get("name") == sig.output_name), None)
-    if out is None:
-        raise ValueError(f"the response has no output {sig.output_name!r}")
-    data = np.asarray(out["data"])
-    if sig.output_is_label:
-        return data.reshape(rows).astype(np.int64)
-    return np.asarray(data.reshape(rows, -1).argmax(axis=1), dtype=np.int64)
 
 
 def score(client: httpx.Client, target: Target, sig: Signature, evalset: EvalSet) -> np.ndarray:
@@ -250,100 +130,16 @@ def bias_check(predictions: np.ndarray, evalset: EvalSet) -> Check:
 # --------------------------------------------------------------------------------------------- load
 
 
-def percentile(sorted_values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile of an ascending sequence (the value at rank ceil(p/100 * n))."""
-    if not sorted_values:
-        raise ValueError("no values")
-    rank = max(1, math.ceil(p / 100.0 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
-@dataclass
-class LoadResult:
-    concurrency: int
-    duration_s: float
-    ok: int
-    errors: dict[str, int]
-    latencies_ms: list[float]  # of the OK answers in the measured window, ascending
-    generator_cpu_s: float
-    server_cpu_s: float | None
-
-    @property
-    def rps(self) -> float:
-        return self.ok / self.duration_s
-
-    def p(self, q: float) -> float | None:
-        return percentile(self.latencies_ms, q) if self.latencies_ms else None
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # uvicorn[standard] brings it; plain asyncio only costs the generator more CPU
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
-
-
-async def _closed_loop(url: str, bodies: Sequence[bytes], concurrency: int, warmup_s: float,
-                       duration_s: float) -> tuple[int, dict[str, int], list[float]]:
-    """``concurrency`` workers, each sending its next request as soon as the last one is answered.
-
-    Only requests sent after the warm-up and answered before the end count; a request is one row.
-    """
-    import aiohttp
-
-    ok = 0
-    errors: dict[str, int] = {}
-    latencies: list[float] = []
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    headers = {"content-type": "application/json"}
-    clock = time.perf_counter  # not loop.time(): uvloop's clock ticks in whole milliseconds
-    begin = clock() + warmup_s
-    end = begin + duration_s
-
-    async def worker(offset: int) -> None:
-        nonlocal ok
-        i = offset
-        while True:
-            sent = clock()
-            if sent >= end:
-                return
-            body = bodies[i % len(bodies)]
-            i += concurrency
-            try:
-                async with session.post(url, data=body, headers=headers) as resp:
-                    await resp.read()
-                    status = resp.status
-                error = None if status == 200 else f"HTTP {status}"
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                error = type(exc).__name__
-            done = clock()
-            if sent < begin or done > end:
-                continue
-            if error is None:
-                ok += 1
-                latencies.append((done - sent) * 1000.0)
-            else:
-                errors[error] = errors.get(error, 0) + 1
-
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    latencies.sort()
-    return ok, errors, latencies
+#: The load run's result (the closed-loop driver's; the name the checks and their tests know it by).
+LoadResult = ClosedLoopResult
 
 
 def measure_load(target: Target, sig: Signature, evalset: EvalSet, concurrency: int, duration_s: float,
                  warmup_s: float = WARMUP_S) -> LoadResult:
     """Closed-loop single-row load, run here in this process (its CPU is reported as the generator's)."""
     bodies = [v2_body(sig, evalset.inputs[i:i + 1]) for i in range(min(len(evalset.inputs), 1024))]
-    cpu0, server0 = _self_cpu_s(), process_cpu_s(target.pid)
-    with asyncio.Runner(loop_factory=_new_loop) as runner:
-        ok, errors, latencies = runner.run(_closed_loop(target.infer_url, bodies, concurrency, warmup_s, duration_s))
-    cpu1, server1 = _self_cpu_s(), process_cpu_s(target.pid)
-    server_cpu = server1 - server0 if server0 is not None and server1 is not None else None
-    return LoadResult(concurrency, duration_s, ok, errors, latencies, cpu1 - cpu0, server_cpu)
+    return closed_loop.run(target.infer_url, bodies, concurrency, duration_s, warmup_s, server_pid=target.pid,
+                           timeout_s=REQUEST_TIMEOUT_S)
 
 
 def load_checks(load: LoadResult) -> list[Check]:
@@ -405,57 +201,6 @@ def memory_check(target: Target) -> Check:
 # --------------------------------------------------------------------------------------------- security
 
 
-def _raw_post(url: str, path: str, declared_length: int, body_chunks: Iterator[bytes],
-              timeout_s: float = REQUEST_TIMEOUT_S) -> tuple[int | None, str]:
-    """POST over a bare socket, stopping the upload as soon as the server answers (a refusal of an oversized
-    body comes before the body is read, and an HTTP client that insists on sending it all would see a reset
-    instead of the answer). Returns (status, the start of the answer) or (None, why)."""
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {declared_length}\r\nConnection: close\r\n\r\n").encode()
-    received = b""
-    deadline = time.monotonic() + timeout_s
-    with socket.create_connection((host, port), timeout=timeout_s) as sock:
-        sock.sendall(head)
-        pending = next(body_chunks, b"")
-        while time.monotonic() < deadline:
-            readable, writable, _ = select.select([sock], [sock] if pending else [], [], 0.5)
-            if readable:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                received += chunk
-                if b"\r\n\r\n" in received and len(received) > 200:
-                    break
-                continue
-            if writable and pending:
-                try:
-                    sent = sock.send(pending)
-                except (BrokenPipeError, ConnectionResetError):
-                    pending = b""
-                    continue
-                pending = pending[sent:] or next(body_chunks, b"")
-    match = re.match(rb"HTTP/1\.[01] (\d{3})", received)
-    if match is None:
-        return None, f"no HTTP answer ({len(received)} bytes received)"
-    return int(match.group(1)), received.split(b"\r\n\r\n", 1)[-1][:200].decode(errors="replace")
-
-
-def _oversized_chunks(total: int) -> Iterator[bytes]:
-    """A JSON-looking body of ``total`` bytes, made on the fly (never held in memory whole)."""
-    head = b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": ['
-    tail = b"0]}]}"
-    yield head
-    left = total - len(head) - len(tail)
-    block = b"0," * 32768
-    while left > 0:
-        piece = block[:left]
-        left -= len(piece)
-        yield piece
-    yield tail
-
-
 def bad_inputs(sig: Signature, row: np.ndarray) -> list[tuple[str, bytes, dict[str, str]]]:
     """(case, body, extra headers) for the suite's requests that must each get a 4xx."""
     good = orjson.loads(v2_body(sig, row[None, :]))
@@ -500,11 +245,7 @@ def security_check(client: httpx.Client, target: Target, sig: Signature, row: np
         record("unknown model", r.status_code, r.text)
     except httpx.HTTPError as exc:
         record("unknown model", None, f"{type(exc).__name__}: {exc}")
-    path = urlsplit(target.infer_url).path
-    try:
-        status, answer = _raw_post(target.url, path, OVERSIZED_BYTES, _oversized_chunks(OVERSIZED_BYTES))
-    except OSError as exc:
-        status, answer = None, f"{type(exc).__name__}: {exc}"
+    status, answer = oversized_post(target, OVERSIZED_BYTES)
     record(f"oversized body ({OVERSIZED_BYTES // 2**20} MiB)", status, answer)
 
     health: dict[str, Any] = {}
@@ -518,7 +259,7 @@ def security_check(client: httpx.Client, target: Target, sig: Signature, row: np
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         health["error"] = f"{type(exc).__name__}: {exc}"
     if target.pid is not None:
-        health["process_alive"] = _alive(target.pid)
+        health["process_alive"] = process_alive(target.pid)
     healthy = health.get("ready") == 200 and health.get("good_inference") == 200 and "error" not in health \
         and health.get("process_alive", True)
     refused = sum(c["ok"] for c in cases)
@@ -532,71 +273,44 @@ def security_check(client: httpx.Client, target: Target, sig: Signature, row: np
 # --------------------------------------------------------------------------------------------- processes, machine
 
 
-def _self_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def process_cpu_s(pid: int | None) -> float | None:
-    """utime + stime of a live process from /proc/<pid>/stat; None where unknown or unreadable."""
-    if pid is None:
-        return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def oversized_post(target: Target, size: int) -> tuple[int | None, str]:
+    """POST a JSON-looking body of ``size`` bytes over a raw socket, reading while it is sent: a refusal of an
+    oversized body comes before the body is read, and an HTTP client that insists on sending it all would see a
+    reset instead of the answer. (status, the start of the answer) or (None, why)."""
+    parts = urlsplit(target.url)
+    host, port = parts.hostname or LOOPBACK, parts.port or 80
+    head = hostile.request_head("POST", urlsplit(target.infer_url).path, [
+        ("Content-Type", "application/json"), ("Content-Length", str(size)), ("Connection", "close")])
+    opening = b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": ['
+    body = opening + b"0," * ((size - len(opening) - 5) // 2) + b"0]}]}"
+    sender = hostile.raw(head + body.ljust(size))
+    outcome = asyncio.run(hostile.connection(host, port, "oversized", sender, hostile.Clock(), REQUEST_TIMEOUT_S,
+                                             loopback_only=False))
+    if outcome.error is not None:
+        return None, outcome.error
+    if outcome.status is None:
+        return None, "no HTTP answer"
+    return outcome.status, outcome.body[:200].decode(errors="replace")
 
 
 @contextlib.contextmanager
 def served(repo: Path, name: str, version: str, device: str, log_dir: Path) -> Iterator[Target]:
     """``bluegreen serve-model`` for one version on a free loopback port, stopped on the way out."""
-    port = _free_port()
+    port = free_port()
     args = [sys.executable, "-m", "gateway.cli", "serve-model", "--repo", str(repo), "--model", f"{name}:{version}",
-            "--host", "127.0.0.1", "--port", str(port), "--device", device]
-    log_path = log_dir / f"serve-{name}-{version}-{port}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+            "--host", LOOPBACK, "--port", str(port), "--device", device]
+    url = f"http://{LOOPBACK}:{port}"
+    child = ChildProcess.start(f"model server for {name}:{version}", args,
+                               log_dir / f"serve-{name}-{version}-{port}.log")
     try:
-        deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
-        with httpx.Client(timeout=2.0) as client:
-            while True:
-                if proc.poll() is not None:
-                    raise ValidationError(f"the model server for {name}:{version} exited with {proc.returncode}:\n"
-                                          f"{log_path.read_text(errors='replace')[-2000:]}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(f"{url}/v2/health/ready").status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise ValidationError(f"the model server for {name}:{version} was not ready after "
-                                          f"{SERVER_READY_TIMEOUT_S:.0f}s")
-                time.sleep(0.1)
-        m = re.search(r"loaded \S+ on (\S+) \((\d+) threads\)", log_path.read_text(errors="replace"))
-        yield Target(name, version, url, proc.pid, f"{m.group(1)}, {m.group(2)} threads" if m else None)
+        try:
+            child.wait_ready(http_ok(f"{url}/v2/health/ready", 2.0), SERVER_READY_TIMEOUT_S, interval_s=0.1)
+        except ChildFailed as exc:
+            raise ValidationError(str(exc)) from None
+        m = re.search(r"loaded \S+ on (\S+) \((\d+) threads\)", child.log())
+        yield Target(name, version, url, child.pid, f"{m.group(1)}, {m.group(2)} threads" if m else None)
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(SERVER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        child.stop(SERVER_STOP_TIMEOUT_S)
 
 
 # --------------------------------------------------------------------------------------------- the gate
@@ -662,98 +376,6 @@ def attach_baseline(checks: list[Check], baseline: list[Check], label: str) -> N
         diff = c.value - b.value if c.value is not None and b.value is not None else None
         c.baseline = {"model": label, "result": b.result, "figure": b.figure, "value": b.value, "difference": diff,
                       "details": b.details}
-
-
-def _fmt_value(check: str, value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    if check == "latency_p95":
-        return f"{value:.1f} ms"
-    if check == "throughput":
-        return f"{value:,.0f} requests/s"
-    if check == "peak_memory":
-        return f"{value / 2**20:,.0f} MiB"
-    if check == "security":
-        return f"{value:.0f} refused"
-    return f"{value:.4f}"
-
-
-def _fmt_diff(check: str, diff: float | None) -> str:
-    if diff is None:
-        return "n/a"
-    if check == "latency_p95":
-        return f"{diff:+.1f} ms"
-    if check == "throughput":
-        return f"{diff:+,.0f} requests/s"
-    if check == "peak_memory":
-        return f"{diff / 2**20:+,.0f} MiB"
-    if check == "security":
-        return f"{diff:+.0f} refused"
-    return f"{diff:+.4f}"
-
-
-def report_lines(checks: Sequence[Check]) -> list[str]:
-    lines = []
-    for c in checks:
-        line = f"{c.result} {c.check}: {c.figure}"
-        if c.baseline is not None:
-            line += (f" | baseline {c.baseline['model']}: {c.baseline['result']} "
-                     f"{_fmt_value(c.check, c.baseline['value'])}, difference "
-                     f"{_fmt_diff(c.check, c.baseline['difference'])}")
-        lines.append(line)
-    return lines
-
-
-def render_markdown(doc: dict[str, Any]) -> str:
-    checks = doc["checks"]
-    with_baseline = doc.get("baseline") is not None
-    out = [f"# Validation of {doc['model']}:{doc['version']} — {'PASSED' if doc['passed'] else 'FAILED'}", "",
-           f"Run {doc['date']} on {machine_line(doc['machine'])}.", "",
-           f"Command: `{doc['command']}`", "",
-           f"Target: {doc['target']['url']}" + (f" (server started by this command, {doc['target']['device']})"
-                                                 if doc["target"].get("pid") else " (a running server, --url)"),
-           "", "N/A means not applicable or not measurable here: it neither fails nor passes the gate.", ""]
-    if with_baseline:
-        out += [f"Baseline: {doc['baseline']['model']}, measured the same way on its own server after the "
-                "candidate's was stopped, on the candidate's evaluation set.", "",
-                "| Check | Result | Figure | Threshold | Baseline | Difference |", "|---|---|---|---|---|---|"]
-    else:
-        out += ["| Check | Result | Figure | Threshold |", "|---|---|---|---|"]
-    for c in checks:
-        row = f"| {c['check']} | **{c['result']}** | {c['figure']} | {c['threshold']} |"
-        if with_baseline:
-            b = c.get("baseline") or {}
-            row += f" {b.get('result', '')} {b.get('figure', '')} | {_fmt_diff(c['check'], b.get('difference'))} |"
-        out.append(row.replace("\n", " "))
-    load = next(c for c in checks if c["check"] == "latency_p95")["details"]
-    out += ["", "## Load", "",
-            f"Closed loop, asyncio + aiohttp in the validating process: {load['concurrency']} concurrent single-row "
-            f"requests for {load['duration_s']:g} s after a {WARMUP_S:g} s warm-up, on the same machine as the "
-            "server (they share its cores).", "",
-            "| Requests OK | Errors | Requests/s | p50 ms | p95 ms | p99 ms | max ms | Generator CPU | Server CPU |",
-            "|---|---|---|---|---|---|---|---|---|",
-            f"| {load['ok']} | {sum(load['errors'].values())} | {load['rps']:,.0f} | {_ms(load['p50_ms'])} | "
-            f"{_ms(load['p95_ms'])} | {_ms(load['p99_ms'])} | {_ms(load['max_ms'])} | "
-            f"{load['generator_cpu_s']:.2f} s | {_num(load['server_cpu_s'])} s |"]
-    security = next(c for c in checks if c["check"] == "security")["details"]
-    out += ["", "## Bad-input suite", "", "| Case | Status | Answer |", "|---|---|---|"]
-    for case in security["cases"]:
-        answer = case["answer"].replace("|", "\\|").replace("\n", " ")
-        out.append(f"| {case['case']} | {case['status'] or 'no answer'} | {answer} |")
-    out += ["", f"Health after: {security['health_after']}"]
-    bias = next(c for c in checks if c["check"] == "bias")["details"]
-    if "groups" in bias:
-        out += ["", "## Accuracy per group", "", "| Group | Rows | Accuracy |", "|---|---|---|"]
-        out += [f"| {g} | {v['rows']} | {v['accuracy']:.4f} |" for g, v in bias["groups"].items()]
-    return "\n".join(out) + "\n"
-
-
-def _ms(x: float | None) -> str:
-    return "–" if x is None else f"{x:.1f}"
-
-
-def _num(x: float | None) -> str:
-    return "–" if x is None else f"{x:.2f}"
 
 
 def _run_for(ref: tuple[str, str], opts: Options, sig: Signature, evalset: EvalSet,
