@@ -1,63 +1,62 @@
-"""``bluegreen up``: the local stack as a user runs it, with a child killed and the whole stack stopped."""
+"""``bluegreen up``: the local stack as a user runs it, with a child killed and the whole stack stopped; its admin
+token kept across runs; a port already taken refused before anything says "ready"."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import httpx
 import orjson
 import pytest
 
-from tests.procs import ADMIN_TOKEN, BLUEGREEN, Proc, admin_headers, free_port, wait_until
+from serving.process import children_of as children_of
+from serving.process import process_alive as alive
+from tests.procs import ADMIN_TOKEN, BLUEGREEN, ROOT, Proc, free_port, wait_until
 
 pytestmark = pytest.mark.usefixtures("model_repo")
 
 BODY = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [3.0] * 64}]})
 
 
-def children_of(pid: int) -> dict[int, str]:
-    """pid -> command line of the live direct children of ``pid`` (from /proc)."""
-    found: dict[int, str] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            state = stat.rsplit(")", 1)[1].split()[0]
-            if ppid == pid and state != "Z":
-                found[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def start_up(tmp_path: Path, ports: dict[str, int]) -> Proc:
-    args = [*BLUEGREEN, "up", "--state-dir", str(tmp_path / "state"), "--port", str(ports["data"]),
+def up_args(tmp_path: Path, ports: dict[str, int]) -> list[str]:
+    return [*BLUEGREEN, "up", "--state-dir", str(tmp_path / "state"), "--port", str(ports["data"]),
             "--admin-port", str(ports["admin"]), "--blue-port", str(ports["blue"]), "--green-port", str(ports["green"])]
+
+
+def start_up(tmp_path: Path, ports: dict[str, int], env: dict[str, str] | None = None) -> Proc:
+    """``up`` once it says ready (by default with the tests' admin token in its environment), its ``export`` line
+    for the admin URL printed."""
     log = tmp_path / f"up-{len(list(tmp_path.glob('up-*.log')))}.log"
-    proc = Proc(args, log, {"BLUEGREEN_ADMIN_TOKEN": ADMIN_TOKEN})
-    wait_until(lambda: "] ready" in proc.log() or proc.popen.poll() is not None, 90, interval=0.1, what="up ready")
+    proc = Proc(up_args(tmp_path, ports), log, {"BLUEGREEN_ADMIN_TOKEN": ADMIN_TOKEN} if env is None else env)
+    wait_until(lambda: "Ctrl-C stops everything" in proc.log() or proc.popen.poll() is not None, 90, interval=0.1,
+               what="up ready")
     assert proc.popen.poll() is None, proc.log()
+    assert f"export BLUEGREEN_ADMIN_URL=http://127.0.0.1:{ports['admin']}\n" in proc.log()
     return proc
+
+
+def exported_token(proc: Proc) -> str:
+    """The token of ``up``'s ``export BLUEGREEN_ADMIN_TOKEN=`` line."""
+    match = re.search(r"^export BLUEGREEN_ADMIN_TOKEN=(\S+)$", proc.log(), re.MULTILINE)
+    assert match, proc.log()
+    return match.group(1)
 
 
 def test_up_runs_the_stack_survives_a_dead_child_and_stops_everything(tmp_path: Path) -> None:
     ports = {k: free_port() for k in ("data", "admin", "blue", "green")}
     data, admin = f"http://127.0.0.1:{ports['data']}", f"http://127.0.0.1:{ports['admin']}"
-    up = start_up(tmp_path, ports)
+    up = start_up(tmp_path, ports, env={"BLUEGREEN_ADMIN_TOKEN": ""})  # no token given: up keeps its own
+    token = exported_token(up)
+    headers = {"authorization": f"Bearer {token}"}
+    token_file = tmp_path / "state" / "admin-token"
+    assert token_file.read_text().strip() == token and token_file.stat().st_mode & 0o777 == 0o600
     try:
-        assert ADMIN_TOKEN in up.log()
         r = httpx.post(f"{data}/v2/models/digits/infer", content=BODY)
         assert r.status_code == 200 and r.headers["x-bluegreen-color"] == "blue"
         kids = children_of(up.pid)
@@ -69,7 +68,8 @@ def test_up_runs_the_stack_survives_a_dead_child_and_stops_everything(tmp_path: 
         assert up.popen.poll() is None
         assert httpx.post(f"{data}/v2/models/digits/infer", content=BODY).status_code == 200
 
-        r = httpx.put(f"{admin}/admin/v1/models/digits/split", json={"blue": 90, "green": 10}, headers=admin_headers())
+        r = httpx.put(f"{admin}/admin/v1/models/digits/split", json={"blue": 90, "green": 10},
+                      headers={**headers, "If-Match": "*"})
         assert r.status_code == 200
         up.signal(signal.SIGTERM)
         assert up.wait(30) == 0
@@ -77,10 +77,12 @@ def test_up_runs_the_stack_survives_a_dead_child_and_stops_everything(tmp_path: 
     finally:
         up.stop()
 
-    # The weights survive a restart (the embedded state file).
-    up = start_up(tmp_path, ports)
+    # The weights survive a restart (the embedded state file), and so does the admin token (the state directory):
+    # one exported in another terminal keeps working.
+    up = start_up(tmp_path, ports, env={"BLUEGREEN_ADMIN_TOKEN": ""})
+    assert exported_token(up) == token
     try:
-        r = httpx.get(f"{admin}/admin/v1/models/digits/split", headers=admin_headers())
+        r = httpx.get(f"{admin}/admin/v1/models/digits/split", headers=headers)
         assert r.json() == {"blue": 90, "green": 10}
         kids = children_of(up.pid)
         up.signal(signal.SIGINT)
@@ -88,3 +90,20 @@ def test_up_runs_the_stack_survives_a_dead_child_and_stops_everything(tmp_path: 
         wait_until(lambda: not any(alive(pid) for pid in kids), 15, what="every child to stop")
     finally:
         up.stop()
+
+
+def test_up_on_a_taken_port_fails_fast_naming_it_before_saying_ready(tmp_path: Path) -> None:
+    ports = {k: free_port() for k in ("data", "admin", "blue", "green")}
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", ports["admin"]))
+        squatter.listen(1)
+        started = time.monotonic()
+        done = subprocess.run(up_args(tmp_path, ports), capture_output=True, text=True, timeout=60, cwd=ROOT,
+                              check=False)
+        elapsed = time.monotonic() - started
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out
+    assert f"port {ports['admin']}" in done.stderr and "--admin-port" in done.stderr, out
+    assert "] ready" not in out and "export" not in out and "token" not in out, out
+    assert elapsed < 30, f"took {elapsed:.1f}s to refuse a taken port"
+    assert not (tmp_path / "state" / "logs").exists()  # no child was started
