@@ -36,7 +36,7 @@ import httpx
 from gateway.admin_text import format_audit_entry, format_canary, format_status, format_weights
 
 COLORS = ("blue", "green")
-CANARY_COMMANDS = ("start", "pause", "resume", "promote", "abort")
+CANARY_COMMANDS = ("start", "pause", "resume", "promote", "abort", "approve")
 DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"
 ADMIN_URL_ENV = "BLUEGREEN_ADMIN_URL"
 ADMIN_TOKEN_ENV = "BLUEGREEN_ADMIN_TOKEN"
@@ -399,10 +399,14 @@ def parse_policy(text: str) -> dict[str, Any]:
 
 
 def canary_body(command: str, *, force: bool = False, candidate: str | None = None,
-                policy: str | None = None, reason: str | None = None) -> dict[str, Any]:
+                policy: str | None = None, reason: str | None = None, gate: str | None = None) -> dict[str, Any]:
+    """The command's JSON body. Each option goes with one command (``--gate`` with approve, the rest with start):
+    one given elsewhere is refused here rather than silently dropped."""
     if command not in CANARY_COMMANDS:
         raise UsageError(f"unknown canary command {command!r}: {', '.join(CANARY_COMMANDS)}")
     body: dict[str, Any] = {}
+    given = [flag for flag, value in (("--force", force), ("--candidate", candidate), ("--policy", policy))
+             if value]
     if command == "start":
         if policy is not None:
             body["policy"] = parse_policy(policy)
@@ -410,11 +414,14 @@ def canary_body(command: str, *, force: bool = False, candidate: str | None = No
             body["candidate"] = candidate
         if force:
             body["force"] = True
-    else:
-        given = [flag for flag, value in (("--force", force), ("--candidate", candidate), ("--policy", policy))
-                 if value]
-        if given:
-            raise UsageError(f"{', '.join(given)} only go with `canary MODEL start`")
+    elif given:
+        raise UsageError(f"{', '.join(given)} only go with `canary MODEL start`")
+    if command == "approve":
+        if not gate:
+            raise UsageError("approve needs --gate NAME: the gate of the stage this token approves")
+        body["gate"] = gate
+    elif gate:
+        raise UsageError("--gate only goes with `canary MODEL approve`")
     if reason:
         body["reason"] = reason
     return body
@@ -422,18 +429,18 @@ def canary_body(command: str, *, force: bool = False, candidate: str | None = No
 
 def canary(client: AdminClient, model: str, command: str | None, *, force: bool = False,
            candidate: str | None = None, policy: str | None = None, reason: str | None = None,
-           as_json: bool = False) -> int:
+           gate: str | None = None, as_json: bool = False) -> int:
     """Show the rollout (no ``command``), or POST the command with ``If-Match`` on the rollout just read and show
     the outcome. A malformed ``--policy`` is refused before anything is sent; a 412 is not retried (the command
     was decided on a rollout that has moved on); the server's refusals name the CLI's flags."""
     if command is None:
         given = [flag for flag, value in (("--force", force), ("--candidate", candidate), ("--policy", policy),
-                                          ("--reason", reason)) if value]
+                                          ("--reason", reason), ("--gate", gate)) if value]
         if given:
             raise UsageError(f"{', '.join(given)} go with a command: `canary MODEL start|pause|...`")
         doc, _ = client.canary(model)
     else:
-        body = canary_body(command, force=force, candidate=candidate, policy=policy, reason=reason)
+        body = canary_body(command, force=force, candidate=candidate, policy=policy, reason=reason, gate=gate)
         _, etag = client.canary(model)
         try:
             doc = client.canary_command(model, command, body, etag)

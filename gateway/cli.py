@@ -121,7 +121,7 @@ def _cmd_canary(args: argparse.Namespace) -> int:
 
     return operator.run(args.admin_url, args.token_file, lambda c: operator.canary(
         c, args.model, args.action, force=args.force, candidate=args.candidate, policy=args.policy,
-        reason=args.reason, as_json=args.json))
+        reason=args.reason, gate=args.gate, as_json=args.json))
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
@@ -226,13 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     _admin_options(p)
     p.set_defaults(func=_cmd_shadow)
 
-    p = _add(sub, "canary", "show a model's canary rollout, or start, pause, resume, promote or abort it")
+    p = _add(sub, "canary", "show a model's canary rollout, or start, pause, resume, promote, abort or approve it")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("action", nargs="?", choices=["start", "pause", "resume", "promote", "abort"],
+    p.add_argument("action", nargs="?", choices=["start", "pause", "resume", "promote", "abort", "approve"],
                    help="omit to show the rollout: phase, stage, weights, the last decision")
     p.add_argument("--force", action="store_true", help="start: without a passing validation report (audited)")
     p.add_argument("--candidate", choices=["blue", "green"], help="start: the color released (default: the one at 0%%)")
     p.add_argument("--policy", metavar="JSON|@FILE", help="start: policy overrides, inline or from a file")
+    p.add_argument("--gate", metavar="NAME", help="approve: the named gate of the current stage this token approves")
     p.add_argument("--reason", help="recorded in the audit log")
     p.add_argument("--json", action="store_true", help="print the admin API's JSON instead")
     _admin_options(p)

@@ -16,7 +16,15 @@ import pytest
 
 from gateway import admin_client as operator
 from gateway.cli import build_parser, main
-from tests.procs import ADMIN_TOKEN, admin_headers, free_port, routing, start_gateway, start_model_server
+from tests.procs import (
+    ADMIN_TOKEN,
+    admin_headers,
+    free_port,
+    routing,
+    start_gateway,
+    start_model_server,
+    wait_until,
+)
 
 ROW = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8, 0,
        0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10, 0, 0, 0]
@@ -352,3 +360,45 @@ def test_help_is_plain_text() -> None:
     for name, text in texts.items():
         assert "``" not in text and "`" not in text, (name, text)
         assert len(text.split("\n\n")) >= 3, (name, text)  # usage, a description, the arguments
+
+
+def test_canary_approve_sends_the_gate(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A stage with a named gate waits after its hold; ``canary MODEL approve --gate G`` with a token holding
+    ``approve:G`` (and ``viewer``: the CLI reads the rollout's ETag first) lets it go on. Its own gateway, for the
+    approver's token."""
+    approver = "security-team-token-0123456789"
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(f"admin: {ADMIN_TOKEN}\nsec: {{token: {approver}, roles: [viewer, 'approve:security']}}\n")
+    gw, data, admin = start_gateway(tmp_path, routing([stack.backends[0]], [stack.backends[1]]),
+                                    {"BLUEGREEN_ADMIN_TOKENS_FILE": str(tokens)})
+    try:
+        assert main(["canary", "digits", "approve", "--admin-url", admin]) == 2  # nothing sent without a gate
+        assert "approve needs --gate NAME" in capsys.readouterr().err
+        gated = '{"stages": [{"weight": 50, "hold_s": 0, "approvals": ["security"]}], "interval_s": 0.2, ' \
+                '"min_requests": 5}'
+        assert main(["canary", "digits", "start", "--force", "--policy", gated, "--admin-url", admin]) == 0
+        capsys.readouterr()
+
+        def waiting() -> bool:
+            for _ in range(10):  # fresh answers, so that the candidate serves its share
+                r = httpx.post(f"{data}/v2/models/digits/infer", content=BODY,
+                               headers={"content-type": "application/json", "cache-control": "no-cache"})
+                assert r.status_code == 200, r.text
+            r = httpx.get(f"{admin}/admin/v1/models/digits/canary", headers=admin_headers())
+            assert r.status_code == 200 and r.json()["phase"] in ("progressing", "paused"), r.text
+            return r.json()["waiting_for"] == ["security"]
+
+        wait_until(waiting, 20, interval=0.1, what="the stage to wait for the security gate")
+        assert main(["canary", "digits", "--admin-url", admin]) == 0
+        assert "waiting for approval: security" in capsys.readouterr().out
+        assert main(["canary", "digits", "approve", "--gate", "security", "--admin-url", admin]) == 1
+        assert "approve:security" in capsys.readouterr().err  # the admin token does not stand in for the gate
+
+        monkeypatch.setenv("BLUEGREEN_ADMIN_TOKEN", approver)
+        assert main(["canary", "digits", "approve", "--gate", "security", "--admin-url", admin, "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["phase"] == "promoting" and doc["weights"] == {"blue": 0, "green": 100}, doc
+        assert doc["last_decision"]["result"] == "promote" and "security by sec" in doc["last_decision"]["reason"]
+    finally:
+        gw.stop()
