@@ -23,7 +23,7 @@ from starlette.routing import Route
 from gateway.auth import Authenticator, Principal
 from gateway.canary import COMMANDS, Command
 from gateway.dataplane import DataPlane
-from gateway.errors import BadRequest, NotFound, PreconditionRequired
+from gateway.errors import BadRequest, Forbidden, NotFound, PreconditionRequired, render
 from gateway.policy import describe
 from gateway.release import ApproveBody, ColorBody, CommandBody, Release, ShadowBody, SplitBody, StartBody
 from gateway.settings import COLORS, Color
@@ -215,5 +215,11 @@ def create_admin_app(release: Release, plane: DataPlane, auth: Authenticator, *,
         Route(f"{prefix}/audit", audit, methods=["GET"]),
         Route(f"{prefix}/cache", cache_stats, methods=["GET"]),
     ]
+    async def forbidden(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Forbidden)
+        plane.telemetry.auth_failure("admin", "forbidden")
+        return render(exc)
+
+    handlers = {**exception_handlers(), Forbidden: forbidden}
     return Starlette(routes=routes, middleware=[Middleware(BodyLimitMiddleware, max_bytes=ADMIN_BODY_LIMIT)],
-                     exception_handlers=exception_handlers())
+                     exception_handlers=handlers)

@@ -63,8 +63,11 @@ CONTROLLER = Principal("controller", frozenset({"admin"}))
 
 class Authenticator:
     def __init__(self, tokens: dict[str, Principal], max_failures: int, window_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_failure: Callable[[str], None] = lambda reason: None) -> None:
         self._tokens = [(t.encode(), who) for t, who in tokens.items()]
+        self.on_failure = on_failure
+        """Told the reason of every refusal (missing, unknown, locked_out): the security metrics count them."""
         self.max_failures = max_failures
         self.window_s = window_s
         self._clock = clock
@@ -82,6 +85,7 @@ class Authenticator:
             while recent and now - recent[0] >= self.window_s:
                 recent.popleft()
             if len(recent) >= self.max_failures:
+                self.on_failure("locked_out")
                 raise TooManyRequests(f"too many failed authentications from {client}; try again later",
                                       math.ceil(self.window_s - (now - recent[0])))
         if not self._tokens:
@@ -94,6 +98,7 @@ class Authenticator:
                 if hmac.compare_digest(token, candidate):
                     found = who
         if found is None:
+            self.on_failure("unknown" if presented else "missing")
             self._fail(client, now)
             raise Unauthorized("missing or invalid bearer token" if presented else "missing bearer token")
         return found

@@ -42,8 +42,8 @@ __all__ = [
 class Unauthorized(ServingError):
     status = 401
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"www-authenticate": 'Bearer realm="bluegreen-admin"'})
+    def __init__(self, message: str, realm: str = "bluegreen-admin") -> None:
+        super().__init__(message, headers={"www-authenticate": f'Bearer realm="{realm}"'})
 
 
 class Forbidden(ServingError):

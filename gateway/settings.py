@@ -239,6 +239,10 @@ class GatewaySettings(BaseSettings):
     """Named tokens, ``name:token,name2:token2``."""
     admin_tokens_file: Path | None = None
     """Named tokens from a file: YAML/JSON mapping ``name: token``."""
+    client_keys_file: Path | None = None
+    """Client keys on the data listener (YAML: name -> key_sha256, models, rate_per_s, burst); unset: open."""
+    client_keys_refresh_s: float = Field(1.0, gt=0)
+    """How often the client keys file is checked for changes (a change takes effect without a restart)."""
     auth_max_failures: int = Field(10, ge=1)
     """Failed authentications from one address within ``auth_window_s`` before it gets 429."""
     auth_window_s: float = Field(60.0, gt=0)

@@ -17,6 +17,8 @@ from typing import Any
 
 from serving.metrics import Counters, MetricSet, make_tracer, shutdown_tracing, tracing_requested
 
+_CLIENT_OUTCOMES = {403: "forbidden", 429: "rate_limited"}
+
 
 class Telemetry(MetricSet):
     def __init__(self, enabled: bool = True, *, service_name: str = "bluegreen-gateway") -> None:
@@ -34,6 +36,13 @@ class Telemetry(MetricSet):
         self.cache_requests = self.counter(
             "bluegreen_cache_requests", "Cache results (hit, miss, stale, bypass) per model and color.",
             ("model", "color", "result"))
+        self.auth_failures = self.counter(
+            "bluegreen_auth_failures", "Refused authentications and authorizations, by listener and reason "
+            "(missing, unknown, forbidden, rate_limited, locked_out).", ("listener", "reason"))
+        self.client_requests = self.counter(
+            "bluegreen_client_requests", "Requests of each client key, by model and outcome (ok, forbidden, "
+            "rate_limited, client_error, server_error); the client is the key's name in the keys file.",
+            ("client", "model", "outcome"))
         self.tracer: Any = None
         #: Requests refused by the concurrency limit (set by the app that owns the limiter).
         self.load_shed: Callable[[], int] = lambda: 0
@@ -48,6 +57,16 @@ class Telemetry(MetricSet):
         self.cache_requests.inc((model, color, cache))
         if upstream_s is not None:
             self.overhead.observe((model, color), max(0.0, total_s - upstream_s))
+
+    def auth_failure(self, listener: str, reason: str) -> None:
+        """Counted even with request metrics off: it is security monitoring, and it is cheap and rare."""
+        self.auth_failures.inc((listener, reason))
+
+    def record_client(self, client: str, model: str, status: int) -> None:
+        if self.enabled:
+            outcome = "ok" if status < 400 else _CLIENT_OUTCOMES.get(status) or (
+                "client_error" if status < 500 else "server_error")
+            self.client_requests.inc((client, model, outcome))
 
     def record_attempt(self, model: str, color: str, version: str, ok: bool, seconds: float) -> None:
         if self.enabled:
