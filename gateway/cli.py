@@ -42,13 +42,23 @@ def _cmd_serve_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from gateway.app import run
+    from gateway.policy import describe
     from gateway.settings import GatewaySettings
 
     try:
         settings = GatewaySettings(**({"config": args.config} if args.config else {}))
+    except ValidationError as exc:
+        print(f"error: settings (BLUEGREEN_* variables): {describe(exc)}", file=sys.stderr)
+        return 2
+    try:
         settings.routing()  # fail fast, before binding anything
         settings.tokens()
+    except ValidationError as exc:  # one line per field, never the input (a routing file may hold secrets)
+        print(f"error: routing file {settings.config}: {describe(exc)}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

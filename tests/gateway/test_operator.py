@@ -402,3 +402,17 @@ def test_canary_approve_sends_the_gate(stack: Stack, tmp_path: Path, monkeypatch
         assert doc["last_decision"]["result"] == "promote" and "security by sec" in doc["last_decision"]["reason"]
     finally:
         gw.stop()
+
+
+def test_a_bad_routing_file_is_one_line_per_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``bluegreen gateway`` refuses a misspelled canary field before binding anything, naming the field in one
+    line, without pydantic's input echo and documentation links."""
+    doc = routing(["http://127.0.0.1:1"], ["http://127.0.0.1:2"])
+    doc["models"]["digits"]["canary"] = {"intervall_s": 2, "min_requests": "many"}
+    path = tmp_path / "routing.json"
+    path.write_text(json.dumps(doc))
+    assert main(["gateway", "--config", str(path)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: routing file {path}: ")
+    assert "models.digits.canary.intervall_s: unknown field" in line
+    assert "models.digits.canary.min_requests" in line and "many" not in line and "http" not in line
