@@ -13,8 +13,8 @@ turns them into a message on stderr and an exit status::
         ├── StaleWeights           412 on a weight change: someone else wrote first; carries what is there now
         └── StaleRollout           412 on a canary command: the rollout changed between the read and the write
 
-Every write carries ``If-Match`` with the ETag read just before it: the admin API refuses a write without one
-(428), and a write decided on a state that has changed since is refused (412) rather than applied blindly.
+Every write carries ``If-Match`` with the ETag read just before it (a gateway may require one: 428 without), so
+a write decided on a state that has changed since is refused (412) and reported rather than applied blindly.
 The server's messages name JSON body keys (it serves any client); where the CLI has a flag for a key, the
 message is rewritten to name the flag (:func:`cli_wording`).
 """
