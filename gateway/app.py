@@ -202,15 +202,17 @@ async def run_gateway(settings: GatewaySettings) -> None:
     limits = settings.limits.for_listener(settings.max_body_bytes)
     graceful = settings.graceful_shutdown_s
     data = HttpServer(gateway.data_app().serve, settings.data.host, settings.data.port, limits=limits,
-                      graceful_s=graceful, name="data")
+                      graceful_s=graceful, name="data", ssl=settings.tls.server_context())
     admin = HttpServer(AsgiHandler(gateway.admin_app()), settings.admin.host, settings.admin.port,
-                       limits=limits, graceful_s=graceful, name="admin")
+                       limits=limits, graceful_s=graceful, name="admin",
+                       ssl=settings.tls.server_context(settings.admin.client_ca_file))
     gateway.listeners = {"data": data, "admin": admin}
     try:
         await data.start()
         await admin.start()
-        log.info("gateway data on http://%s:%d, admin on http://%s:%d", settings.data.host, data.port,
-                 settings.admin.host, admin.port)
+        scheme = "https" if data.ssl is not None else "http"
+        log.info("gateway data on %s://%s:%d, admin on %s://%s:%d", scheme, settings.data.host, data.port,
+                 scheme, settings.admin.host, admin.port)
         await serve_together([data, admin])
     finally:
         await gateway.close()

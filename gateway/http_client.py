@@ -229,7 +229,8 @@ class _Connection(asyncio.Protocol):
 class Endpoint:
     """One backend's pool of keep-alive connections."""
 
-    def __init__(self, url: str, limits: ClientLimits, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, url: str, limits: ClientLimits, loop: asyncio.AbstractEventLoop,
+                 tls: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -238,7 +239,7 @@ class Endpoint:
         self.loop = loop
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "https" else None
+        self.ssl: ssl.SSLContext | None = (tls or ssl.create_default_context()) if parts.scheme == "https" else None
         default_port = self.port == (443 if self.ssl else 80)
         self.host_header = (self.host if default_port else f"{self.host}:{self.port}").encode("idna")
         self.idle: list[_Connection] = []
@@ -384,7 +385,9 @@ class Endpoint:
 class HttpClient:
     """Endpoints by base URL, and the sweep that expires idle connections."""
 
-    def __init__(self, limits: ClientLimits) -> None:
+    def __init__(self, limits: ClientLimits, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
+        """For ``https://`` backends (``serving.tls.client_context``); None: the system's trust store."""
         self.limits = limits
         self.endpoints: dict[str, Endpoint] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -392,7 +395,7 @@ class HttpClient:
     def endpoint(self, base_url: str) -> Endpoint:
         ep = self.endpoints.get(base_url)
         if ep is None:
-            ep = self.endpoints[base_url] = Endpoint(base_url, self.limits, asyncio.get_running_loop())
+            ep = self.endpoints[base_url] = Endpoint(base_url, self.limits, asyncio.get_running_loop(), self.tls)
         return ep
 
     def start(self) -> None:

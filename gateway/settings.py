@@ -8,6 +8,7 @@ file named by ``--config`` / ``BLUEGREEN_CONFIG`` (docs/configuration.md).
 from __future__ import annotations
 
 import json
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from gateway.auth import Principal, Role
 from gateway.policy import Policy, describe
 from serving.http_server import Limits
+from serving.tls import server_context
 
 Color = Literal["blue", "green"]
 COLORS: tuple[Color, Color] = ("blue", "green")
@@ -42,7 +44,33 @@ class Listener(BaseModel):
     port: int = Field(ge=0, le=65535)
 
 
+class TlsSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cert_file: Path | None = None
+    """PEM certificate chain for both gateway listeners; with ``key_file``, they serve HTTPS only."""
+    key_file: Path | None = None
+    """PEM private key of ``cert_file``."""
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    """Oldest TLS version accepted; older clients fail the handshake."""
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("TLS needs both cert_file and key_file")
+        return self
+
+    def server_context(self, client_ca_file: Path | None = None) -> ssl.SSLContext | None:
+        if self.cert_file is None or self.key_file is None:
+            if client_ca_file is not None:
+                raise ValueError("BLUEGREEN_ADMIN__CLIENT_CA_FILE needs TLS: set BLUEGREEN_TLS__CERT_FILE and "
+                                 "BLUEGREEN_TLS__KEY_FILE")
+            return None
+        return server_context(self.cert_file, self.key_file, self.min_version, client_ca_file)
+
+
 class AdminListener(Listener):
+    client_ca_file: Path | None = None
+    """Mutual TLS on the admin listener: clients must present a certificate this CA signed (needs TLS on)."""
     require_if_match: bool = False
     """Refuse admin writes without ``If-Match`` (428): a write must name the state it was based on, so an operator
     never overwrites a change they did not see. ``If-Match: *`` still writes unconditionally, on purpose."""
@@ -70,6 +98,8 @@ class BreakerSettings(BaseModel):
 
 class UpstreamSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    ca_file: Path | None = None
+    """CA certificates ``https://`` backends are verified against (host name included); unset: the system's."""
     deadline_s: float = Field(2.0, gt=0)
     """Whole-request deadline across attempts; a client's ``x-bluegreen-timeout-ms`` can only shorten it."""
     attempt_timeout_s: float = Field(1.0, gt=0)
@@ -277,6 +307,7 @@ class GatewaySettings(BaseSettings):
     cache: CacheSettings = CacheSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     limits: ListenerLimits = ListenerLimits()
+    tls: TlsSettings = TlsSettings()
 
     def routing(self) -> RoutingFile:
         if self.config is None:

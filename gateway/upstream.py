@@ -16,6 +16,7 @@ from gateway.breaker import Breaker
 from gateway.errors import UpstreamFailure
 from gateway.http_client import ClientLimits, Endpoint, HttpClient, UpstreamResponse
 from gateway.settings import BreakerSettings, UpstreamSettings
+from serving.tls import client_context
 
 __all__ = ["Backend", "ColorPool", "Upstream", "UpstreamResponse"]
 
@@ -80,7 +81,8 @@ class Upstream:
         s = self.settings
         self.client = HttpClient(ClientLimits(pool_size=s.pool_size, keepalive_s=s.keepalive_s,
                                               connect_timeout_s=s.connect_timeout_s,
-                                              max_body_bytes=s.max_response_bytes))
+                                              max_body_bytes=s.max_response_bytes),
+                                 client_context(s.ca_file) if s.ca_file is not None else None)
         self.client.start()
 
     async def close(self) -> None:

@@ -43,6 +43,7 @@ from serving.metrics import MetricSet, make_tracer, shutdown_tracing, tracing_re
 from serving.model import Model
 from serving.repository import ModelRef, Repository
 from serving.settings import ServingSettings
+from serving.tls import server_context
 
 log = logging.getLogger("bluegreen.serving")
 
@@ -438,8 +439,11 @@ def serve(settings: ServingSettings) -> int:
     async def main() -> None:
         nonlocal server
         loop = asyncio.get_running_loop()
+        tls = None
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            tls = server_context(settings.tls_cert, settings.tls_key, settings.tls_min_version)
         server = HttpServer(app.handle, settings.host, settings.port, graceful_s=settings.graceful_shutdown_s,
-                            limits=Limits(max_body_bytes=settings.max_body_bytes), name="model server")
+                            limits=Limits(max_body_bytes=settings.max_body_bytes), name="model server", ssl=tls)
         await server.start()
         for sig in HANDLED_SIGNALS:  # a clean drain on SIGTERM ends in exit status 0 (serving/lifecycle.py)
             loop.add_signal_handler(sig, server.handle_exit)
@@ -453,7 +457,8 @@ def serve(settings: ServingSettings) -> int:
 
     tune_gc()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    log.info("model server on http://%s:%d (%s)", settings.host, settings.port, ", ".join(settings.models))
+    log.info("model server on %s://%s:%d (%s)", "https" if settings.tls_cert else "http", settings.host,
+             settings.port, ", ".join(settings.models))
     # uvloop: the same lean server costs ~83 us of CPU per digits request instead of ~124 on asyncio's loop
     # (docs/architecture.md, "Model server").
     uvloop.run(main())

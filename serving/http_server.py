@@ -30,6 +30,7 @@ pauses when more arrives while one runs, and while the client does not read what
 from __future__ import annotations
 
 import asyncio
+import ssl as ssl_module
 import time
 from typing import Any
 
@@ -56,8 +57,12 @@ class HttpServer:
     lets running requests finish for up to ``graceful_s`` and closes every connection."""
 
     def __init__(self, handler: Handler, host: str, port: int, *, limits: Limits | None = None,
-                 graceful_s: float = 30.0, backlog: int = 4096, name: str = "http") -> None:
+                 graceful_s: float = 30.0, backlog: int = 4096, name: str = "http",
+                 ssl: ssl_module.SSLContext | None = None) -> None:
         self.handler = handler
+        self.ssl = ssl
+        """TLS (``serving.tls.server_context``); the handshake must finish within the header timeout, so a
+        client that opens a connection and stalls the handshake is dropped like one that stalls its headers."""
         self.host = host
         self.port = port
         self.limits = limits or Limits()
@@ -87,7 +92,9 @@ class HttpServer:
         loop = asyncio.get_running_loop()
         self._exit = asyncio.Event()
         self._server = await loop.create_server(lambda: Connection(self), self.host, self.port,
-                                                backlog=self.backlog, reuse_address=True)
+                                                backlog=self.backlog, reuse_address=True, ssl=self.ssl,
+                                                ssl_handshake_timeout=self.limits.header_timeout_s
+                                                if self.ssl is not None else None)
         sock = self._server.sockets[0]
         self.port = int(sock.getsockname()[1])
         self.started = True

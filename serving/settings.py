@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.repository import DEFAULT_REPOSITORY
@@ -56,3 +56,15 @@ class ServingSettings(BaseSettings):
     """Drills only: this fraction of inference requests is answered 500, spread evenly (deterministic)."""
     graceful_shutdown_s: float = Field(30.0, gt=0)
     """On SIGTERM, how long in-flight requests may take to finish."""
+    tls_cert: Path | None = None
+    """PEM certificate chain: with ``tls_key``, the server speaks HTTPS only (``serve-model --tls-cert``)."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+    tls_min_version: Literal["1.2", "1.3"] = "1.2"
+    """Oldest TLS version accepted."""
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServingSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        return self

@@ -83,7 +83,12 @@ SERVICE_MONITOR = {
             "endpoints": {"type": "array", "minItems": 1, "items": {
                 "type": "object", "additionalProperties": False, "required": ["port", "path"], "properties": {
                     "port": {"type": "string"}, "path": {"type": "string", "pattern": "^/"},
-                    "interval": _DURATION, "scrapeTimeout": _DURATION,
+                    "interval": _DURATION, "scrapeTimeout": _DURATION, "scheme": {"enum": ["http", "https"]},
+                    "tlsConfig": {"type": "object", "additionalProperties": False, "properties": {
+                        "ca": {"type": "object", "additionalProperties": False, "properties": {
+                            "secret": {"type": "object", "additionalProperties": False, "required": ["name", "key"],
+                                       "properties": {"name": {"type": "string"}, "key": {"type": "string"}}}}},
+                        "serverName": {"type": "string"}}},
                     "relabelings": {"type": "array", "items": {
                         "type": "object", "additionalProperties": False, "required": ["sourceLabels", "targetLabel"],
                         "properties": {"sourceLabels": {"type": "array", "items": {"type": "string"}},
@@ -489,7 +494,7 @@ def test_dev_admin_tokens_load_as_named_tokens(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens.yaml"
     tokens.write_text(secret_data(objs, "bluegreen-admin-tokens")["tokens.yaml"])
     named_tokens = GatewaySettings(admin_tokens_file=tokens).tokens()
-    assert sorted(named_tokens.values()) == ["dev"]
+    assert [(p.name, p.role_list) for p in named_tokens.values()] == [("dev", ["admin"])]
 
 
 @pytest.mark.parametrize("target", OVERLAYS)
@@ -694,3 +699,22 @@ def test_prod_runs_gpu_model_servers_in_three_zones_with_autoscaling_and_budgets
     assert "nodeSelector" not in pod_spec(gw)
     # Secrets are created outside git in production.
     assert not of_kind(prod, "Secret")
+
+
+def test_prod_serves_tls_13_on_both_gateway_listeners_from_a_secret() -> None:
+    prod = render("overlays/prod")
+    gw = named(prod, "Deployment", GATEWAY)
+    c = container(gw, "gateway")
+    settings = gateway_settings(c, prod)
+    assert settings.tls.min_version == "1.3"
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(gw)["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "bluegreen-gateway-tls" and mounts["tls"]["readOnly"]
+    assert str(settings.tls.cert_file).startswith(mounts["tls"]["mountPath"] + "/")
+    assert str(settings.tls.key_file).startswith(mounts["tls"]["mountPath"] + "/")
+    assert c["readinessProbe"]["httpGet"]["scheme"] == c["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    (monitor,) = [m for m in of_kind(prod, "ServiceMonitor") if m["metadata"]["name"] == "bluegreen-gateway"]
+    assert monitor["spec"]["endpoints"][0]["scheme"] == "https"
+    # Development stays on plain HTTP: no certificate to manage on a laptop.
+    dev = render("overlays/dev")
+    assert gateway_settings(container(named(dev, "Deployment", GATEWAY), "gateway"), dev).tls.cert_file is None
