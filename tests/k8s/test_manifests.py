@@ -28,9 +28,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from gateway.release import validation_report
 from gateway.app import Gateway
 from gateway.cli import build_parser
+from gateway.release import validation_report
 from gateway.settings import COLORS, GatewaySettings, RoutingFile
 from models.build import build_all
 from serving.app import ModelServer, create_app
