@@ -162,6 +162,7 @@ class _Lease:
     expires: float = 0.0
     wait_s: float = 0.0
     remaining: float = 0.0
+    empty_until: float = 0.0
     fetching: asyncio.Future[None] | None = None
 
 
@@ -182,9 +183,12 @@ class RateLimiter:
         now = self.clock()
         if self.redis is not None and now >= self.redis_down_until:
             lease = self.leases.get(client.name)
-            if lease is not None and lease.tokens > 0 and now < lease.expires:
-                lease.tokens -= 1
-                return
+            if lease is not None:
+                if lease.tokens > 0 and now < lease.expires:
+                    lease.tokens -= 1
+                    return
+                if now < lease.empty_until:  # the shared bucket was empty: no Redis call until a token is due
+                    raise self._refusal(client, lease.empty_until - now, 0, client.burst / client.rate_per_s)
             if await self._lease(client, now):
                 return
             if now >= self.redis_down_until:  # Redis answered: the shared bucket is empty
@@ -224,6 +228,7 @@ class RateLimiter:
             done.set_result(None)
         lease.tokens, lease.expires = int(granted), now + LEASE_S
         lease.wait_s, lease.remaining = int(wait_ms) / 1000, int(left_milli) / 1000
+        lease.empty_until = now + lease.wait_s if lease.tokens == 0 else 0.0
         if lease.tokens > 0:
             lease.tokens -= 1
             return True
