@@ -3,8 +3,9 @@
 Locust runs as its own process (it patches the standard library with gevent, which must never happen inside
 pytest). This run only shows that the documented command works against the real stack: every kind of
 prediction is sent, the operator user reaches the admin API, real requests go upstream, nothing fails, and
-the reports are written. The long runs — 30 s against ``up``, and one in which green is killed mid-run — are
-``bluegreen bench``'s locust suite: they measure, and they take longer than the test suite can spend.
+the reports are written. The long runs — the same mix for ``--duration`` seconds, then again while green is
+killed mid-run — are ``bluegreen bench locust`` (loadtests/bench/suites/locust.py): they measure a scenario and
+take longer than the test suite can spend.
 """
 
 from __future__ import annotations
