@@ -49,7 +49,8 @@ class Child:
     reported: bool = False
 
     def start(self, log_dir: Path) -> None:
-        self.process = ChildProcess.start(self.name, self.args, log_dir / f"{self.name}.log",
+        label = self.name if self.name == "gateway" else f"{self.name} model server"  # for messages
+        self.process = ChildProcess.start(label, self.args, log_dir / f"{self.name}.log",
                                           env={**os.environ, **self.env}, append=True, die_with_parent=True)
 
     def alive(self) -> bool:
@@ -157,7 +158,7 @@ class Stack:
         deadline = time.monotonic() + grace_s
         for p in started:
             if p.stop(max(0.1, deadline - time.monotonic())) == -signal.SIGKILL and p.pid in running:
-                self._say(f"{p.name} did not stop in {grace_s:.0f}s: killed it")
+                self._say(f"the {p.name} did not stop in {grace_s:.0f}s: killed it")
 
     def run(self) -> int:
         o = self.opts
@@ -228,7 +229,9 @@ class Stack:
         self._say(f"  admin        {admin}/admin/v1/models")
         self._say(f"  blue         http://{o.host}:{o.blue_port}  ({o.blue})")
         self._say(f"  green        http://{o.host}:{o.green_port}  ({o.green})")
-        self._say(f"  admin token  {token}  (kept in {o.state_dir / TOKEN_FILE})")
+        kept = "from BLUEGREEN_ADMIN_TOKEN" if os.environ.get("BLUEGREEN_ADMIN_TOKEN") else \
+            f"kept in {o.state_dir / TOKEN_FILE}"
+        self._say(f"  admin token  {token}  ({kept})")
         self._say(f"  logs         {log_dir}/   state {o.state_dir / 'state.json'}")
         self._say("For the bluegreen CLI in another terminal, paste:")
         print(f"export BLUEGREEN_ADMIN_URL={admin}", flush=True)

@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from serving.process import children_of as children_of
+from serving.process import port_taken
 from serving.process import process_alive as alive
 from tests.procs import ADMIN_TOKEN, BLUEGREEN, ROOT, Proc, free_port, wait_until
 
@@ -107,3 +108,17 @@ def test_up_on_a_taken_port_fails_fast_naming_it_before_saying_ready(tmp_path: P
     assert "] ready" not in out and "export" not in out and "token" not in out, out
     assert elapsed < 30, f"took {elapsed:.1f}s to refuse a taken port"
     assert not (tmp_path / "state" / "logs").exists()  # no child was started
+
+
+def test_up_reports_a_child_that_exits_while_starting_with_its_log_and_stops_the_rest(tmp_path: Path) -> None:
+    ports = {k: free_port() for k in ("data", "admin", "blue", "green")}
+    env = {**os.environ, "BLUEGREEN_ADMIN_TOKEN": ADMIN_TOKEN, "BLUEGREEN_TELEMETRY": "not-a-boolean"}
+    done = subprocess.run(up_args(tmp_path, ports), capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
+                          check=False)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "the gateway exited with status" in done.stderr and "during start-up" in done.stderr, out
+    assert "telemetry" in done.stderr.lower(), out  # the tail of its log says why
+    assert "] ready" not in out and "export" not in out, out
+    # The model servers that had started were stopped on the way out: their ports are free again.
+    assert port_taken("127.0.0.1", ports["blue"]) is None and port_taken("127.0.0.1", ports["green"]) is None
