@@ -74,7 +74,7 @@ async def _parse(request: Request, body: type[B], *, optional: bool = False) -> 
 
 
 def create_admin_app(release: Release, plane: DataPlane, auth: Authenticator, *,
-                     require_if_match: bool = False) -> Starlette:
+                     require_if_match: bool = True) -> Starlette:
     """The admin API over ``release`` (the rules and the state) and ``plane`` (the live numbers it shows)."""
 
     def caller(request: Request) -> Principal:

@@ -71,7 +71,7 @@ class TlsSettings(BaseModel):
 class AdminListener(Listener):
     client_ca_file: Path | None = None
     """Mutual TLS on the admin listener: clients must present a certificate this CA signed (needs TLS on)."""
-    require_if_match: bool = False
+    require_if_match: bool = True
     """Refuse admin writes without ``If-Match`` (428): a write must name the state it was based on, so an operator
     never overwrites a change they did not see. ``If-Match: *`` still writes unconditionally, on purpose."""
 

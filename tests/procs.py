@@ -111,7 +111,9 @@ def start_gateway(tmp_path: Path, routing_doc: dict, env: dict[str, str] | None 
 
 
 def admin_headers() -> dict[str, str]:
-    return {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    """The admin token, and ``If-Match: *`` so that a write which races no one is explicitly unconditional (the
+    gateway refuses writes without If-Match, 428); a test about ETags overrides it with the ETag it read."""
+    return {"authorization": f"Bearer {ADMIN_TOKEN}", "if-match": "*"}
 
 
 def start_redis(tmp_path: Path, port: int | None = None) -> tuple[Proc, int]:

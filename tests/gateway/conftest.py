@@ -17,7 +17,7 @@ from gateway.auth import Authenticator
 from gateway.controller import Controller
 from gateway.dataplane import DataPlane
 from gateway.release import Release
-from gateway.settings import AdminListener, GatewaySettings, RoutingFile
+from gateway.settings import GatewaySettings, RoutingFile
 from gateway.sources import LocalMetrics
 from gateway.state import MemoryStateStore
 from tests.gateway.support import ALICE, BOB, DIGITS, FakeClock, routing_doc
@@ -40,8 +40,7 @@ def clock() -> FakeClock:
 async def gateway(clock: FakeClock) -> AsyncIterator[Gateway]:
     """Alice and Bob hold admin tokens; the authenticator runs on the fake clock. After the test, the signature
     refresh that any state change schedules in the background must have finished without touching a backend."""
-    settings = GatewaySettings(admin_tokens=f"alice:{ALICE},bob:{BOB}", max_body_bytes=4096,
-                               admin=AdminListener(port=8081, require_if_match=True))
+    settings = GatewaySettings(admin_tokens=f"alice:{ALICE},bob:{BOB}", max_body_bytes=4096)
     store = MemoryStateStore.from_routing(RoutingFile.model_validate(routing_doc()))
     plane = DataPlane(settings, store)
     for version in ("1", "2", "3"):

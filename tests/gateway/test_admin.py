@@ -428,7 +428,7 @@ async def roles_admin(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
     tokens = {VIEWER_T: Principal("grafana", frozenset({"viewer"})),
               OPERATOR_T: Principal("ci", frozenset({"operator"})),
               SECURITY_T: Principal("sec-lead", frozenset({"approve:security"}))}
-    app = create_admin_app(gateway.release, gateway.plane, Authenticator(tokens, 10, 60), require_if_match=True)
+    app = create_admin_app(gateway.release, gateway.plane, Authenticator(tokens, 10, 60))
     async with client(app) as c:
         yield c
 
@@ -467,6 +467,12 @@ async def test_50_concurrent_writes_without_if_match_are_428_and_change_nothing(
     assert [r.status_code for r in rs] == [428] * 50
     assert all("If-Match" in r.json()["error"] for r in rs)
     assert unchanged(gateway) == before
+
+
+async def test_if_match_can_be_made_optional(gateway: Gateway) -> None:
+    async with client(create_admin_app(gateway.release, gateway.plane, gateway.auth, require_if_match=False)) as c:
+        r = await c.put(SPLIT, json={"blue": 90, "green": 10}, headers=auth())
+    assert r.status_code == 200 and gateway.store.get("digits").weights == {"blue": 90, "green": 10}
 
 
 async def test_canary_commands_honour_if_match(admin: httpx.AsyncClient, gateway: Gateway) -> None:

@@ -315,7 +315,8 @@ class Stack:
     prometheus: str
 
     def headers(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.token}"}
+        """The token, and ``If-Match: *``: these writes race no one (without If-Match the gateway says 428)."""
+        return {"authorization": f"Bearer {self.token}", "if-match": "*"}
 
 
 def _manifest_env(c: Obj, objs: tuple[Obj, ...], **changes: str) -> dict[str, str]:
