@@ -214,6 +214,15 @@ def alert_test_inputs() -> list[Obj]:
     for backend, state in (("http://10.0.0.1:8000", 2), ("http://10.0.0.2:8000", 1)):
         s.append(series("bluegreen_breaker_state", {"model": "digits", "color": "green", "backend": backend,
                                                     "pod": "a"}, gauge(state)))
+    # Refused credentials, per gateway pod: the data listener jumps from 6/min to 300/min over the last 15
+    # minutes (fires); the admin listener refuses 300/min all along (no spike: the hour before was the same);
+    # rate limits alone never fire.
+    s.append(series("bluegreen_auth_failures_total", {"listener": "data", "reason": "unknown", "pod": "a"},
+                    "0+6x45 270+300x25"))
+    s.append(series("bluegreen_auth_failures_total", {"listener": "admin", "reason": "missing", "pod": "a"},
+                    counter(300)))
+    s.append(series("bluegreen_auth_failures_total", {"listener": "data", "reason": "rate_limited", "pod": "b"},
+                    "0+0x45 0+6000x25"))
     for model, current in (("digits", "rolled_back"), ("m2", "progressing")):
         for phase in Phase:
             s.append(series("bluegreen_canary_phase", {"model": model, "phase": phase.value, "pod": "a"},
@@ -232,6 +241,7 @@ EXPECTED_ALERTS = {
     "BluegreenBreakerOpen": [{"model": "digits", "color": "green", "backend": "http://10.0.0.1:8000",
                               "severity": "warning"}],
     "BluegreenCanaryRolledBack": [{"model": "digits", "severity": "warning"}],
+    "BluegreenAuthFailureSpike": [{"listener": "data", "severity": "warning"}],
 }
 
 
