@@ -32,6 +32,7 @@ def _cmd_serve_model(args: argparse.Namespace) -> int:
         "threads": args.threads, "max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
         "max_queue_size": args.max_queue_size, "fault_latency_ms": args.fault_latency_ms,
         "fault_error_rate": args.fault_error_rate, "allow_non_finite": args.allow_non_finite,
+        "tls_cert": args.tls_cert, "tls_key": args.tls_key,
     }.items() if v is not None}
     try:
         settings = ServingSettings(**overrides)
@@ -141,6 +142,21 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                         lambda c: operator.audit(c, args.limit, args.model, as_json=args.json))
 
 
+def _cmd_keys_new(args: argparse.Namespace) -> int:
+    from gateway.keys import new_key
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    try:
+        key, entry = new_key(args.name, models, args.rate, args.burst)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"key (shown once; the gateway keeps only its hash): {key}")
+    print("entry for the file named by BLUEGREEN_CLIENT_KEYS_FILE (in force within a second of saving):")
+    print(entry, end="")
+    return 0
+
+
 DESCRIPTION = ("bluegreen: an inference gateway that splits predictions between a blue and a green model "
                "server, and the tools around it. One sub-command per verb; 'bluegreen COMMAND --help' for its "
                "options. The operator verbs (status, weights, shadow, canary, audit) call the admin API at "
@@ -176,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept NaN/Inf in floating-point inputs (default: refused with 400)")
     p.add_argument("--fault-latency-ms", type=float, help="drills: latency added to every inference")
     p.add_argument("--fault-error-rate", type=float, help="drills: fraction of inferences answered 500")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve HTTPS with this certificate chain")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
     p.set_defaults(func=_cmd_serve_model)
 
     p = _add(sub, "gateway", "run the gateway (data and admin listeners)")
@@ -248,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the admin API's JSON instead")
     _admin_options(p)
     p.set_defaults(func=_cmd_canary)
+
+    p = _add(sub, "keys", "client keys for the prediction API: 'keys new NAME' prints a fresh key and its entry")
+    keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    k = _add(keys, "new", "print a fresh client key (shown once) and the keys-file entry holding its hash")
+    k.add_argument("name", metavar="NAME", help="the client app's name (what metrics and logs show)")
+    k.add_argument("--models", required=True, metavar="M[,M...]", help="models it may call, or '*' for all")
+    k.add_argument("--rate", type=float, metavar="PER_S", help="sustained requests a second (default: no limit)")
+    k.add_argument("--burst", type=int, metavar="N", help="requests at once beyond the rate (default: a second's)")
+    k.set_defaults(func=_cmd_keys_new)
 
     p = _add(sub, "audit", "the audit log, newest first")
     p.add_argument("--limit", type=int, default=20, metavar="N", help="entries to show (default 20)")

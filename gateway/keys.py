@@ -104,7 +104,10 @@ def new_key(name: str, models: list[str], rate_per_s: float | None = None, burst
         entry["rate_per_s"] = rate_per_s
     if burst is not None:
         entry["burst"] = burst
-    KeyEntry.model_validate(entry)
+    try:
+        KeyEntry.model_validate(entry)
+    except ValidationError as exc:
+        raise ValueError(describe(exc)) from None
     return key, yaml.safe_dump({name: entry}, default_flow_style=None, sort_keys=False)
 
 

@@ -61,6 +61,23 @@ def test_new_key_prints_an_entry_that_loads_and_matches_the_key(tmp_path: Path) 
     assert new_key("x", ["*"])[0] != new_key("x", ["*"])[0]
 
 
+def test_the_keys_new_command_prints_the_key_once_and_an_entry_that_holds_its_hash(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    assert main(["keys", "new", "mobile-app", "--models", "digits,wide", "--rate", "50", "--burst", "100"]) == 0
+    out = capsys.readouterr().out
+    key = out.splitlines()[0].rsplit(" ", 1)[1]
+    path = tmp_path / "keys.yaml"
+    path.write_text(out.split("\n", 2)[2])
+    (client,) = ClientGate(path).keys.values()
+    assert ClientGate(path).authenticate(bearer(key)) == client
+    assert client == ClientKey("mobile-app", frozenset({"digits", "wide"}), 50, 100)
+    assert out.count(key) == 1
+    assert main(["keys", "new", "x", "--models", "digits", "--rate", "-1"]) == 2
+    assert "rate_per_s: Input should be greater than 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("entry", "message"), [
     ({"key_sha256": "abc", "models": ["*"]}, "app: key_sha256"),
     ({"key_sha256": sha(KEY_A), "models": []}, "app: models"),

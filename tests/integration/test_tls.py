@@ -78,9 +78,8 @@ class Stack:
 def stack(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     d = tmp_path_factory.mktemp("tls")
     port = free_port()
-    server = Proc([*BLUEGREEN, "serve-model", "--host", "127.0.0.1", "--port", str(port), "--model", "digits:1"],
-                  d / "serve.log", {"BLUEGREEN_SERVING_TLS_CERT": str(pki.cert_file),
-                                    "BLUEGREEN_SERVING_TLS_KEY": str(pki.key_file)})
+    server = Proc([*BLUEGREEN, "serve-model", "--host", "127.0.0.1", "--port", str(port), "--model", "digits:1",
+                   "--tls-cert", str(pki.cert_file), "--tls-key", str(pki.key_file)], d / "serve.log")
     procs = [server]
     try:
         backend = f"https://127.0.0.1:{port}"
