@@ -22,7 +22,7 @@ from gateway.cache import PredictionCache
 from gateway.dataplane import DataPlane, InferRequest, Reply
 from gateway.errors import Unavailable
 from gateway.settings import CacheSettings, GatewaySettings, RoutingFile, UpstreamSettings
-from gateway.state import MemoryStateStore
+from gateway.state import ColorState, MemoryStateStore, ModelState
 from tests.gateway.support import DIGITS, FakeClock
 from tests.gateway.upstream_stub import StubUpstream, stubs
 from tests.procs import free_port
@@ -105,6 +105,24 @@ async def test_requests_split_exactly_by_weight_and_each_color_counts_its_own() 
         assert r.blue.paths[0] == "/v2/models/digits/versions/1/infer"
         assert r.green.paths[0] == "/v2/models/digits/versions/2/infer"
         assert r.plane.in_flight == 0
+
+
+async def test_a_repointed_color_keeps_its_runtime_and_counts_and_serves_from_its_new_backend() -> None:
+    async with rig((0, 100)) as r, stubs(3) as (third,):
+        await r.infer(0)
+        green = r.plane.runtime(MODEL, "green")
+        assert (green.requests, green.snapshot().count) == (1, 1)
+
+        def repoint(s: ModelState) -> ModelState:
+            return dataclasses.replace(s, colors={**s.colors, "green": ColorState("2", (third.url,))})
+
+        await r.plane.store.update(MODEL, None, repoint, who="alice", action="set_color")
+        assert r.plane.runtime(MODEL, "green") is green and green.requests == 1
+        assert [b.url for b in green.backends] == [third.url]
+        reply = await r.infer(1)
+        assert (label(reply), third.calls, r.green.calls, green.requests) == (3, 1, 1, 2)
+        with pytest.raises(KeyError):
+            r.plane.runtime("nope", "blue")
 
 
 # ------------------------------------------------------------------ failover
