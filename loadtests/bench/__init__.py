@@ -1,4 +1,5 @@
-"""The benchmark runner behind ``bluegreen bench [serving|gateway|cache|telemetry|shadow]`` (none named: all).
+"""The benchmark runner behind ``bluegreen bench [serving|gateway|cache|telemetry|shadow|locust]`` (none named:
+every suite but ``locust``, a scenario run of minutes that runs only when named).
 
 How we measure performance: the machines are 2-core and shared, so what counts is **ratios
 measured in one run** (absolute times only on a GPU). Every suite therefore starts its own servers on free
@@ -10,7 +11,7 @@ The package, by what varies:
 
 * :mod:`~loadtests.bench.wrk`     the wrk driver (Lua scripts, the run, its parsed result);
 * :mod:`~loadtests.bench.servers` the servers a suite starts and what it reads from them;
-* :mod:`~loadtests.bench.runs`    the measuring steps the gateway-family suites share;
+* :mod:`~loadtests.bench.steps`   the measuring steps the gateway-family suites share;
 * :mod:`~loadtests.bench.suites`  one module per suite: its constants, its run, its section of the report;
 * :mod:`~loadtests.bench.report`  ``<out>/bench-<suite>.json`` and ``<out>/benchmarks.md`` (a summary table of
   every ratio with its target, date, machine and command, the plot ``benchmarks.png``, then one section per

@@ -116,6 +116,7 @@ class Suite:
     run: Callable[[SuiteContext], SuiteResult]
     render: Callable[[dict[str, Any]], list[str]]
     by_default: bool = True  # run by ``bluegreen bench`` with no suite named
+    needs_wrk: bool = True
 
 
 def ensure_models(repo: Path, models: Sequence[str]) -> None:

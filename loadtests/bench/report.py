@@ -150,7 +150,8 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
         gw = (doc.get("server_timing_ms") or {}).get("gateway")
         if gw:
             lines.append(f"  server-timing gateway;dur p50 {fmt_ms2(gw['p50'])} ms, p99 {fmt_ms2(gw['p99'])} ms")
-    for label, run in doc.get("runs", {}).items():
+    serving_runs = doc.get("runs")  # the serving suite's, by label (the locust suite's are a list)
+    for label, run in (serving_runs if isinstance(serving_runs, dict) else {}).items():
         lines.append(f"  {label}: {run['rows_per_s']:,.0f} rows/s, p50 {run['latency_ms']['p50']:.1f} ms, "
                      f"p99 {run['latency_ms']['p99']:.1f} ms, non-2xx {run['non_2xx']}, socket errors "
                      f"{run['socket_errors']}, wrk {fmt_cores(run.get('wrk_cores'))}"

@@ -44,7 +44,7 @@ def main(suites: Sequence[str], duration_s: float, out_dir: Path | None, repo: P
         print("error: --duration must be positive", file=sys.stderr)
         return 2
     runnable = list(dict.fromkeys(suites)) or [s for s in SUITE_ORDER if s in SUITES]
-    if shutil.which("wrk") is None:
+    if any(SUITES[s].needs_wrk for s in runnable) and shutil.which("wrk") is None:
         print("error: wrk is not installed (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
         return 2
 

@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from loadtests.bench import base, report, runner, servers, suites, wrk
-from loadtests.bench import runs as bench_runs
+from loadtests.bench import base, report, runner, servers, steps, suites, wrk
 from loadtests.bench.suites import cache, gateway, shadow, telemetry
 from loadtests.bench.suites import serving as serving_suite
 
@@ -287,7 +286,7 @@ def test_round_ratios_pair_the_runs_of_each_round() -> None:
             {"round": 3, "target": "direct", "requests_per_s": 0.0},
             {"round": 3, "target": "gateway", "requests_per_s": 10.0},
             {"round": 4, "target": "direct", "requests_per_s": 5000.0}]  # no gateway run: no ratio
-    rounds = bench_runs.round_ratios(runs)
+    rounds = steps.round_ratios(runs)
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[0] == {"round": 1, "direct_rps": 6000.0, "gateway_rps": 3000.0, "ratio": 0.5}
     assert rounds[1]["ratio"] == pytest.approx(0.6)
@@ -298,16 +297,16 @@ def test_round_ratios_put_nginx_and_the_proxies_cpu_beside_the_gateway() -> None
     runs = [{"round": 1, "target": "direct", "requests_per_s": 6000.0, "proxy_cpu_us_per_request": None},
             {"round": 1, "target": "gateway", "requests_per_s": 4000.0, "proxy_cpu_us_per_request": 120.0},
             {"round": 1, "target": "nginx", "requests_per_s": 5500.0, "proxy_cpu_us_per_request": 40.0}]
-    (row,) = bench_runs.round_ratios(runs)
+    (row,) = steps.round_ratios(runs)
     assert row["gateway_cpu_us"] == 120.0 and row["nginx_cpu_us"] == 40.0 and row["nginx_rps"] == 5500.0
     assert row["cpu_vs_nginx"] == pytest.approx(3.0)
     assert row["ratio"] == pytest.approx(4000 / 6000)
 
 
 def test_proxy_cpu_per_request_is_its_cpu_over_the_answered_requests() -> None:
-    assert bench_runs.proxy_cpu_us_per_request({"cpu_s": {"proxy": 0.5}, "requests": 5000}) == pytest.approx(100.0)
-    assert bench_runs.proxy_cpu_us_per_request({"cpu_s": {"model_server": 0.5}, "requests": 5000}) is None
-    assert bench_runs.proxy_cpu_us_per_request({"cpu_s": {"proxy": 0.5}, "requests": 0}) is None
+    assert steps.proxy_cpu_us_per_request({"cpu_s": {"proxy": 0.5}, "requests": 5000}) == pytest.approx(100.0)
+    assert steps.proxy_cpu_us_per_request({"cpu_s": {"model_server": 0.5}, "requests": 5000}) is None
+    assert steps.proxy_cpu_us_per_request({"cpu_s": {"proxy": 0.5}, "requests": 0}) is None
 
 
 def test_the_nginx_reference_config_proxies_to_the_model_server_with_keepalive(tmp_path: Path) -> None:
@@ -323,11 +322,11 @@ def test_added_latency_is_median_gateway_minus_median_direct() -> None:
             {"target": "gateway", "latency_ms": {"p50": 3.0, "p90": 6.0, "p99": None}},
             {"target": "gateway", "latency_ms": {"p50": 4.0, "p90": 7.0, "p99": None}},
             {"target": "direct", "latency_ms": {"p50": 2.4, "p90": 3.0, "p99": 9.0}}]
-    medians = bench_runs.median_latency_ms(runs)
+    medians = steps.median_latency_ms(runs)
     assert medians == {"direct": {"p50": pytest.approx(2.2), "p90": 3.0, "p99": 7.0},
                        "gateway": {"p50": 3.5, "p90": 6.5, "p99": None}}
-    assert bench_runs.added_latency_ms(medians) == {"p50": pytest.approx(1.3), "p90": 3.5, "p99": None}
-    assert bench_runs.added_latency_ms({"direct": medians["direct"]}) == {"p50": None, "p90": None, "p99": None}
+    assert steps.added_latency_ms(medians) == {"p50": pytest.approx(1.3), "p90": 3.5, "p99": None}
+    assert steps.added_latency_ms({"direct": medians["direct"]}) == {"p50": None, "p90": None, "p99": None}
 
 
 def test_server_timing_medians_over_the_runs_that_carry_it() -> None:
@@ -335,10 +334,10 @@ def test_server_timing_medians_over_the_runs_that_carry_it() -> None:
                                   "upstream": {"p50": 2.0, "p99": 9.0, "count": 100}}},
             {"server_timing_ms": {"gateway": {"p50": 0.06, "p99": 0.3, "count": 50}}},
             {"server_timing_ms": {}}]
-    timing = bench_runs.server_timing_medians(runs)
+    timing = steps.server_timing_medians(runs)
     assert timing["gateway"] == {"p50": pytest.approx(0.05), "p99": pytest.approx(0.2), "count": 150, "runs": 2}
     assert timing["upstream"] == {"p50": 2.0, "p99": 9.0, "count": 100, "runs": 1}
-    assert bench_runs.server_timing_medians([]) == {}
+    assert steps.server_timing_medians([]) == {}
 
 
 def test_cpu_used_between_two_readings() -> None:
@@ -350,7 +349,7 @@ def test_cpu_used_between_two_readings() -> None:
 
 
 def test_routing_shown_with_placeholder_ports() -> None:
-    shown = bench_runs.display_routing({"models": {"digits": {"colors": {"blue": {
+    shown = steps.display_routing({"models": {"digits": {"colors": {"blue": {
         "version": "1", "backends": ["http://127.0.0.1:43123"]}}}}})
     assert shown["models"]["digits"]["colors"]["blue"]["backends"] == ["http://127.0.0.1:<model server port>"]
 
@@ -381,7 +380,7 @@ def gateway_doc(*, median: float = 0.55, flagged: bool = False) -> dict[str, Any
               {"round": 3, "direct_rps": 6000.0, "gateway_rps": 3000.0, "ratio": 0.5}]
     half = [_half(1, "direct", 2.09, 4.66, 0.29), _half(2, "gateway", 3.95, 12.5, 0.41),
             _half(3, "gateway", 4.05, 13.5, 0.43), _half(4, "direct", 2.11, 5.66, 0.3)]
-    medians = bench_runs.median_latency_ms(half)
+    medians = steps.median_latency_ms(half)
     return {
         "suite": "gateway",
         "title": "Gateway vs direct to the model server",
@@ -403,10 +402,10 @@ def gateway_doc(*, median: float = 0.55, flagged: bool = False) -> dict[str, Any
                    ratio_json("gateway CPU per request / nginx CPU per request (median of 1 rounds)", 5.0, 4.5, 3.0,
                                 at_most=True)],
         "half_load": {"rate_per_s": 1500.0, "basis_rps": 3000.0, "runs": half, "median_ms": medians,
-                      "added_ms": bench_runs.added_latency_ms(medians)},
-        "server_timing_ms": bench_runs.server_timing_medians([r for r in half if r["target"] == "gateway"]),
+                      "added_ms": steps.added_latency_ms(medians)},
+        "server_timing_ms": steps.server_timing_medians([r for r in half if r["target"] == "gateway"]),
         "ok": not flagged,
-        "notes": [gateway.GATEWAY_SHARED_CORES_NOTE, bench_runs.FIXED_RATE_NOTE],
+        "notes": [gateway.GATEWAY_SHARED_CORES_NOTE, steps.FIXED_RATE_NOTE],
     }
 
 
@@ -551,15 +550,15 @@ def test_round_table_takes_every_target_over_the_baseline() -> None:
             {"round": 2, "target": "l1_hit", "requests_per_s": 9000.0},
             {"round": 2, "target": "direct", "requests_per_s": 6000.0},
             {"round": 3, "target": "l1_hit", "requests_per_s": 1.0}]  # no baseline: no row
-    table = bench_runs.round_table(runs, "direct")
+    table = steps.round_table(runs, "direct")
     assert [r["round"] for r in table] == [1, 2]
     assert table[0]["ratios"] == {"l1_hit": 2.0, "miss": 0.5}
     assert table[1]["rps"] == {"miss": 3600.0, "l1_hit": 9000.0, "direct": 6000.0}
-    assert bench_runs.median_round_ratio(table, "l1_hit") == pytest.approx(1.75)
-    assert bench_runs.median_round_ratio(table, "miss") == pytest.approx(0.55)
+    assert steps.median_round_ratio(table, "l1_hit") == pytest.approx(1.75)
+    assert steps.median_round_ratio(table, "miss") == pytest.approx(0.55)
     with pytest.raises(base.SuiteError):
-        bench_runs.median_round_ratio(table, "l2_hit")
-    zero = bench_runs.round_table([{"round": 1, "target": "off", "requests_per_s": 0.0},
+        steps.median_round_ratio(table, "l2_hit")
+    zero = steps.round_table([{"round": 1, "target": "off", "requests_per_s": 0.0},
                               {"round": 1, "target": "on", "requests_per_s": 5.0}], "off")
     assert zero[0]["ratios"] == {"on": 0.0}
 
@@ -581,22 +580,22 @@ def test_ratios_at_most_and_without_target() -> None:
 
 
 def test_gateway_cpu_per_request() -> None:
-    assert bench_runs.gateway_cpu_us_per_request({"cpu_s": {"gateway": 0.5}, "requests": 5000}) == pytest.approx(100.0)
-    assert bench_runs.gateway_cpu_us_per_request({"cpu_s": {"model_server": 0.5}, "requests": 5000}) is None
-    assert bench_runs.gateway_cpu_us_per_request({"cpu_s": {"gateway": 0.5}, "requests": 0}) is None
+    assert steps.gateway_cpu_us_per_request({"cpu_s": {"gateway": 0.5}, "requests": 5000}) == pytest.approx(100.0)
+    assert steps.gateway_cpu_us_per_request({"cpu_s": {"model_server": 0.5}, "requests": 5000}) is None
+    assert steps.gateway_cpu_us_per_request({"cpu_s": {"gateway": 0.5}, "requests": 0}) is None
 
 
 def test_spread_note_only_when_rounds_disagree() -> None:
-    assert bench_runs.spread_note([1.0, 1.05, 0.98], "on / off") == []
-    note = bench_runs.spread_note([0.87, 1.02, 1.24, 0.92], "on / off")
+    assert steps.spread_note([1.0, 1.05, 0.98], "on / off") == []
+    note = steps.spread_note([0.87, 1.02, 1.24, 0.92], "on / off")
     assert len(note) == 1 and "on / off spread over 38%" in note[0] and "(0.87 to 1.24)" in note[0]
 
 
 def test_routing_files_the_suites_write_are_valid_for_the_gateway() -> None:
     from gateway.settings import RoutingFile
 
-    plain = RoutingFile.model_validate(bench_runs.digits_routing(("1", "http://127.0.0.1:1"), ("2", "http://127.0.0.1:1")))
-    shadowed = RoutingFile.model_validate(bench_runs.digits_routing(("1", "http://127.0.0.1:1"), ("2", "http://127.0.0.1:2"),
+    plain = RoutingFile.model_validate(steps.digits_routing(("1", "http://127.0.0.1:1"), ("2", "http://127.0.0.1:1")))
+    shadowed = RoutingFile.model_validate(steps.digits_routing(("1", "http://127.0.0.1:1"), ("2", "http://127.0.0.1:2"),
                                                                shadow.SHADOW_PERCENT))
     assert plain.models["digits"].weights == {"blue": 100, "green": 0}
     assert plain.models["digits"].shadow_percent == 0
@@ -606,7 +605,7 @@ def test_routing_files_the_suites_write_are_valid_for_the_gateway() -> None:
 
 def test_gateway_settings_are_bluegreen_variables_only(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="BLUEGREEN_"), \
-            servers.gateway_server(bench_runs.digits_routing(("1", "http://127.0.0.1:1"), ("2", "http://127.0.0.1:1")),
+            servers.gateway_server(steps.digits_routing(("1", "http://127.0.0.1:1"), ("2", "http://127.0.0.1:1")),
                                  tmp_path, {"PATH": "/nowhere"}):
         pass
 
@@ -635,7 +634,7 @@ def cache_doc(*, wrong_path: bool = False) -> dict[str, Any]:
             _cache_run(1, "miss", 3500.0, (0.0, 0.0, 1.0)), _cache_run(2, "miss", 3500.0, (0.0, 0.0, 1.0)),
             _cache_run(2, "l2_hit", 4200.0, (0.0, 1.0, 0.0)), _cache_run(2, "l1_hit", 10000.0, (1.0, 0.0, 0.0)),
             _cache_run(2, "direct", 6000.0, None)]
-    table = bench_runs.round_table(runs, "direct")
+    table = steps.round_table(runs, "direct")
     return {
         "suite": "cache", "title": "Prediction cache: L1 hit, L2 hit and miss vs direct to the model server",
         "command": "bluegreen bench cache --duration 10", "date": "2025-03-04T05:06:07+00:00", "machine": MACHINE,
@@ -653,9 +652,9 @@ def cache_doc(*, wrong_path: bool = False) -> dict[str, Any]:
         "redis_calls_per_l2_request": {"get": 1.0, "set": 1.0, "evalsha": 0.001},
         "saturation": runs, "round_table": table,
         "ratios": [ratio_json("L1 hit / direct requests/s (median of 2 rounds)",
-                                bench_runs.median_round_ratio(table, "l1_hit"), cache.TARGET_L1_HIT_VS_DIRECT),
+                                steps.median_round_ratio(table, "l1_hit"), cache.TARGET_L1_HIT_VS_DIRECT),
                    ratio_json("L2 hit / direct requests/s (median of 2 rounds)",
-                                bench_runs.median_round_ratio(table, "l2_hit"), None)],
+                                steps.median_round_ratio(table, "l2_hit"), None)],
         "ok": not wrong_path, "notes": [cache.CACHE_NOTE],
     }
 
@@ -694,7 +693,7 @@ def telemetry_doc() -> dict[str, Any]:
             run = _sat(n, target, 4000.0 if target == "off" else 3900.0 - 100 * n)
             run["cpu_s"] = {"gateway": 0.9, "model_server": 0.5}
             runs.append(run)
-    table = bench_runs.round_table(runs, "off")
+    table = steps.round_table(runs, "off")
     return {
         "suite": "telemetry", "title": "Telemetry on vs off", "command": "bluegreen bench telemetry --duration 10",
         "date": "2025-03-04T05:06:07+00:00", "machine": MACHINE,
@@ -706,7 +705,7 @@ def telemetry_doc() -> dict[str, Any]:
         "requests_recorded_in_metrics": {"on": 160000.0, "off": None},
         "saturation": runs, "round_table": table,
         "ratios": [ratio_json("telemetry on / off requests/s (median of 4 rounds)",
-                                bench_runs.median_round_ratio(table, "on"), telemetry.TARGET_TELEMETRY_ON_VS_OFF)],
+                                steps.median_round_ratio(table, "on"), telemetry.TARGET_TELEMETRY_ON_VS_OFF)],
         "ok": True, "notes": [telemetry.TELEMETRY_NOTE],
     }
 
@@ -735,7 +734,7 @@ def shadow_doc() -> dict[str, Any]:
         run["green_rows"] = 2000 if run["target"] == "on" else 0
         run["shadow_share"] = 0.1 if run["target"] == "on" else None
         run["cores"]["green_server"] = 0.1 if run["target"] == "on" else 0.0
-    medians = bench_runs.median_latency_ms(half, shadow.SHADOW_PERCENTILES)
+    medians = steps.median_latency_ms(half, shadow.SHADOW_PERCENTILES)
     return {
         "suite": "shadow", "title": "Shadow traffic at 10%: client latency with vs without",
         "command": "bluegreen bench shadow --duration 10", "date": "2025-03-04T05:06:07+00:00", "machine": MACHINE,
@@ -754,7 +753,7 @@ def shadow_doc() -> dict[str, Any]:
                                 medians["on"]["p50"] / medians["off"]["p50"], shadow.TARGET_SHADOW_P50, at_most=True),
                    ratio_json("shadow agreement (bluegreen_shadow_agreement_ratio, digits 1 vs 2)", 0.890625, None,
                                 unit="")],
-        "ok": True, "notes": [shadow.SHADOW_NOTE, bench_runs.FIXED_RATE_NOTE],
+        "ok": True, "notes": [shadow.SHADOW_NOTE, steps.FIXED_RATE_NOTE],
     }
 
 

@@ -11,48 +11,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from loadtests.bench.base import (
-    WARMUP_S,
-    Ratio,
-    Suite,
-    SuiteContext,
-    SuiteError,
-    SuiteResult,
-    closing_lines,
-    ensure_models,
-    fmt_cores,
-    ratio_row,
-    reproduce,
-)
-from loadtests.bench.runs import (
-    GATEWAY_CONNECTIONS,
-    GATEWAY_GREEN_VERSION,
-    GATEWAY_MODEL,
-    digits_routing,
-    display_routing,
-    error_notes,
-    gateway_cpu_us_per_request,
-    median_present,
-    median_round_ratio,
-    post_checked,
-    round_table,
-    round_table_lines,
-    saturate,
-    saturation_table,
-    server_command,
-    spread_note,
-)
-from loadtests.bench.servers import (
-    CACHE_PATHS,
-    ServerProcess,
-    admin_get,
-    cache_counters,
-    gateway_server,
-    model_server,
-    redis_commands,
-    redis_server,
-)
-from loadtests.bench.wrk import WRK_THREADS, v2_json_body, wrk_lua_cycle_script, wrk_lua_script, wrk_lua_unique_script
+from loadtests.bench import base, servers, steps, wrk
+from loadtests.bench.base import fmt_cores
 from serving.machine import machine_line
 
 TARGET_MISS_CPU_US = 170.0  # at most: a real miss (unique inputs, cache on, no Redis)
@@ -84,8 +44,8 @@ CACHE_NOTE = (
 #: Alternating, so drift favours neither side; the ratio quoted is the median of the rounds' on / off.
 def cache_path_shares(counters: Mapping[str, int]) -> dict[str, float]:
     """Each lookup path's share of the lookups counted (:data:`CACHE_PATHS`); all 0 when there were none."""
-    lookups = sum(counters.get(k, 0) for k in CACHE_PATHS)
-    return {k: (counters.get(k, 0) / lookups if lookups else 0.0) for k in CACHE_PATHS}
+    lookups = sum(counters.get(k, 0) for k in servers.CACHE_PATHS)
+    return {k: (counters.get(k, 0) / lookups if lookups else 0.0) for k in servers.CACHE_PATHS}
 
 
 def cache_path_ok(target: str, counters: Mapping[str, int]) -> bool:
@@ -94,17 +54,18 @@ def cache_path_ok(target: str, counters: Mapping[str, int]) -> bool:
     if expected is None:
         return True
     path, least = expected
-    return sum(counters.get(k, 0) for k in CACHE_PATHS) > 0 and cache_path_shares(counters)[path] >= least
+    return sum(counters.get(k, 0) for k in servers.CACHE_PATHS) > 0 and cache_path_shares(counters)[path] >= least
 
 
-def _prewarm_l2(gateway: ServerProcess, redis: ServerProcess, url: str, bodies: Sequence[str]) -> dict[str, Any]:
+def _prewarm_l2(gateway: servers.ServerProcess, redis: servers.ServerProcess, url: str,
+                bodies: Sequence[str]) -> dict[str, Any]:
     """Send each body once through the L2 gateway (misses, written to Redis in the background), wait until Redis
     holds them all, and prove that one comes back as an L2 hit."""
     import redis as redis_client
 
     with httpx.Client(timeout=10.0) as client:
         for body in bodies:
-            post_checked(client, url, body, cache="miss")
+            steps.post_checked(client, url, body, cache="miss")
         r = redis_client.Redis.from_url(redis.url)
         try:
             deadline = time.monotonic() + 10.0
@@ -113,20 +74,21 @@ def _prewarm_l2(gateway: ServerProcess, redis: ServerProcess, url: str, bodies: 
                 if keys >= len(bodies):
                     break
                 if time.monotonic() > deadline:
-                    raise SuiteError(f"Redis holds {keys} cache entries after {len(bodies)} distinct bodies were sent")
+                    raise base.SuiteError(f"Redis holds {keys} cache entries after {len(bodies)} distinct bodies "
+                                          "were sent")
                 time.sleep(0.1)
         finally:
             r.close()
-        before = cache_counters(gateway)
-        post_checked(client, url, bodies[0], cache="hit")  # long gone from the one-entry L1
-        after = cache_counters(gateway)
+        before = servers.cache_counters(gateway)
+        steps.post_checked(client, url, bodies[0], cache="hit")  # long gone from the one-entry L1
+        after = servers.cache_counters(gateway)
     if after.get("l2_hits", 0) - before.get("l2_hits", 0) != 1:
-        raise SuiteError(f"a body stored in Redis was not answered as an L2 hit: {before} -> {after}")
+        raise base.SuiteError(f"a body stored in Redis was not answered as an L2 hit: {before} -> {after}")
     return {"bodies": len(bodies), "redis_cache_keys": keys}
 
 
-def _cache_and_redis_counters(gateway: ServerProcess, redis: ServerProcess) -> dict[str, int]:
-    return {**cache_counters(gateway), **redis_commands(redis)}
+def _cache_and_redis_counters(gateway: servers.ServerProcess, redis: servers.ServerProcess) -> dict[str, int]:
+    return {**servers.cache_counters(gateway), **servers.redis_commands(redis)}
 
 
 def redis_calls_per_request(runs: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -143,7 +105,7 @@ def redis_calls_per_request(runs: Sequence[Mapping[str, Any]]) -> dict[str, floa
     return {k: v / requests for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
-def run(ctx: SuiteContext) -> SuiteResult:
+def run(ctx: base.SuiteContext) -> base.SuiteResult:
     """The prediction cache: L1 hit, L2 hit and miss through the gateway vs direct to the model server.
 
     One model server (``digits`` 1 and 2), a private ``redis-server`` and two gateways run for the whole suite:
@@ -154,57 +116,59 @@ def run(ctx: SuiteContext) -> SuiteResult:
     cache counters of ``GET /admin/v1/cache`` say which way its lookups went, and a run that did not take its
     path (:data:`CACHE_EXPECTED_PATH`) is flagged.
     """
-    name, version = GATEWAY_MODEL
-    models = [f"{name}:{version}", f"{name}:{GATEWAY_GREEN_VERSION}"]
-    ensure_models(ctx.repo, models)
+    name, version = steps.GATEWAY_MODEL
+    models = [f"{name}:{version}", f"{name}:{steps.GATEWAY_GREEN_VERSION}"]
+    base.ensure_models(ctx.repo, models)
     duration_s = max(1, round(ctx.duration_s))
     rng = np.random.default_rng(0)
     row = [float(x) for x in rng.integers(0, 17, 64)]  # pixel intensities 0-16
-    body = v2_json_body("input", row)
-    l2_bodies = [v2_json_body("input", [float(x) for x in r])
+    body = wrk.v2_json_body("input", row)
+    l2_bodies = [wrk.v2_json_body("input", [float(x) for x in r])
                  for r in np.unique(rng.integers(0, 17, (CACHE_L2_BODIES, 64)), axis=0)]
-    scripts = {"direct": wrk_lua_script(body), "l1_hit": wrk_lua_script(body),
-               "l2_hit": wrk_lua_cycle_script(l2_bodies), "miss": wrk_lua_unique_script("input", row)}
+    scripts = {"direct": wrk.wrk_lua_script(body), "l1_hit": wrk.wrk_lua_script(body),
+               "l2_hit": wrk.wrk_lua_cycle_script(l2_bodies), "miss": wrk.wrk_lua_unique_script("input", row)}
     paths = {}
     for target, text in scripts.items():
         paths[target] = ctx.work_dir / f"cache-{target}.lua"
         paths[target].write_text(text)
     common = {"BLUEGREEN_CACHE__TTL_S": str(CACHE_TTL_S)}
 
-    with model_server(ctx.repo, models, [], ctx.work_dir) as server, redis_server(ctx.work_dir) as redis:
-        routing = digits_routing((version, server.url), (GATEWAY_GREEN_VERSION, server.url))
+    with servers.model_server(ctx.repo, models, [], ctx.work_dir) as server, \
+            servers.redis_server(ctx.work_dir) as redis:
+        routing = steps.digits_routing((version, server.url), (steps.GATEWAY_GREEN_VERSION, server.url))
         l2_settings = {**common, "BLUEGREEN_REDIS_URL": redis.url,
                        "BLUEGREEN_CACHE__L1_MAX_ENTRIES": str(CACHE_L2_L1_ENTRIES)}
-        with gateway_server(routing, ctx.work_dir, common, name="gateway-l1") as gw_l1, \
-                gateway_server(routing, ctx.work_dir, l2_settings, name="gateway-l2") as gw_l2:
+        with servers.gateway_server(routing, ctx.work_dir, common, name="gateway-l1") as gw_l1, \
+                servers.gateway_server(routing, ctx.work_dir, l2_settings, name="gateway-l2") as gw_l2:
             gateway_url = f"/v2/models/{name}/infer"
             urls = {"direct": f"{server.url}/v2/models/{name}/versions/{version}/infer",
                     "l1_hit": gw_l1.url + gateway_url, "l2_hit": gw_l2.url + gateway_url,
                     "miss": gw_l1.url + gateway_url}
             gateways = {"l1_hit": gw_l1, "l2_hit": gw_l2, "miss": gw_l1}
-            processes: dict[str, dict[str, ServerProcess]] = {
+            processes: dict[str, dict[str, servers.ServerProcess]] = {
                 "direct": {"model_server": server}, "l1_hit": {"gateway": gw_l1, "model_server": server},
                 "l2_hit": {"gateway": gw_l2, "redis": redis, "model_server": server},
                 "miss": {"gateway": gw_l1, "model_server": server}}
             with httpx.Client(timeout=10.0) as client:
-                post_checked(client, urls["direct"], body)
-                post_checked(client, urls["l1_hit"], body)
-                provenance = dict(post_checked(client, urls["l1_hit"], body, cache="hit").headers)
-            if admin_get(gw_l2, "/admin/v1/cache").json().get("l2") != "closed":
-                raise SuiteError("the L2 gateway's cache has no Redis tier (GET /admin/v1/cache: l2 is not closed)")
+                steps.post_checked(client, urls["direct"], body)
+                steps.post_checked(client, urls["l1_hit"], body)
+                provenance = dict(steps.post_checked(client, urls["l1_hit"], body, cache="hit").headers)
+            if servers.admin_get(gw_l2, "/admin/v1/cache").json().get("l2") != "closed":
+                raise base.SuiteError("the L2 gateway's cache has no Redis tier (GET /admin/v1/cache: l2 is not "
+                                      "closed)")
             prewarm = _prewarm_l2(gw_l2, redis, urls["l2_hit"], l2_bodies)
             print(f"  model server {server.url}, redis {redis.url}, gateways {gw_l1.url} (L1) and {gw_l2.url} "
                   f"(L1 of {CACHE_L2_L1_ENTRIES} + Redis, {prewarm['redis_cache_keys']} entries stored); "
-                  f"{len(CACHE_ROUNDS)} rounds of wrk at {GATEWAY_CONNECTIONS} connections "
-                  f"({WARMUP_S}s warm-up + {duration_s}s each)", flush=True)
+                  f"{len(CACHE_ROUNDS)} rounds of wrk at {steps.GATEWAY_CONNECTIONS} connections "
+                  f"({base.WARMUP_S}s warm-up + {duration_s}s each)", flush=True)
             runs = []
             for n, order in enumerate(CACHE_ROUNDS, start=1):
                 for target in order:
                     gw = gateways.get(target)
-                    counters = None if gw is None else functools.partial(cache_counters, gw)
+                    counters = None if gw is None else functools.partial(servers.cache_counters, gw)
                     if target == "l2_hit":  # and what Redis was asked for meanwhile
                         counters = functools.partial(_cache_and_redis_counters, gw_l2, redis)
-                    run = saturate(n, target, urls[target], paths[target], duration_s, processes[target],
+                    run = steps.saturate(n, target, urls[target], paths[target], duration_s, processes[target],
                                     expect_upstream=target in ("direct", "miss"), counters=counters)
                     if gw is not None:
                         run["gateway"] = gw.name
@@ -214,44 +178,44 @@ def run(ctx: SuiteContext) -> SuiteResult:
                         if run["wrong_path"]:
                             print(f"  round {n} {target}: FLAGGED, its lookups went {run['counters']}", flush=True)
                     runs.append(run)
-            final_stats = {"gateway-l1": admin_get(gw_l1, "/admin/v1/cache").json(),
-                           "gateway-l2": admin_get(gw_l2, "/admin/v1/cache").json()}
-            notes = [CACHE_NOTE, *error_notes([gw_l1, gw_l2])]
-        server_cmd = server_command(server)
+            final_stats = {"gateway-l1": servers.admin_get(gw_l1, "/admin/v1/cache").json(),
+                           "gateway-l2": servers.admin_get(gw_l2, "/admin/v1/cache").json()}
+            notes = [CACHE_NOTE, *steps.error_notes([gw_l1, gw_l2])]
+        server_cmd = steps.server_command(server)
 
-    table = round_table(runs, "direct")
+    table = steps.round_table(runs, "direct")
     for r in table:
         rps = r["rps"]
         if rps.get("miss"):
             r["ratios"]["L1 hit / miss"] = rps.get("l1_hit", 0.0) / rps["miss"]
     n = len(table)
-    cpu = {t: median_present([gateway_cpu_us_per_request(r) for r in runs if r["target"] == t])
+    cpu = {t: steps.median_present([steps.gateway_cpu_us_per_request(r) for r in runs if r["target"] == t])
            for t in ("l1_hit", "miss")}
     ratios = [
-        Ratio(f"L1 hit / direct requests/s (median of {n} rounds)", median_round_ratio(table, "l1_hit"),
+        base.Ratio(f"L1 hit / direct requests/s (median of {n} rounds)", steps.median_round_ratio(table, "l1_hit"),
                TARGET_L1_HIT_VS_DIRECT, STRETCH_L1_HIT_VS_DIRECT),
-        Ratio(f"L2 hit / direct requests/s (median of {n} rounds)", median_round_ratio(table, "l2_hit"), None),
-        Ratio(f"miss / direct requests/s (median of {n} rounds)", median_round_ratio(table, "miss"), None),
-        Ratio(f"L1 hit / miss requests/s (median of {n} rounds)", median_round_ratio(table, "L1 hit / miss"), None),
+        base.Ratio(f"L2 hit / direct requests/s (median of {n} rounds)", steps.median_round_ratio(table, "l2_hit"),
+                   None),
+        base.Ratio(f"miss / direct requests/s (median of {n} rounds)", steps.median_round_ratio(table, "miss"), None),
+        base.Ratio(f"L1 hit / miss requests/s (median of {n} rounds)",
+                   steps.median_round_ratio(table, "L1 hit / miss"), None),
     ]
     if cpu["l1_hit"] is not None:
-        ratios.append(Ratio(f"gateway CPU µs per request, L1 hit (median of {n} runs)", cpu["l1_hit"],
+        ratios.append(base.Ratio(f"gateway CPU µs per request, L1 hit (median of {n} runs)", cpu["l1_hit"],
                              TARGET_L1_HIT_CPU_US, STRETCH_L1_HIT_CPU_US, at_most=True, unit=" µs"))
     if cpu["miss"] is not None:
-        ratios.append(Ratio(f"gateway CPU µs per request, real miss: unique inputs, no Redis (median of {n} runs)",
+        ratios.append(base.Ratio(f"gateway CPU µs per request, real miss: unique inputs, no Redis (median of {n} runs)",
                              cpu["miss"], TARGET_MISS_CPU_US, STRETCH_MISS_CPU_US, at_most=True, unit=" µs"))
-    notes += spread_note([r["ratios"]["l1_hit"] for r in table if "l1_hit" in r["ratios"]], "L1 hit / direct")
+    notes += steps.spread_note([r["ratios"]["l1_hit"] for r in table if "l1_hit" in r["ratios"]], "L1 hit / direct")
     if any(r.get("wrong_path") for r in runs):
         notes.append("a run marked ⚠ did not take the path it is named after (see its lookups): its throughput "
                      "does not measure that path.")
-    return SuiteResult(
+    return base.SuiteResult(
         suite="cache",
         title="Prediction cache: L1 hit, L2 hit and miss vs direct to the model server",
-        command=reproduce("cache", ctx),
+        command=base.reproduce("cache", ctx),
         settings={
-            "model": f"{name}:{version}", "rows_per_request": 1, "server_command": server_cmd,
-            "routing": display_routing(routing), "connections": GATEWAY_CONNECTIONS, "wrk_threads": WRK_THREADS,
-            "duration_s": duration_s, "warmup_s": WARMUP_S, "round_orders": [list(o) for o in CACHE_ROUNDS],
+            **steps.wrk_settings(server_cmd, routing, duration_s, CACHE_ROUNDS, request_headers=False),
             "l2_bodies": len(l2_bodies), "l2_gateway_l1_max_entries": CACHE_L2_L1_ENTRIES,
             "gateway_settings": {"gateway-l1": common, "gateway-l2": {**l2_settings, "BLUEGREEN_REDIS_URL":
                                                                       "redis://127.0.0.1:<free port>/0"}},
@@ -276,7 +240,7 @@ def _fmt_shares(run: Mapping[str, Any]) -> str:
     share = run.get("path_share")
     if not share:
         return "-"
-    return " / ".join(f"{share.get(k, 0.0):.0%}" for k in CACHE_PATHS)
+    return " / ".join(f"{share.get(k, 0.0):.0%}" for k in servers.CACHE_PATHS)
 
 
 def render(doc: dict[str, Any]) -> list[str]:
@@ -307,7 +271,7 @@ def render(doc: dict[str, Any]) -> list[str]:
         "### Throughput at saturation",
         "",
     ]
-    lines += saturation_table(doc["saturation"], labels, [
+    lines += steps.saturation_table(doc["saturation"], labels, [
         ("Lookups L1 / L2 / miss", _fmt_shares),
         ("Redis CPU", lambda run: fmt_cores(run.get("cores", {}).get("redis")))])
     redis_calls = doc.get("redis_calls_per_l2_request")
@@ -315,11 +279,11 @@ def render(doc: dict[str, Any]) -> list[str]:
         lines += ["", "Redis commands per request during the L2-hit runs (`INFO commandstats`): "
                   + ", ".join(f"{name.upper()} {calls:.2f}" for name, calls in redis_calls.items() if calls >= 0.01)
                   + "."]
-    lines += ["", *round_table_lines(doc["round_table"], "direct", labels)]
+    lines += ["", *steps.round_table_lines(doc["round_table"], "direct", labels)]
     lines += ["", "| Ratio | Measured | Target | Result |", "|---|---:|---|---|"]
-    lines += [ratio_row(r) for r in doc["ratios"]]
-    return lines + closing_lines(doc)
+    lines += [base.ratio_row(r) for r in doc["ratios"]]
+    return lines + base.closing_lines(doc)
 
 
 
-SUITE = Suite("cache", run, render)
+SUITE = base.Suite("cache", run, render)

@@ -11,57 +11,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from loadtests.bench.base import (
-    WARMUP_S,
-    Ratio,
-    Suite,
-    SuiteContext,
-    SuiteError,
-    SuiteResult,
-    closing_lines,
-    ensure_models,
-    fmt_added,
-    fmt_cores,
-    fmt_int,
-    fmt_ms,
-    fmt_ms2,
-    fmt_share,
-    ratio_row,
-    reproduce,
-)
-from loadtests.bench.runs import (
-    FIXED_RATE_CONNECTIONS,
-    FIXED_RATE_NOTE,
-    FIXED_RATE_TIMEOUT_S,
-    GATEWAY_CONNECTIONS,
-    GATEWAY_GREEN_VERSION,
-    GATEWAY_MODEL,
-    GATEWAY_REQUEST_HEADERS,
-    HALF_LOAD_FRACTION,
-    HALF_LOAD_MAX_RPS,
-    added_latency_ms,
-    digits_routing,
-    display_routing,
-    error_notes,
-    median_latency_ms,
-    median_present,
-    proxy_cpu_us_per_request,
-    round_ratios,
-    run_fixed_rate,
-    saturate,
-    server_command,
-    server_timing_medians,
-    spread_note,
-)
-from loadtests.bench.servers import (
-    NGINX_KEEPALIVE,
-    ServerProcess,
-    gateway_server,
-    model_server,
-    nginx_binary,
-    nginx_proxy,
-)
-from loadtests.bench.wrk import WRK_THREADS, v2_json_body, wrk_lua_script
+from loadtests.bench import base, servers, steps, wrk
+from loadtests.bench.base import fmt_added, fmt_cores, fmt_int, fmt_ms, fmt_ms2, fmt_share
 from serving.machine import machine_line
 
 #: Order of the wrk runs, one tuple per round: alternating, so drift on the shared machine favours neither side.
@@ -86,21 +37,23 @@ GATEWAY_SHARED_CORES_NOTE = (
 def check_answers(urls: Mapping[str, str], body: str) -> dict[str, str]:
     """Two requests each way before measuring: all must answer 200, the gateway's from blue with server-timing,
     and its second answer (the same body again) must not come from a cache."""
-    headers = {"content-type": "application/json", **GATEWAY_REQUEST_HEADERS}
+    headers = {"content-type": "application/json", **steps.GATEWAY_REQUEST_HEADERS}
     with httpx.Client(timeout=10.0) as client:
         answers = [(target, client.post(url, content=body, headers=headers))
                    for _ in range(2) for target, url in urls.items()]
     for target, resp in answers:
         if resp.status_code != 200:
-            raise SuiteError(f"{target} ({urls[target]}) answered {resp.status_code}: {resp.text[:500]}")
+            raise base.SuiteError(f"{target} ({urls[target]}) answered {resp.status_code}: {resp.text[:500]}")
     gw = [resp.headers for target, resp in answers if target == "gateway"][-1]
     if gw.get("x-bluegreen-color") != "blue" or "server-timing" not in gw:
-        raise SuiteError(f"the gateway's answer lacks the expected headers (color blue, server-timing): {dict(gw)}")
+        raise base.SuiteError(f"the gateway's answer lacks the expected headers (color blue, server-timing): "
+                              f"{dict(gw)}")
     if gw.get("x-bluegreen-cache") in ("hit", "stale"):
-        raise SuiteError(f"the gateway answered a repeated request from its cache despite {GATEWAY_REQUEST_HEADERS}")
+        raise base.SuiteError(f"the gateway answered a repeated request from its cache despite "
+                              f"{steps.GATEWAY_REQUEST_HEADERS}")
     return {k: v for k, v in gw.items() if k.startswith("x-bluegreen-") or k == "server-timing"}
 
-def run(ctx: SuiteContext) -> SuiteResult:
+def run(ctx: base.SuiteContext) -> base.SuiteResult:
     """Gateway vs direct to the model server vs nginx: throughput and CPU per request at saturation, added latency
     at half load.
 
@@ -112,36 +65,36 @@ def run(ctx: SuiteContext) -> SuiteResult:
     one side — and the ratios quoted are medians of the rounds' ratios. The proxies' CPU per request (process CPU
     time over answered requests; nginx's worker) is the figure that says what the hop costs. Then
     :mod:`loadtests.fixed_rate` sends :data:`HALF_LOAD_FRACTION` of the gateway's median saturated rate to direct
-    and the gateway, in the order of :data:`HALF_LOAD_ORDER`, and the added latency is median_present(gateway) −
-    median_present(direct) at each percentile.
+    and the gateway, in the order of :data:`HALF_LOAD_ORDER`, and the added latency is median(gateway) −
+    median(direct) at each percentile.
     """
-    name, version = GATEWAY_MODEL
-    models = [f"{name}:{version}", f"{name}:{GATEWAY_GREEN_VERSION}"]
-    ensure_models(ctx.repo, models)
+    name, version = steps.GATEWAY_MODEL
+    models = [f"{name}:{version}", f"{name}:{steps.GATEWAY_GREEN_VERSION}"]
+    base.ensure_models(ctx.repo, models)
     duration_s = max(1, round(ctx.duration_s))
     row = [float(x) for x in np.random.default_rng(0).integers(0, 17, 64)]  # pixel intensities 0-16
-    body = v2_json_body("input", row)
+    body = wrk.v2_json_body("input", row)
     script = ctx.work_dir / "gateway.lua"
-    script.write_text(wrk_lua_script(body, GATEWAY_REQUEST_HEADERS))
+    script.write_text(wrk.wrk_lua_script(body, steps.GATEWAY_REQUEST_HEADERS))
     body_file = ctx.work_dir / "gateway-body.json"
     body_file.write_text(body)
-    with_nginx = nginx_binary() is not None
+    with_nginx = servers.nginx_binary() is not None
     orders = [tuple(t for t in order if with_nginx or t != "nginx") for order in GATEWAY_ROUNDS]
 
-    with model_server(ctx.repo, models, [], ctx.work_dir) as server, contextlib.ExitStack() as stack:
-        routing = digits_routing((version, server.url), (GATEWAY_GREEN_VERSION, server.url))
-        gateway = stack.enter_context(gateway_server(routing, ctx.work_dir))
+    with servers.model_server(ctx.repo, models, [], ctx.work_dir) as server, contextlib.ExitStack() as stack:
+        routing = steps.digits_routing((version, server.url), (steps.GATEWAY_GREEN_VERSION, server.url))
+        gateway = stack.enter_context(servers.gateway_server(routing, ctx.work_dir))
         direct_url = f"{server.url}/v2/models/{name}/versions/{version}/infer"
         urls = {"direct": direct_url, "gateway": f"{gateway.url}/v2/models/{name}/infer"}
-        proxies: dict[str, ServerProcess] = {"gateway": gateway}
+        proxies: dict[str, servers.ServerProcess] = {"gateway": gateway}
         if with_nginx:
-            nginx = stack.enter_context(nginx_proxy(server.url, ctx.work_dir))
+            nginx = stack.enter_context(servers.nginx_proxy(server.url, ctx.work_dir))
             urls["nginx"] = f"{nginx.url}/v2/models/{name}/versions/{version}/infer"
             proxies["nginx"] = nginx
         provenance = check_answers(urls, body)
         print(f"  model server {server.url}, gateway {gateway.url}"
               + (f", nginx {urls['nginx'].split('/v2')[0]}" if with_nginx else " (nginx not installed)")
-              + f"; {len(orders)} rounds of wrk at {GATEWAY_CONNECTIONS} connections ({WARMUP_S}s warm-up + "
+              + f"; {len(orders)} rounds of wrk at {steps.GATEWAY_CONNECTIONS} connections ({base.WARMUP_S}s warm-up + "
               f"{duration_s}s each)", flush=True)
         runs = []
         for n, order in enumerate(orders, start=1):
@@ -149,39 +102,40 @@ def run(ctx: SuiteContext) -> SuiteResult:
                 processes = {"model_server": server, **({"proxy": proxies[target]} if target in proxies else {})}
                 if target == "gateway":
                     processes["gateway"] = gateway
-                run = saturate(n, target, urls[target], script, duration_s, processes)
-                run["proxy_cpu_us_per_request"] = proxy_cpu_us_per_request(run)
+                run = steps.saturate(n, target, urls[target], script, duration_s, processes)
+                run["proxy_cpu_us_per_request"] = steps.proxy_cpu_us_per_request(run)
                 runs.append(run)
-        rounds = round_ratios(runs)
+        rounds = steps.round_ratios(runs)
         gateway_rps = statistics.median(r["gateway_rps"] for r in rounds)
         if gateway_rps <= 0:
-            raise SuiteError("the gateway answered no request at saturation")
-        rate = min(HALF_LOAD_FRACTION * gateway_rps, HALF_LOAD_MAX_RPS)
+            raise base.SuiteError("the gateway answered no request at saturation")
+        rate = min(steps.HALF_LOAD_FRACTION * gateway_rps, steps.HALF_LOAD_MAX_RPS)
         half_processes = {"gateway": gateway, "model_server": server}
-        half = [run_fixed_rate(n, target, urls[target], body_file, rate, duration_s, half_processes, ctx.work_dir)
+        half = [steps.run_fixed_rate(n, target, urls[target], body_file, rate, duration_s, half_processes, ctx.work_dir)
                 for n, target in enumerate(HALF_LOAD_ORDER, start=1)]
-        log_notes = error_notes([gateway])
-        server_cmd = server_command(server)
+        log_notes = steps.error_notes([gateway])
+        server_cmd = steps.server_command(server)
 
     median_ratio = statistics.median(r["ratio"] for r in rounds)
-    gateway_cpu = median_present([r.get("gateway_cpu_us") for r in rounds])
+    gateway_cpu = steps.median_present([r.get("gateway_cpu_us") for r in rounds])
     ratios = []
     if gateway_cpu is not None:
-        ratios.append(Ratio(f"gateway CPU µs per request, cache bypassed (median of {len(rounds)} rounds)",
+        ratios.append(base.Ratio(f"gateway CPU µs per request, cache bypassed (median of {len(rounds)} rounds)",
                              gateway_cpu, TARGET_GATEWAY_CPU_US, STRETCH_GATEWAY_CPU_US, at_most=True, unit=" µs"))
-    nginx_ratio = median_present([r.get("cpu_vs_nginx") for r in rounds])
+    nginx_ratio = steps.median_present([r.get("cpu_vs_nginx") for r in rounds])
     if nginx_ratio is not None:
-        ratios.append(Ratio(f"gateway CPU per request / nginx CPU per request (median of {len(rounds)} rounds)",
+        ratios.append(base.Ratio(f"gateway CPU per request / nginx CPU per request (median of {len(rounds)} rounds)",
                              nginx_ratio, TARGET_GATEWAY_VS_NGINX_CPU, STRETCH_GATEWAY_VS_NGINX_CPU, at_most=True))
-        nginx_cpu = median_present([r.get("nginx_cpu_us") for r in rounds])
+        nginx_cpu = steps.median_present([r.get("nginx_cpu_us") for r in rounds])
         if nginx_cpu is not None:
-            ratios.append(Ratio(f"nginx CPU µs per request, one worker (median of {len(rounds)} rounds)",
+            ratios.append(base.Ratio(f"nginx CPU µs per request, one worker (median of {len(rounds)} rounds)",
                                  nginx_cpu, None, unit=" µs"))
-    ratios.append(Ratio(f"gateway / direct requests/s (median of {len(rounds)} rounds)", median_ratio,
+    ratios.append(base.Ratio(f"gateway / direct requests/s (median of {len(rounds)} rounds)", median_ratio,
                          TARGET_GATEWAY_VS_DIRECT, STRETCH_GATEWAY_VS_DIRECT))
-    medians = median_latency_ms(half)
-    timing = server_timing_medians([r for r in half if r["target"] == "gateway"])
-    notes = [GATEWAY_SHARED_CORES_NOTE, FIXED_RATE_NOTE, *spread_note([r["ratio"] for r in rounds], "ratios")]
+    medians = steps.median_latency_ms(half)
+    timing = steps.server_timing_medians([r for r in half if r["target"] == "gateway"])
+    notes = [GATEWAY_SHARED_CORES_NOTE, steps.FIXED_RATE_NOTE,
+             *steps.spread_note([r["ratio"] for r in rounds], "ratios")]
     if not with_nginx:
         notes.append("nginx is not installed (Debian's `nginx`), so this run has no reference proxy row.")
     if any(r["bypassed_model_server"] for r in [*runs, *half]):
@@ -194,27 +148,24 @@ def run(ctx: SuiteContext) -> SuiteResult:
                          f"{lag:.1f} ms or more late (p99 send lag): the cores were crowded, and part of that run's "
                          "tail is the generator's own delay, which it still counts.")
     notes += log_notes
-    return SuiteResult(
+    return base.SuiteResult(
         suite="gateway",
         title="Gateway vs direct to the model server",
-        command=reproduce("gateway", ctx),
+        command=base.reproduce("gateway", ctx),
         settings={
-            "model": f"{name}:{version}", "rows_per_request": 1, "request_headers": GATEWAY_REQUEST_HEADERS,
-            "server_command": server_cmd, "routing": display_routing(routing),
-            "connections": GATEWAY_CONNECTIONS, "wrk_threads": WRK_THREADS, "duration_s": duration_s,
-            "warmup_s": WARMUP_S, "round_orders": [list(order) for order in orders],
-            "nginx": {"workers": 1, "upstream_keepalive": NGINX_KEEPALIVE} if with_nginx else None,
-            "half_load_fraction": HALF_LOAD_FRACTION, "half_load_max_rps": HALF_LOAD_MAX_RPS,
+            **steps.wrk_settings(server_cmd, routing, duration_s, orders),
+            "nginx": {"workers": 1, "upstream_keepalive": servers.NGINX_KEEPALIVE} if with_nginx else None,
+            "half_load_fraction": steps.HALF_LOAD_FRACTION, "half_load_max_rps": steps.HALF_LOAD_MAX_RPS,
             "half_load_order": list(HALF_LOAD_ORDER),
-            "fixed_rate_connections": FIXED_RATE_CONNECTIONS,
-            "fixed_rate_timeout_s": FIXED_RATE_TIMEOUT_S,
+            "fixed_rate_connections": steps.FIXED_RATE_CONNECTIONS,
+            "fixed_rate_timeout_s": steps.FIXED_RATE_TIMEOUT_S,
         },
         sections={
             "gateway_response_headers": provenance,
             "saturation": runs,
             "rounds": rounds,
             "half_load": {"rate_per_s": rate, "basis_rps": gateway_rps, "runs": half, "median_ms": medians,
-                          "added_ms": added_latency_ms(medians)},
+                          "added_ms": steps.added_latency_ms(medians)},
             "server_timing_ms": timing,
         },
         ratios=ratios,
@@ -274,7 +225,7 @@ def render(doc: dict[str, Any]) -> list[str]:
               f"{'-' if r.get('cpu_vs_nginx') is None else format(r['cpu_vs_nginx'], '.2f') + 'x'} |"
               for r in doc["rounds"]]
     lines += ["", "| Ratio | Measured | Target | Result |", "|---|---:|---|---|"]
-    lines += [ratio_row(r) for r in doc["ratios"]]
+    lines += [base.ratio_row(r) for r in doc["ratios"]]
     lines += [
         "",
         f"### Added latency at half load ({fmt_int(half['rate_per_s'])} requests/s)",
@@ -317,9 +268,9 @@ def render(doc: dict[str, Any]) -> list[str]:
                       "Its clock starts once the request body has been read and stops before the answer is written, "
                       "so HTTP parsing, the middleware and the event loop's queueing are outside it: the added "
                       "latency above is the figure a client sees."]
-    return lines + closing_lines(doc, "a run answered non-2xx or lost requests (⚠ above); its figures are not "
+    return lines + base.closing_lines(doc, "a run answered non-2xx or lost requests (⚠ above); its figures are not "
                                       "comparable.")
 
 
 
-SUITE = Suite("gateway", run, render)
+SUITE = base.Suite("gateway", run, render)

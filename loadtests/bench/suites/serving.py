@@ -10,34 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from loadtests.bench.base import (
-    WARMUP_S,
-    Ratio,
-    Suite,
-    SuiteContext,
-    SuiteResult,
-    SuiteSkipped,
-    closing_lines,
-    display,
-    ensure_models,
-    fmt_cores,
-    fmt_int,
-    fmt_ms,
-    fmt_share,
-    ratio_row,
-    reproduce,
-)
-from loadtests.bench.servers import cpu_readings, cpu_used, model_server, model_stats
-from loadtests.bench.wrk import (
-    WRK_CONNECTIONS,
-    WRK_THREADS,
-    run_wrk,
-    v2_binary_body,
-    v2_json_body,
-    wrk_command,
-    wrk_lua_binary_script,
-    wrk_lua_script,
-)
+from loadtests.bench import base, servers, wrk
+from loadtests.bench.base import fmt_cores, fmt_int, fmt_ms, fmt_share
 from serving.machine import machine_line
 from serving.process import cpu_pressure_s
 from serving.runtime import Device
@@ -105,31 +79,33 @@ def measure_raw(model_path: Path, device: Device, batch_sizes: Sequence[int], se
             "best_batch": best["batch"], "best_spin_wait": best["spin_wait"], "best_rows_per_s": best["rows_per_s"]}
 
 
-def _measure_server(ctx: SuiteContext, label: str, model: str, extra: list[str], script_text: str,
-                    rows_per_request: int, duration_s: int, *, connections: int = WRK_CONNECTIONS,
-                    wrk_threads: int = WRK_THREADS) -> dict[str, Any]:
+def _measure_server(ctx: base.SuiteContext, label: str, model: str, extra: list[str], script_text: str,
+                    rows_per_request: int, duration_s: int, *, connections: int = wrk.WRK_CONNECTIONS,
+                    wrk_threads: int = wrk.WRK_THREADS) -> dict[str, Any]:
     """One model server, one wrk load: throughput, latency, and the server's CPU per answered request."""
     name = model.split(":")[0]
     script = ctx.work_dir / f"{label}.lua"
     script.write_text(script_text)
-    with model_server(ctx.repo, [model], extra, ctx.work_dir) as server:
+    with servers.model_server(ctx.repo, [model], extra, ctx.work_dir) as server:
         provider, threads = server.provider(model)
         url = f"{server.url}/v2/models/{name}/infer"
         print(f"  {label}: server ready on {server.url} ({provider or 'provider not logged'}); "
-              f"warm-up {WARMUP_S}s, then {duration_s}s", flush=True)
-        warmup = run_wrk(url, script, WARMUP_S, connections, wrk_threads)
-        stats0, cpu0, pressure0 = model_stats(server.url, name), cpu_readings({"server": server}), cpu_pressure_s()
-        result = run_wrk(url, script, duration_s, connections, wrk_threads).as_json()
-        stats1, cpu1, pressure1 = model_stats(server.url, name), cpu_readings({"server": server}), cpu_pressure_s()
+              f"warm-up {base.WARMUP_S}s, then {duration_s}s", flush=True)
+        warmup = wrk.run_wrk(url, script, base.WARMUP_S, connections, wrk_threads)
+        stats0, cpu0 = servers.model_stats(server.url, name), servers.cpu_readings({"server": server})
+        pressure0 = cpu_pressure_s()
+        result = wrk.run_wrk(url, script, duration_s, connections, wrk_threads).as_json()
+        stats1, cpu1 = servers.model_stats(server.url, name), servers.cpu_readings({"server": server})
+        pressure1 = cpu_pressure_s()
     result["label"] = label
     result["model"] = model
-    result["server_command"] = "bluegreen serve-model " + " ".join(display(a) for a in server.args[4:])
-    result["wrk_command"] = " ".join(wrk_command(url, script.name, duration_s, connections, wrk_threads))
+    result["server_command"] = "bluegreen serve-model " + " ".join(base.display(a) for a in server.args[4:])
+    result["wrk_command"] = " ".join(wrk.wrk_command(url, script.name, duration_s, connections, wrk_threads))
     result["provider"], result["server_threads"] = provider, threads
     result["rows_per_request"] = rows_per_request
     result["rows_per_s"] = result["requests_per_s"] * rows_per_request
     result["warmup"] = warmup.warmup_json()
-    cpu, cores = cpu_used(cpu0, cpu1, result["duration_s"])
+    cpu, cores = servers.cpu_used(cpu0, cpu1, result["duration_s"])
     result["server_cpu_s"], result["server_cores"] = cpu["server"], cores["server"]
     answered = result["requests"] - result["non_2xx"]
     used = cpu["server"]
@@ -152,7 +128,7 @@ def cuda_offered() -> tuple[bool, list[str]]:
     return "CUDAExecutionProvider" in offered, offered
 
 
-def run(ctx: SuiteContext) -> SuiteResult:
+def run(ctx: base.SuiteContext) -> base.SuiteResult:
     """The model server's cost and throughput against raw ONNX Runtime, all in one run.
 
     digits (tiny: the server's own cost is the figure) batched and unbatched, JSON, at wrk -t1 -c32: CPU µs
@@ -168,18 +144,18 @@ def run(ctx: SuiteContext) -> SuiteResult:
         if not offered:
             reason = f"skipped: CUDAExecutionProvider not offered (providers: {', '.join(providers)})"
             print(f"  {reason}", flush=True)
-            raise SuiteSkipped(reason)
+            raise base.SuiteSkipped(reason)
     name, version = SERVING_MODEL
     model = f"{name}:{version}"
     digits = f"{SERVING_DIGITS[0]}:{SERVING_DIGITS[1]}"
     model_path = ctx.repo / name / version / "model.onnx"
-    ensure_models(ctx.repo, [model, digits])
+    base.ensure_models(ctx.repo, [model, digits])
     duration_s = max(1, round(ctx.duration_s))
     wide_row = np.random.default_rng(0).standard_normal(512).round(6).tolist()
     digits_row = [float(v) for v in np.random.default_rng(1).integers(0, 17, size=64)]
-    wide_json = wrk_lua_script(v2_json_body("input", wide_row))
-    wide_binary = wrk_lua_binary_script(*v2_binary_body("input", wide_row))
-    digits_json = wrk_lua_script(v2_json_body("input", digits_row))
+    wide_json = wrk.wrk_lua_script(wrk.v2_json_body("input", wide_row))
+    wide_binary = wrk.wrk_lua_binary_script(*wrk.v2_binary_body("input", wide_row))
+    digits_json = wrk.wrk_lua_script(wrk.v2_json_body("input", digits_row))
 
     raw = measure_raw(model_path, device, RAW_BATCH_SIZES, RAW_SECONDS_PER_BATCH, spin_waits=RAW_SPIN_WAIT)
     common = ["--device", device]
@@ -218,17 +194,17 @@ def run(ctx: SuiteContext) -> SuiteResult:
 
     best = f"batch {raw['best_batch']}, spin {'on' if raw['best_spin_wait'] else 'off'}"
     ratios = [
-        Ratio("digits batched, server CPU per request", cpu_us("digits batched, JSON"),
+        base.Ratio("digits batched, server CPU per request", cpu_us("digits batched, JSON"),
                TARGET_DIGITS_BATCHED_CPU_US, STRETCH_DIGITS_BATCHED_CPU_US, at_most=True, unit=" µs"),
-        Ratio("digits unbatched, server CPU per request", cpu_us("digits unbatched, JSON"),
+        base.Ratio("digits unbatched, server CPU per request", cpu_us("digits unbatched, JSON"),
                TARGET_DIGITS_UNBATCHED_CPU_US, STRETCH_DIGITS_UNBATCHED_CPU_US, at_most=True, unit=" µs"),
-        Ratio(f"wide batched JSON / raw ONNX Runtime ({best}) rows/s", rows("wide batched, JSON") /
+        base.Ratio(f"wide batched JSON / raw ONNX Runtime ({best}) rows/s", rows("wide batched, JSON") /
                raw["best_rows_per_s"], TARGET_BATCHED_VS_RAW, STRETCH_BATCHED_VS_RAW),
-        Ratio(f"wide batched binary / raw ONNX Runtime ({best}) rows/s", rows("wide batched, binary") /
+        base.Ratio(f"wide batched binary / raw ONNX Runtime ({best}) rows/s", rows("wide batched, binary") /
                raw["best_rows_per_s"], TARGET_BINARY_VS_RAW, STRETCH_BINARY_VS_RAW),
-        Ratio("wide batched / unbatched rows/s, JSON", rows("wide batched, JSON") / rows("wide unbatched, JSON")
+        base.Ratio("wide batched / unbatched rows/s, JSON", rows("wide batched, JSON") / rows("wide unbatched, JSON")
                if rows("wide unbatched, JSON") else 0.0, TARGET_BATCHED_VS_UNBATCHED, STRETCH_BATCHED_VS_UNBATCHED),
-        Ratio("wide batched / unbatched rows/s, binary", rows("wide batched, binary") /
+        base.Ratio("wide batched / unbatched rows/s, binary", rows("wide batched, binary") /
                rows("wide unbatched, binary") if rows("wide unbatched, binary") else 0.0, None),
     ]
     notes = [SHARED_CORES_NOTE]
@@ -243,15 +219,15 @@ def run(ctx: SuiteContext) -> SuiteResult:
     used = {r["provider"] for r in runs.values()} | {raw["providers"][0]}
     if len(used - {None}) > 1:
         notes.append(f"the runs did not all use the same execution provider: {sorted(p for p in used if p)}")
-    return SuiteResult(
+    return base.SuiteResult(
         suite="serving" if device != "cuda" else "serving-cuda",
         title="Serving: the model server vs raw ONNX Runtime" + (" on CUDA" if device == "cuda" else ""),
-        command=reproduce("serving", ctx),
+        command=base.reproduce("serving", ctx),
         settings={
-            "model": model, "digits_model": digits, "model_path": display(str(model_path)),
-            "device": device, "rows_per_request": 1, "connections": WRK_CONNECTIONS, "wrk_threads": WRK_THREADS,
+            "model": model, "digits_model": digits, "model_path": base.display(str(model_path)),
+            "device": device, "rows_per_request": 1, "connections": wrk.WRK_CONNECTIONS, "wrk_threads": wrk.WRK_THREADS,
             "digits_connections": DIGITS_CONNECTIONS, "digits_wrk_threads": DIGITS_WRK_THREADS,
-            "duration_s": duration_s, "warmup_s": WARMUP_S,
+            "duration_s": duration_s, "warmup_s": base.WARMUP_S,
             "raw_batch_sizes": list(RAW_BATCH_SIZES), "raw_spin_wait": list(RAW_SPIN_WAIT),
             "raw_seconds_per_batch": RAW_SECONDS_PER_BATCH,
         },
@@ -306,15 +282,15 @@ def render(doc: dict[str, Any]) -> list[str]:
                       f"({fmt_int(raw.get('best_rows_per_s_before'))} rows/s) and again after them "
                       f"({fmt_int(raw['recheck_after_servers']['rows_per_s'])} rows/s); the ratios use the higher."]
     lines += ["", "| Figure | Measured | Target | Result |", "|---|---:|---|---|"]
-    lines += [ratio_row(r) for r in doc["ratios"]]
+    lines += [base.ratio_row(r) for r in doc["ratios"]]
     lines += ["", f"Raw ONNX Runtime (wide) by batch size ({raw['threads']} intra-op threads, "
                   f"{raw['seconds_per_batch']:g} s each):", "",
               "| Batch | Spin-wait | rows/s | ms per run |", "|---:|---|---:|---:|"]
     lines += [f"| {r['batch']} | {'-' if r.get('spin_wait') is None else ('on' if r['spin_wait'] else 'off')} | "
               f"{fmt_int(r['rows_per_s'])} | {r['ms_per_run']:.2f} |" for r in raw["by_batch"]]
-    return lines + closing_lines(doc, "a run answered non-2xx or had socket errors (⚠ above); its throughput is "
+    return lines + base.closing_lines(doc, "a run answered non-2xx or had socket errors (⚠ above); its throughput is "
                                       "not comparable.")
 
 
 
-SUITE = Suite("serving", run, render)
+SUITE = base.Suite("serving", run, render)

@@ -10,43 +10,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from loadtests.bench.base import (
-    WARMUP_S,
-    Ratio,
-    Suite,
-    SuiteContext,
-    SuiteError,
-    SuiteResult,
-    closing_lines,
-    ensure_models,
-    fmt_cores,
-    fmt_int,
-    fmt_ms2,
-    fmt_share,
-    ratio_row,
-    reproduce,
-)
-from loadtests.bench.runs import (
-    FIXED_RATE_CONNECTIONS,
-    FIXED_RATE_NOTE,
-    GATEWAY_CONNECTIONS,
-    GATEWAY_GREEN_VERSION,
-    GATEWAY_MODEL,
-    GATEWAY_REQUEST_HEADERS,
-    HALF_LOAD_FRACTION,
-    HALF_LOAD_MAX_RPS,
-    digits_routing,
-    display_routing,
-    error_notes,
-    median_latency_ms,
-    post_checked,
-    run_fixed_rate,
-    saturate,
-    saturation_table,
-    server_command,
-)
-from loadtests.bench.servers import admin_get, gateway_server, model_server, model_stats, prometheus_value
-from loadtests.bench.wrk import WRK_THREADS, v2_json_body, wrk_lua_cycle_script
+from loadtests.bench import base, servers, steps, wrk
+from loadtests.bench.base import fmt_cores, fmt_int, fmt_ms2, fmt_share
 from serving.agreement import compare
 from serving.machine import machine_line
 
@@ -71,10 +36,10 @@ SHADOW_NOTE = (
 
 def shadow_bodies(repo: Path, count: int) -> list[str]:
     """V2 bodies of the first ``count`` held-out digits images (the blue version's ``holdout.npz``)."""
-    name, version = GATEWAY_MODEL
+    name, version = steps.GATEWAY_MODEL
     with np.load(repo / name / version / "holdout.npz") as holdout:
         rows = holdout["input"][:count]
-    return [v2_json_body("input", [float(x) for x in r]) for r in rows]
+    return [wrk.v2_json_body("input", [float(x) for x in r]) for r in rows]
 
 
 def offline_agreement(blue_url: str, green_url: str, bodies: Sequence[str]) -> dict[str, Any]:
@@ -82,8 +47,8 @@ def offline_agreement(blue_url: str, green_url: str, bodies: Sequence[str]) -> d
     agreed = compared = 0
     with httpx.Client(timeout=10.0) as client:
         for body in bodies:
-            a = post_checked(client, blue_url, body).content
-            b = post_checked(client, green_url, body).content
+            a = steps.post_checked(client, blue_url, body).content
+            b = steps.post_checked(client, green_url, body).content
             result = compare(a, b, 1e-4)
             if result is not None:
                 compared += 1
@@ -91,92 +56,93 @@ def offline_agreement(blue_url: str, green_url: str, bodies: Sequence[str]) -> d
     return {"compared": compared, "agreed": agreed, "ratio": agreed / compared if compared else None}
 
 
-def run(ctx: SuiteContext) -> SuiteResult:
+def run(ctx: base.SuiteContext) -> base.SuiteResult:
     """Shadow traffic at :data:`SHADOW_PERCENT`%: the clients' latency at half load with and without it.
 
     Blue and green are two model server processes (``digits`` 1 and 2); two gateways route everything to blue,
     one with ``shadow_percent`` :data:`SHADOW_PERCENT`, one with 0. wrk measures each at saturation (the rate
     basis, and shadowing's cost in throughput); then :mod:`loadtests.fixed_rate` sends half the slower gateway's
     saturated rate to each in the order of :data:`SHADOW_HALF_LOAD_ORDER`, and the figure is
-    median_present(p50 with) / median_present(p50 without). The requests cycle through held-out digits images, so the
+    median(p50 with) / median(p50 without). The requests cycle through held-out digits images, so the
     gateway's ``bluegreen_shadow_agreement_ratio`` means something; it is set beside the same comparison made
     offline, each image sent to both model servers directly.
     """
-    name, version = GATEWAY_MODEL
-    ensure_models(ctx.repo, [f"{name}:{version}", f"{name}:{GATEWAY_GREEN_VERSION}"])
+    name, version = steps.GATEWAY_MODEL
+    base.ensure_models(ctx.repo, [f"{name}:{version}", f"{name}:{steps.GATEWAY_GREEN_VERSION}"])
     duration_s = max(1, round(ctx.duration_s))
     bodies = shadow_bodies(ctx.repo, SHADOW_BODIES)
     script = ctx.work_dir / "shadow.lua"
-    script.write_text(wrk_lua_cycle_script(bodies, GATEWAY_REQUEST_HEADERS))
+    script.write_text(wrk.wrk_lua_cycle_script(bodies, steps.GATEWAY_REQUEST_HEADERS))
     body_file = ctx.work_dir / "shadow-bodies.jsonl"
     body_file.write_text("\n".join(bodies) + "\n")
     percents = {"off": 0, "on": SHADOW_PERCENT}
 
-    with model_server(ctx.repo, [f"{name}:{version}"], [], ctx.work_dir) as blue, \
-            model_server(ctx.repo, [f"{name}:{GATEWAY_GREEN_VERSION}"], [], ctx.work_dir) as green:
-        routings = {t: digits_routing((version, blue.url), (GATEWAY_GREEN_VERSION, green.url), pct)
+    with servers.model_server(ctx.repo, [f"{name}:{version}"], [], ctx.work_dir) as blue, \
+            servers.model_server(ctx.repo, [f"{name}:{steps.GATEWAY_GREEN_VERSION}"], [], ctx.work_dir) as green:
+        routings = {t: steps.digits_routing((version, blue.url), (steps.GATEWAY_GREEN_VERSION, green.url), pct)
                     for t, pct in percents.items()}
-        with gateway_server(routings["off"], ctx.work_dir, name="gateway-shadow-off") as gw_off, \
-                gateway_server(routings["on"], ctx.work_dir, name="gateway-shadow-on") as gw_on:
+        with servers.gateway_server(routings["off"], ctx.work_dir, name="gateway-shadow-off") as gw_off, \
+                servers.gateway_server(routings["on"], ctx.work_dir, name="gateway-shadow-on") as gw_on:
             gateways = {"off": gw_off, "on": gw_on}
             urls = {t: f"{gw.url}/v2/models/{name}/infer" for t, gw in gateways.items()}
             with httpx.Client(timeout=10.0) as client:
                 for url in urls.values():
-                    resp = post_checked(client, url, bodies[0], GATEWAY_REQUEST_HEADERS, cache="bypass")
+                    resp = steps.post_checked(client, url, bodies[0], steps.GATEWAY_REQUEST_HEADERS, cache="bypass")
                     if resp.headers.get("x-bluegreen-color") != "blue":
-                        raise SuiteError(f"{url} answered from {resp.headers.get('x-bluegreen-color')}, not blue")
+                        raise base.SuiteError(f"{url} answered from {resp.headers.get('x-bluegreen-color')}, not blue")
             processes = {t: {"gateway": gw, "model_server": blue, "green_server": green} for t, gw in gateways.items()}
             print(f"  blue {blue.url}, green {green.url}, gateways {gw_off.url} (no shadow) and {gw_on.url} "
-                  f"({SHADOW_PERCENT}% shadow); wrk at {GATEWAY_CONNECTIONS} connections, then fixed rate", flush=True)
+                  f"({SHADOW_PERCENT}% shadow); wrk at {steps.GATEWAY_CONNECTIONS} connections, then fixed rate",
+                  flush=True)
 
             def green_rows() -> int | None:
-                stats = model_stats(green.url, name, GATEWAY_GREEN_VERSION)
+                stats = servers.model_stats(green.url, name, steps.GATEWAY_GREEN_VERSION)
                 return None if stats is None else stats[0]
 
             saturation = []
             for target in SHADOW_SATURATION_ORDER:
                 rows0 = green_rows()
-                run = saturate(1, target, urls[target], script, duration_s, processes[target])
+                run = steps.saturate(1, target, urls[target], script, duration_s, processes[target])
                 rows1 = green_rows()
                 run["green_rows"] = None if rows0 is None or rows1 is None else rows1 - rows0  # warm-up included
                 saturation.append(run)
             # Half of the slower gateway's rate (the shadowed one, as a rule): both are then at most half loaded.
             basis = min(r["requests_per_s"] for r in saturation)
             if basis <= 0:
-                raise SuiteError("the gateway answered no request at saturation")
-            rate = min(HALF_LOAD_FRACTION * basis, HALF_LOAD_MAX_RPS)
+                raise base.SuiteError("the gateway answered no request at saturation")
+            rate = min(steps.HALF_LOAD_FRACTION * basis, steps.HALF_LOAD_MAX_RPS)
             half = []
             for n, target in enumerate(SHADOW_HALF_LOAD_ORDER, start=1):
                 rows0 = green_rows()
-                run = run_fixed_rate(n, target, urls[target], body_file, rate, duration_s, processes[target],
+                run = steps.run_fixed_rate(n, target, urls[target], body_file, rate, duration_s, processes[target],
                                      ctx.work_dir)
                 rows1 = green_rows()
                 run["green_rows"] = None if rows0 is None or rows1 is None else rows1 - rows0  # warm-up included
                 half.append(run)
-            metrics = admin_get(gw_on, "/metrics").text
-            agreement = prometheus_value(metrics, "bluegreen_shadow_agreement_ratio", {"model": name})
-            offline = offline_agreement(f"{blue.url}/v2/models/{name}/versions/{version}/infer",
-                                        f"{green.url}/v2/models/{name}/versions/{GATEWAY_GREEN_VERSION}/infer", bodies)
-            notes = [SHADOW_NOTE, FIXED_RATE_NOTE, *error_notes([gw_off, gw_on])]
-        blue_command, green_command = server_command(blue), server_command(green)
+            metrics = servers.admin_get(gw_on, "/metrics").text
+            agreement = servers.prometheus_value(metrics, "bluegreen_shadow_agreement_ratio", {"model": name})
+            green_infer = f"{green.url}/v2/models/{name}/versions/{steps.GATEWAY_GREEN_VERSION}/infer"
+            offline = offline_agreement(f"{blue.url}/v2/models/{name}/versions/{version}/infer", green_infer, bodies)
+            notes = [SHADOW_NOTE, steps.FIXED_RATE_NOTE, *steps.error_notes([gw_off, gw_on])]
+        blue_command, green_command = steps.server_command(blue), steps.server_command(green)
 
-    medians = median_latency_ms(half, SHADOW_PERCENTILES)
+    medians = steps.median_latency_ms(half, SHADOW_PERCENTILES)
     p50 = {t: medians.get(t, {}).get("p50") for t in percents}
     p99 = {t: medians.get(t, {}).get("p99") for t in percents}
     if not (p50["on"] and p50["off"]):
-        raise SuiteError("a half-load run answered nothing: no latency to compare")
+        raise base.SuiteError("a half-load run answered nothing: no latency to compare")
     each = min(sum(1 for r in half if r["target"] == t) for t in percents)
-    ratios = [Ratio(f"p50 with / without shadowing at half load (median of {each} runs each)", p50["on"] / p50["off"],
-                     TARGET_SHADOW_P50, STRETCH_SHADOW_P50, at_most=True)]
+    ratios = [base.Ratio(f"p50 with / without shadowing at half load (median of {each} runs each)",
+                         p50["on"] / p50["off"], TARGET_SHADOW_P50, STRETCH_SHADOW_P50, at_most=True)]
     if p99["on"] and p99["off"]:
-        ratios.append(Ratio(f"p99 with / without shadowing at half load (median of {each} runs each)",
+        ratios.append(base.Ratio(f"p99 with / without shadowing at half load (median of {each} runs each)",
                              p99["on"] / p99["off"], None, at_most=True))
     sat = {r["target"]: r["requests_per_s"] for r in saturation}
     if sat.get("off"):
-        ratios.append(Ratio("requests/s with / without shadowing at saturation", sat.get("on", 0.0) / sat["off"],
+        ratios.append(base.Ratio("requests/s with / without shadowing at saturation", sat.get("on", 0.0) / sat["off"],
                              None))
     if agreement is not None:
-        ratios.append(Ratio("shadow agreement (bluegreen_shadow_agreement_ratio, digits 1 vs 2)", agreement, None,
+        ratios.append(base.Ratio("shadow agreement (bluegreen_shadow_agreement_ratio, digits 1 vs 2)", agreement, None,
                              unit=""))
     else:
         notes.append("the gateway's /metrics showed no bluegreen_shadow_agreement_ratio: no shadow copy was compared.")
@@ -186,19 +152,21 @@ def run(ctx: SuiteContext) -> SuiteResult:
         r["shadow_share"] = None if r.get("green_rows") is None or not sent else r["green_rows"] / sent
     if any(r["green_rows"] for r in half if r["target"] == "off"):
         notes.append("green inferred rows during a run without shadowing: something else called it.")
-    return SuiteResult(
+    return base.SuiteResult(
         suite="shadow",
         title=f"Shadow traffic at {SHADOW_PERCENT}%: client latency with vs without",
-        command=reproduce("shadow", ctx),
+        command=base.reproduce("shadow", ctx),
         settings={
-            "model": f"{name}:{version}", "green": f"{name}:{GATEWAY_GREEN_VERSION}", "shadow_percent": SHADOW_PERCENT,
-            "bodies": len(bodies), "rows_per_request": 1, "request_headers": GATEWAY_REQUEST_HEADERS,
+            "model": f"{name}:{version}", "green": f"{name}:{steps.GATEWAY_GREEN_VERSION}",
+            "shadow_percent": SHADOW_PERCENT,
+            "bodies": len(bodies), "rows_per_request": 1, "request_headers": steps.GATEWAY_REQUEST_HEADERS,
             "server_commands": {"blue": blue_command, "green": green_command},
-            "routing": {t: display_routing(r) for t, r in routings.items()}, "connections": GATEWAY_CONNECTIONS,
-            "wrk_threads": WRK_THREADS, "duration_s": duration_s, "warmup_s": WARMUP_S,
-            "saturation_order": list(SHADOW_SATURATION_ORDER), "half_load_fraction": HALF_LOAD_FRACTION,
-            "half_load_max_rps": HALF_LOAD_MAX_RPS,
-            "half_load_order": list(SHADOW_HALF_LOAD_ORDER), "fixed_rate_connections": FIXED_RATE_CONNECTIONS,
+            "routing": {t: steps.display_routing(r) for t, r in routings.items()},
+            "connections": steps.GATEWAY_CONNECTIONS,
+            "wrk_threads": wrk.WRK_THREADS, "duration_s": duration_s, "warmup_s": base.WARMUP_S,
+            "saturation_order": list(SHADOW_SATURATION_ORDER), "half_load_fraction": steps.HALF_LOAD_FRACTION,
+            "half_load_max_rps": steps.HALF_LOAD_MAX_RPS,
+            "half_load_order": list(SHADOW_HALF_LOAD_ORDER), "fixed_rate_connections": steps.FIXED_RATE_CONNECTIONS,
             "labels": {"off": "no shadow", "on": f"{SHADOW_PERCENT}% shadowed"},
         },
         sections={
@@ -237,7 +205,7 @@ def render(doc: dict[str, Any]) -> list[str]:
         "### Throughput at saturation",
         "",
     ]
-    lines += saturation_table(doc["saturation"], labels, [("Green rows", lambda r: fmt_int(r.get("green_rows")))])
+    lines += steps.saturation_table(doc["saturation"], labels, [("Green rows", lambda r: fmt_int(r.get("green_rows")))])
     lines += [
         "",
         f"### Client latency at half load ({fmt_int(half['rate_per_s'])} requests/s)",
@@ -277,9 +245,9 @@ def render(doc: dict[str, Any]) -> list[str]:
                   + ". The gateway compares the images the 10% selection happened to pick, so the two can differ by "
                     "the mix of images."]
     lines += ["", "| Ratio | Measured | Target | Result |", "|---|---:|---|---|"]
-    lines += [ratio_row(r) for r in doc["ratios"]]
-    return lines + closing_lines(doc)
+    lines += [base.ratio_row(r) for r in doc["ratios"]]
+    return lines + base.closing_lines(doc)
 
 
 
-SUITE = Suite("shadow", run, render)
+SUITE = base.Suite("shadow", run, render)

@@ -28,7 +28,7 @@ from loadtests.bench.base import (
     fmt_share,
 )
 from loadtests.bench.servers import ServerProcess, cpu_readings, cpu_used, model_stats
-from loadtests.bench.wrk import run_child, run_wrk, wrk_command
+from loadtests.bench.wrk import WRK_THREADS, run_child, run_wrk, wrk_command
 from serving.process import cpu_pressure_s
 
 GATEWAY_MODEL = ("digits", "1")  # blue, at weight 100
@@ -323,3 +323,16 @@ def round_table_lines(table: Sequence[Mapping[str, Any]], baseline: str, labels:
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
+
+def wrk_settings(server_cmd: str, routing: Mapping[str, Any], duration_s: int, round_orders: Sequence[Sequence[str]],
+                 *, request_headers: bool = True) -> dict[str, Any]:
+    """The settings every gateway-family suite reports: the model and its request, the model server and the
+    routing, and the wrk load (``request_headers``: whether the requests carry :data:`GATEWAY_REQUEST_HEADERS`)."""
+    name, version = GATEWAY_MODEL
+    doc: dict[str, Any] = {"model": f"{name}:{version}", "rows_per_request": 1}
+    if request_headers:
+        doc["request_headers"] = GATEWAY_REQUEST_HEADERS
+    doc.update(server_command=server_cmd, routing=display_routing(routing), connections=GATEWAY_CONNECTIONS,
+               wrk_threads=WRK_THREADS, duration_s=duration_s, warmup_s=WARMUP_S,
+               round_orders=[list(order) for order in round_orders])
+    return doc
