@@ -66,6 +66,8 @@ def test_the_first_steps_run_verbatim_and_promote(tmp_path: Path) -> None:
         assert up.popen.poll() is None, up.log()
         exports = export_lines(up.log())
         assert f"BLUEGREEN_ADMIN_URL={admin}" in exports, exports
+        shown = (ROOT / "README.md").read_text()  # what the README says up prints, on its default ports
+        assert exports.splitlines()[0].replace(str(ports["admin"]), "8081") in shown, exports
 
         blocks = first_steps_blocks((ROOT / "README.md").read_text())
         script = "\n".join(["set -euo pipefail", exports, *blocks]).replace(README_DATA, data)
