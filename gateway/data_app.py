@@ -107,18 +107,8 @@ class DataApp:
             reply = self._health(method, path)
         elif self.gate is not None:
             reply = await self._gated(self.gate, method, path, headers, body, rid, generated)
-        elif self.in_flight >= self.limit:
-            self.shed += 1
-            reply = Reply(503, orjson.dumps({"error": f"gateway overloaded: {self.limit} requests in flight"}),
-                          [*_JSON, (b"retry-after", b"1"), (b"x-bluegreen-degraded", b"load-shed")])
         else:
-            self.in_flight += 1
-            try:
-                reply = await self._route(method, path, headers, body, rid.decode(), generated)
-            except ServingError as exc:
-                reply = _error_reply(exc)
-            finally:
-                self.in_flight -= 1
+            reply = await self._admitted(method, path, headers, body, rid, generated)
         reply.headers.append((b"x-request-id", rid))
         return reply
 
@@ -136,21 +126,25 @@ class DataApp:
         except ServingError as exc:
             reply = _error_reply(exc)
         else:
-            if self.in_flight >= self.limit:
-                self.shed += 1
-                reply = Reply(503, orjson.dumps({"error": f"gateway overloaded: {self.limit} requests in flight"}),
-                              [*_JSON, (b"retry-after", b"1"), (b"x-bluegreen-degraded", b"load-shed")])
-            else:
-                self.in_flight += 1
-                try:
-                    reply = await self._route(method, path, headers, body, rid.decode(), generated)
-                except ServingError as exc:
-                    reply = _error_reply(exc)
-                finally:
-                    self.in_flight -= 1
+            reply = await self._admitted(method, path, headers, body, rid, generated)
         if client is not None:
             self.plane.telemetry.record_client(client.name, model or "-", reply.status)
         return reply
+
+    async def _admitted(self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes, rid: bytes,
+                        generated: bool) -> Reply:
+        """Shed with 503 at the in-flight limit, else route; the slot is held until the answer is ready."""
+        if self.in_flight >= self.limit:
+            self.shed += 1
+            return Reply(503, orjson.dumps({"error": f"gateway overloaded: {self.limit} requests in flight"}),
+                         [*_JSON, (b"retry-after", b"1"), (b"x-bluegreen-degraded", b"load-shed")])
+        self.in_flight += 1
+        try:
+            return await self._route(method, path, headers, body, rid.decode(), generated)
+        except ServingError as exc:
+            return _error_reply(exc)
+        finally:
+            self.in_flight -= 1
 
     def _health(self, method: str, path: str) -> Reply:
         if method != "GET":
