@@ -26,6 +26,11 @@ TARGET_GATEWAY_CPU_US = 150.0  # at most: the gateway's CPU per proxied request,
 STRETCH_GATEWAY_CPU_US = 100.0
 TARGET_GATEWAY_VS_NGINX_CPU = 4.5  # at most: gateway CPU per request over nginx's, same run
 STRETCH_GATEWAY_VS_NGINX_CPU = 3.0
+#: Order of the client-keys runs (ABBA): the same gateway settings but for a keys file, one key whose rate limit is
+#: set far above what wrk sends, so every request pays the key check and a token-bucket take but none is refused.
+KEYS_ORDER = ("gateway", "keys", "keys", "gateway")
+TARGET_KEYS_ADDED_CPU_US = 10.0  # at most: client keys and rate limits, CPU µs per request added
+BENCH_KEY = "bg_bench-client-key-0123456789abcdefghijkl"
 
 GATEWAY_SHARED_CORES_NOTE = (
     "wrk, the gateway and the model server share the machine's cores. Direct, the model server has them to "
@@ -52,6 +57,45 @@ def check_answers(urls: Mapping[str, str], body: str) -> dict[str, str]:
         raise base.SuiteError(f"the gateway answered a repeated request from its cache despite "
                               f"{steps.GATEWAY_REQUEST_HEADERS}")
     return {k: v for k, v in gw.items() if k.startswith("x-bluegreen-") or k == "server-timing"}
+
+def keys_runs(ctx: base.SuiteContext, routing: Mapping[str, Any], server: servers.ServerProcess,
+              gateway: servers.ServerProcess, url: str, body: str, duration_s: int) -> list[dict[str, Any]]:
+    """The same gateway with and without client keys (``BLUEGREEN_CLIENT_KEYS_FILE``, one key with a rate limit far
+    above wrk's rate), in the order of :data:`KEYS_ORDER`: what the key check and the rate limit cost per request."""
+    import hashlib
+
+    keys = ctx.work_dir / "bench-keys.yaml"
+    keys.write_text(f"bench:\n  key_sha256: {hashlib.sha256(BENCH_KEY.encode()).hexdigest()}\n"
+                    "  models: [\"*\"]\n  rate_per_s: 1000000\n  burst: 1000000\n")
+    script = ctx.work_dir / "gateway-keys.lua"
+    script.write_text(wrk.wrk_lua_script(body, {**steps.GATEWAY_REQUEST_HEADERS,
+                                                "Authorization": f"Bearer {BENCH_KEY}"}))
+    plain = ctx.work_dir / "gateway.lua"
+    with servers.gateway_server(routing, ctx.work_dir, {"BLUEGREEN_CLIENT_KEYS_FILE": str(keys)},
+                                name="gateway-keys") as keyed:
+        keyed_url = url.replace(gateway.url, keyed.url)
+        runs = []
+        for n, target in enumerate(KEYS_ORDER, start=1):
+            proxy = keyed if target == "keys" else gateway
+            run = steps.saturate(n, target, keyed_url if target == "keys" else url,
+                                 script if target == "keys" else plain, duration_s,
+                                 {"model_server": server, "proxy": proxy})
+            run["proxy_cpu_us_per_request"] = steps.proxy_cpu_us_per_request(run)
+            runs.append(run)
+    return runs
+
+
+def keys_ratios(runs: list[dict[str, Any]]) -> list[base.Ratio]:
+    by = {t: [r["proxy_cpu_us_per_request"] for r in runs if r["target"] == t
+              and r["proxy_cpu_us_per_request"] is not None] for t in ("gateway", "keys")}
+    if not by["gateway"] or not by["keys"]:
+        return []
+    plain, keyed = statistics.median(by["gateway"]), statistics.median(by["keys"])
+    return [base.Ratio("gateway CPU µs per request with client keys and a rate limit (median of 2 ABBA runs)",
+                       keyed, None, unit=" µs"),
+            base.Ratio("CPU µs per request added by client keys and rate limits (same run, keys − none)",
+                       keyed - plain, TARGET_KEYS_ADDED_CPU_US, at_most=True, unit=" µs")]
+
 
 def run(ctx: base.SuiteContext) -> base.SuiteResult:
     """Gateway vs direct to the model server vs nginx: throughput and CPU per request at saturation, added latency
@@ -106,6 +150,7 @@ def run(ctx: base.SuiteContext) -> base.SuiteResult:
                 run["proxy_cpu_us_per_request"] = steps.proxy_cpu_us_per_request(run)
                 runs.append(run)
         rounds = steps.round_ratios(runs)
+        keyed_runs = keys_runs(ctx, routing, server, gateway, urls["gateway"], body, duration_s)
         gateway_rps = statistics.median(r["gateway_rps"] for r in rounds)
         if gateway_rps <= 0:
             raise base.SuiteError("the gateway answered no request at saturation")
@@ -132,6 +177,7 @@ def run(ctx: base.SuiteContext) -> base.SuiteResult:
                                  nginx_cpu, None, unit=" µs"))
     ratios.append(base.Ratio(f"gateway / direct requests/s (median of {len(rounds)} rounds)", median_ratio,
                          TARGET_GATEWAY_VS_DIRECT, STRETCH_GATEWAY_VS_DIRECT))
+    ratios += keys_ratios(keyed_runs)
     medians = steps.median_latency_ms(half)
     timing = steps.server_timing_medians([r for r in half if r["target"] == "gateway"])
     notes = [GATEWAY_SHARED_CORES_NOTE, steps.FIXED_RATE_NOTE,
@@ -167,9 +213,10 @@ def run(ctx: base.SuiteContext) -> base.SuiteResult:
             "half_load": {"rate_per_s": rate, "basis_rps": gateway_rps, "runs": half, "median_ms": medians,
                           "added_ms": steps.added_latency_ms(medians)},
             "server_timing_ms": timing,
+            "client_keys": keyed_runs,
         },
         ratios=ratios,
-        ok=not (any(r["flagged"] for r in runs) or any(d["flagged"] for d in half)),
+        ok=not (any(r["flagged"] for r in [*runs, *keyed_runs]) or any(d["flagged"] for d in half)),
         notes=notes,
     )
 
@@ -226,6 +273,18 @@ def render(doc: dict[str, Any]) -> list[str]:
               for r in doc["rounds"]]
     lines += ["", "| Ratio | Measured | Target | Result |", "|---|---:|---|---|"]
     lines += [base.ratio_row(r) for r in doc["ratios"]]
+    keyed = doc.get("client_keys") or []
+    if keyed:
+        lines += ["", "Client keys: the same gateway settings with and without `BLUEGREEN_CLIENT_KEYS_FILE` (one key, "
+                  "its rate limit far above wrk's rate: every request pays the key check and a token-bucket take, "
+                  f"none is refused), in the order {', '.join(KEYS_ORDER)}.", "",
+                  "| Run | Target | requests/s | p50 ms | Non-2xx | Proxy CPU µs/request |",
+                  "|---:|---|---:|---:|---:|---:|"]
+        for r in keyed:
+            flag = " ⚠" if r.get("flagged") else ""
+            lines.append(f"| {r['round']} | {r['target']}{flag} | {fmt_int(r['requests_per_s'])} | "
+                         f"{fmt_ms(r['latency_ms'].get('p50'))} | {r['non_2xx']:,} | "
+                         f"{fmt_int(r.get('proxy_cpu_us_per_request'))} |")
     lines += [
         "",
         f"### Added latency at half load ({fmt_int(half['rate_per_s'])} requests/s)",
