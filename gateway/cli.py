@@ -93,7 +93,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     opts = Options(model=args.model, baseline=args.baseline, url=args.url, repo=args.repo,
                    concurrency=args.concurrency, duration_s=args.duration, device=args.device,
-                   command=command_line(sys.argv[1:]))
+                   command=command_line(sys.argv[1:]), require_bias=args.require_bias)
     return validate_main(opts)
 
 
@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=32, help="concurrent single-row requests in the load check")
     p.add_argument("--duration", type=float, default=5.0, help="seconds of measured load (after a 1 s warm-up)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="for the server started here")
+    p.add_argument("--require-bias", action="store_true",
+                   help="fail the bias check when the evaluation set has no 'group' array (default: N/A)")
     p.set_defaults(func=_cmd_validate)
 
     p = _add(sub, "status", "weights, canary, latency, errors and breakers of every model")

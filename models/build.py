@@ -4,7 +4,8 @@ Layout written (one folder per model version)::
 
     <repo>/<name>/<version>/model.onnx      the graph (ONNX, opset 17, IR 9)
     <repo>/<name>/<version>/metadata.json   inputs/outputs, data set, held-out accuracy, sha256, recipe digest
-    <repo>/<name>/<version>/holdout.npz     the held-out split (``input``, ``label``) the accuracy was measured on
+    <repo>/<name>/<version>/holdout.npz     the held-out split the accuracy was measured on: ``input`` rows,
+                                            their ``label`` and a ``group`` each (see :func:`ink_groups`)
 
 Nothing is downloaded: ``digits`` trains on scikit-learn's bundled digits data set and ``wide`` is a
 seeded random MLP. Every build is deterministic (fixed seeds, fixed split), and a build whose recipe digest
@@ -32,7 +33,7 @@ from serving.repository import DEFAULT_REPOSITORY
 
 log = logging.getLogger(__name__)
 
-BUILD_FORMAT = 1  # bump when the layout or the graph construction changes: forces rebuilds
+BUILD_FORMAT = 2  # bump when the layout or the graph construction changes: forces rebuilds
 OPSET = 17
 IR_VERSION = 9  # loadable by every onnxruntime >= 1.17
 SPLIT_SEED = 0
@@ -118,6 +119,20 @@ def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x_tr, x_te, y_tr, y_te
 
 
+#: The holdout's ``group`` array: how much ink a digit is written with, in terciles of the *training* rows' total
+#: pixel intensity (so the cut points do not depend on the evaluation set). The digits data set records no writer
+#: or demographic, so stroke weight is the subgroup a reader can name that a model may plausibly serve unequally
+#: (faint pens, bold markers); the validation gate's bias check compares accuracy across these groups.
+INK_GROUPS = ("light", "medium", "heavy")
+
+
+def ink_groups(rows: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Each row's ink group: ``light`` below the reference rows' first tercile of total intensity, ``heavy`` from
+    the second up, ``medium`` between."""
+    edges = np.quantile(reference.sum(axis=1), [1 / 3, 2 / 3])
+    return np.array(INK_GROUPS)[np.searchsorted(edges, rows.sum(axis=1), side="right")]
+
+
 def _accuracy(layers: list[Layer], x: np.ndarray, y: np.ndarray) -> float:
     h = x / 16.0
     for i, (w, b) in enumerate(layers):
@@ -155,11 +170,13 @@ def _build_digits(recipe: Recipe) -> tuple[bytes, dict[str, Any], dict[str, np.n
     meta = {
         **DIGITS_IO,
         "dataset": {"name": "sklearn.datasets.load_digits", "holdout_fraction": HOLDOUT_FRACTION,
-                    "split_seed": SPLIT_SEED, "train_rows": len(x_tr), "holdout_rows": len(x_te)},
+                    "split_seed": SPLIT_SEED, "train_rows": len(x_tr), "holdout_rows": len(x_te),
+                    "group": {"name": "ink", "values": list(INK_GROUPS),
+                              "description": "total pixel intensity, in terciles of the training rows"}},
         "accuracy": round(accuracy, 4),
         "parameters": int(params),
     }
-    return onnx_bytes, meta, {"input": x_te, "label": y_te}
+    return onnx_bytes, meta, {"input": x_te, "label": y_te, "group": ink_groups(x_te, x_tr)}
 
 
 def _build_wide(recipe: Recipe) -> tuple[bytes, dict[str, Any], None]:

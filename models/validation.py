@@ -10,10 +10,12 @@ The checks, each ``PASS``, ``FAIL`` or ``N/A`` (not applicable, or not measurabl
 and never counts as a pass either)::
 
     accuracy      the held-out split scored by the server over HTTP, batched           >= 0.85
+                    (macro precision, recall and F1 reported beside it, not judged)
     latency_p95   single-row requests, closed loop (asyncio + aiohttp) at a stated     <= 100 ms
     throughput      concurrency, after a warm-up                                       >= 1,000 requests/s
     peak_memory   VmHWM of the server process this command started                     <= 8 GB
     bias          largest accuracy gap between the evaluation set's ``group`` values   <= 0.1
+                    (N/A without a ``group`` array; FAIL then with ``--require-bias``)
     security      the bad-input suite answered 4xx, then the server still healthy
 
 The thresholds are the release plan's and absolute by nature (docs/benchmarks.md), so
@@ -89,13 +91,34 @@ def score(client: httpx.Client, target: Target, sig: Signature, evalset: EvalSet
 # --------------------------------------------------------------------------------------------- accuracy, bias
 
 
+def macro_scores(predictions: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Precision, recall and F1 per class and their unweighted (macro) means over the classes in the labels:
+    accuracy alone hides a model that sacrifices a rare class. A class never predicted has precision 0 (the
+    convention scikit-learn's ``zero_division=0`` follows), so the macro figures cannot flatter such a model."""
+    per: dict[str, dict[str, float]] = {}
+    for cls in sorted(np.unique(labels).tolist()):
+        tp = int(((predictions == cls) & (labels == cls)).sum())
+        predicted, actual = int((predictions == cls).sum()), int((labels == cls).sum())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per[str(cls)] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    n = len(per)
+    return {"precision_macro": sum(c["precision"] for c in per.values()) / n,
+            "recall_macro": sum(c["recall"] for c in per.values()) / n,
+            "f1_macro": sum(c["f1"] for c in per.values()) / n, "per_class": per}
+
+
 def accuracy_check(predictions: np.ndarray, evalset: EvalSet) -> Check:
     correct = int((predictions == evalset.labels).sum())
     n = len(evalset.labels)
     acc = correct / n
+    scores = macro_scores(predictions, evalset.labels)
     return Check("accuracy", "PASS" if acc >= MIN_ACCURACY else "FAIL",
-                 f"{acc:.4f} ({correct}/{n} held-out rows; needs >= {MIN_ACCURACY})", acc, f">= {MIN_ACCURACY}",
-                 {"correct": correct, "rows": n, "evaluation_set": str(evalset.path)})
+                 f"{acc:.4f} ({correct}/{n} held-out rows; needs >= {MIN_ACCURACY}); macro precision "
+                 f"{scores['precision_macro']:.4f}, recall {scores['recall_macro']:.4f}, F1 {scores['f1_macro']:.4f}",
+                 acc, f">= {MIN_ACCURACY}", {"correct": correct, "rows": n, "evaluation_set": str(evalset.path),
+                                             **scores})
 
 
 def group_accuracy(predictions: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict[str, dict[str, float]]:
@@ -108,15 +131,19 @@ def group_accuracy(predictions: np.ndarray, labels: np.ndarray, groups: np.ndarr
     return per
 
 
-def bias_check(predictions: np.ndarray, evalset: EvalSet) -> Check:
-    """The largest accuracy gap between groups; N/A (never PASS) when the evaluation set has no groups."""
+def bias_check(predictions: np.ndarray, evalset: EvalSet, *, require: bool = False) -> Check:
+    """The largest accuracy gap between groups; N/A (never PASS) when the evaluation set has no groups, which
+    fails the gate only when the bias check is ``require``d (``--require-bias``): a release plan that insists on
+    a fairness figure must not pass a version nobody could measure."""
+    unmeasured = "FAIL" if require else "N/A"
+    needs = " (--require-bias: a missing bias figure fails)" if require else ""
     if evalset.groups is None:
-        return Check("bias", "N/A", f"not applicable: the evaluation set ({evalset.path.name}) has no 'group' array",
-                     None, f"<= {MAX_BIAS_GAP}", {"reason": "no group array"})
+        return Check("bias", unmeasured, f"not applicable: the evaluation set ({evalset.path.name}) has no 'group' "
+                     f"array{needs}", None, f"<= {MAX_BIAS_GAP}", {"reason": "no group array", "required": require})
     per = group_accuracy(predictions, evalset.labels, evalset.groups)
     if len(per) < 2:
-        return Check("bias", "N/A", f"not applicable: the evaluation set has {len(per)} group", None,
-                     f"<= {MAX_BIAS_GAP}", {"groups": per, "reason": "fewer than two groups"})
+        return Check("bias", unmeasured, f"not applicable: the evaluation set has {len(per)} group{needs}", None,
+                     f"<= {MAX_BIAS_GAP}", {"groups": per, "reason": "fewer than two groups", "required": require})
     best = max(per, key=lambda g: per[g]["accuracy"])
     worst = min(per, key=lambda g: per[g]["accuracy"])
     gap = per[best]["accuracy"] - per[worst]["accuracy"]
@@ -326,6 +353,8 @@ class Options:
     duration_s: float = DEFAULT_DURATION_S
     device: str = "auto"
     command: str = ""
+    require_bias: bool = False
+    """A missing or single-group ``group`` array fails the bias check instead of leaving it N/A."""
 
 
 def parse_ref(text: str) -> tuple[str, str]:
@@ -342,7 +371,8 @@ def model_folder(repo: Path, name: str, version: str) -> Path:
     return folder
 
 
-def run_checks(target: Target, sig: Signature, evalset: EvalSet, concurrency: int, duration_s: float) -> list[Check]:
+def run_checks(target: Target, sig: Signature, evalset: EvalSet, concurrency: int, duration_s: float,
+               require_bias: bool = False) -> list[Check]:
     """Every check against one target, in the order the report shows them; memory is read last (the peak)."""
     with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client:
         ready = client.get(f"{target.url}/v2/models/{target.name}/versions/{target.version}/ready")
@@ -354,7 +384,7 @@ def run_checks(target: Target, sig: Signature, evalset: EvalSet, concurrency: in
         except (ValueError, KeyError, TypeError, httpx.HTTPError) as exc:  # a model that cannot answer fails
             predictions, why = None, f"{type(exc).__name__}: {exc}"
         if predictions is not None:
-            checks = [accuracy_check(predictions, evalset), bias_check(predictions, evalset)]
+            checks = [accuracy_check(predictions, evalset), bias_check(predictions, evalset, require=require_bias)]
         else:
             checks = [Check("accuracy", "FAIL", f"could not score the evaluation set: {why}", None,
                             f">= {MIN_ACCURACY}"),
@@ -383,9 +413,9 @@ def _run_for(ref: tuple[str, str], opts: Options, sig: Signature, evalset: EvalS
     name, version = ref
     if opts.url is not None:
         target = Target(name, version, opts.url.rstrip("/"))
-        return run_checks(target, sig, evalset, opts.concurrency, opts.duration_s), target
+        return run_checks(target, sig, evalset, opts.concurrency, opts.duration_s, opts.require_bias), target
     with served(opts.repo, name, version, opts.device, log_dir) as target:
-        return run_checks(target, sig, evalset, opts.concurrency, opts.duration_s), target
+        return run_checks(target, sig, evalset, opts.concurrency, opts.duration_s, opts.require_bias), target
 
 
 def validate(opts: Options, echo: Any = print) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from models.build import _mlp_graph, build_all, sha256_file
+from models.build import INK_GROUPS, _mlp_graph, build_all, sha256_file
 
 VERSIONS = ("1", "2", "3")
 
@@ -52,6 +52,13 @@ def test_only_digits_are_built_in_the_triton_layout(repo: Path) -> None:
         assert y.dtype == np.int64 and y.shape == (x.shape[0],)
         assert x.shape[0] == meta["dataset"]["holdout_rows"]
         assert x.min() >= 0 and x.max() <= 16  # raw pixel intensities: the 1/16 scaling is in the graph
+        with np.load(folder / "holdout.npz") as holdout:
+            groups = holdout["group"]  # loads without pickle: plain text
+        assert groups.shape == y.shape and set(groups.tolist()) == set(INK_GROUPS)
+        assert meta["dataset"]["group"]["values"] == list(INK_GROUPS)
+        ink = {g: x[groups == g].sum(axis=1) for g in INK_GROUPS}
+        assert ink["light"].max() <= ink["medium"].min() and ink["medium"].max() <= ink["heavy"].min()
+        assert all(100 < len(v) < 200 for v in ink.values())  # terciles of the training rows: about a third each
 
 
 def test_accuracies_order_blue_green_and_regressed(repo: Path) -> None:

@@ -28,6 +28,7 @@ from models.validation import (
     accuracy_check,
     bias_check,
     load_checks,
+    macro_scores,
     predicted_classes,
     report_lines,
 )
@@ -81,8 +82,10 @@ def test_digits_2_passes_with_the_baseline_beside_it(validated: dict[str, subpro
         assert lines[check].startswith(f"PASS {check}: "), lines[check]
     assert lines["accuracy"].startswith("PASS accuracy: 0.9711")
     assert "at concurrency 32" in lines["throughput"] and "requests/s" in lines["throughput"]
-    # The bundled set has no groups: not applicable, never a pass.
-    assert lines["bias"].startswith("N/A bias: not applicable")
+    # The bundled holdout's ink groups (models/build.py) make the bias check measurable: a small gap passes.
+    assert lines["bias"].startswith("PASS bias: gap 0.0"), lines["bias"]
+    assert "over 3 groups" in lines["bias"] and "'heavy'" in lines["bias"]
+    assert "macro precision 0.97" in lines["accuracy"] and "F1 0.97" in lines["accuracy"]
     assert "baseline digits:1: PASS 0.9444, difference +0.0267" in lines["accuracy"]
 
     doc = json.loads((repo_copy / "digits" / "2" / "validation.json").read_text())
@@ -197,6 +200,23 @@ def test_bias_fails_on_an_evaluation_set_with_unequal_groups_and_memory_is_na_wi
     assert "## Accuracy per group" in (grouped_repo / "digits" / "2" / "validation.md").read_text()
 
 
+def test_require_bias_fails_an_evaluation_set_without_groups(grouped_repo: Path, grouped_server: str,
+                                                            tmp_path: Path) -> None:
+    folder = tmp_path / "digits" / "2"
+    shutil.copytree(grouped_repo / "digits" / "2", folder, ignore=shutil.ignore_patterns("validation.*"))
+    with np.load(folder / "holdout.npz") as data:
+        inputs, labels = data["input"], data["label"]
+    np.savez_compressed(folder / "holdout.npz", input=inputs, label=labels)  # no group array
+    run = run_validate("--model", "digits:2", "--repo", str(tmp_path), "--url", grouped_server, "--duration", "0.5",
+                       "--concurrency", "4", "--require-bias")
+    assert run.returncode == 1, run.stdout + run.stderr
+    lines = lines_by_check(run.stdout)
+    assert lines["bias"].startswith("FAIL bias: not applicable") and "--require-bias" in lines["bias"]
+    assert lines["accuracy"].startswith("PASS accuracy")
+    doc = json.loads((folder / "validation.json").read_text())
+    assert [c["check"] for c in doc["checks"] if c["result"] == "FAIL"] == ["bias"]
+
+
 def test_a_server_that_answers_500_fails_the_gate_with_a_report(repo_copy: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(repo_copy / "digits" / "1", repo / "digits" / "1", ignore=shutil.ignore_patterns("validation.*"))
@@ -239,6 +259,8 @@ def test_bias_is_na_without_groups_and_judges_the_largest_gap_with_them() -> Non
     predicted = np.array([1, 1, 1, 1, 2, 2, 2, 0, 3, 3])
     assert bias_check(predicted, _evalset(labels, None)).result == "N/A"
     assert bias_check(predicted, _evalset(labels, ["x"] * 10)).result == "N/A"  # one group: no gap to measure
+    assert bias_check(predicted, _evalset(labels, None), require=True).result == "FAIL"
+    assert bias_check(predicted, _evalset(labels, ["x"] * 10), require=True).result == "FAIL"
 
     # x: 4/4, y: 3/4, z: 2/2 -> gap 0.25
     check = bias_check(predicted, _evalset(labels, ["x"] * 4 + ["y"] * 4 + ["z"] * 2))
@@ -249,6 +271,22 @@ def test_bias_is_na_without_groups_and_judges_the_largest_gap_with_them() -> Non
     predicted = np.array([1] * 19 + [0])
     check = bias_check(predicted, _evalset(labels, ["p"] * 10 + ["q"] * 10))
     assert check.value == pytest.approx(MAX_BIAS_GAP) and check.result == "PASS"
+
+
+def test_macro_precision_recall_f1_match_scikit_learn_and_ride_on_the_accuracy_check() -> None:
+    from sklearn.metrics import precision_recall_fscore_support
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 5, 300)
+    predicted = np.where(rng.random(300) < 0.7, labels, rng.integers(0, 5, 300))
+    predicted[predicted == 4] = 3  # class 4 is never predicted: precision 0 for it, not a division error
+    expected = precision_recall_fscore_support(labels, predicted, average="macro", zero_division=0)
+    scores = macro_scores(predicted, labels)
+    assert (scores["precision_macro"], scores["recall_macro"], scores["f1_macro"]) == pytest.approx(expected[:3])
+    assert scores["per_class"]["4"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": int((labels == 4).sum())}
+    check = accuracy_check(predicted, _evalset(labels.tolist(), None))
+    assert check.details["f1_macro"] == pytest.approx(expected[2])
+    assert f"F1 {expected[2]:.4f}" in check.figure
 
 
 def test_accuracy_threshold_is_inclusive() -> None:
