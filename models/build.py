@@ -130,7 +130,8 @@ def ink_groups(rows: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Each row's ink group: ``light`` below the reference rows' first tercile of total intensity, ``heavy`` from
     the second up, ``medium`` between."""
     edges = np.quantile(reference.sum(axis=1), [1 / 3, 2 / 3])
-    return np.array(INK_GROUPS)[np.searchsorted(edges, rows.sum(axis=1), side="right")]
+    groups: np.ndarray = np.array(INK_GROUPS)[np.searchsorted(edges, rows.sum(axis=1), side="right")]
+    return groups
 
 
 def _accuracy(layers: list[Layer], x: np.ndarray, y: np.ndarray) -> float:

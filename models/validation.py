@@ -52,7 +52,16 @@ import orjson
 from loadtests import closed_loop, hostile
 from loadtests.closed_loop import ClosedLoopResult
 from models.validation_report import render_markdown, report_lines
-from models.validation_types import Check, EvalSet, Signature, Target, ValidationError, predicted_classes, v2_body
+from models.validation_types import (
+    Check,
+    EvalSet,
+    Result,
+    Signature,
+    Target,
+    ValidationError,
+    predicted_classes,
+    v2_body,
+)
 from serving.machine import describe_machine, machine_line
 from serving.process import LOOPBACK, ChildFailed, ChildProcess, free_port, http_ok, process_alive
 from serving.repository import DEFAULT_REPOSITORY
@@ -135,7 +144,7 @@ def bias_check(predictions: np.ndarray, evalset: EvalSet, *, require: bool = Fal
     """The largest accuracy gap between groups; N/A (never PASS) when the evaluation set has no groups, which
     fails the gate only when the bias check is ``require``d (``--require-bias``): a release plan that insists on
     a fairness figure must not pass a version nobody could measure."""
-    unmeasured = "FAIL" if require else "N/A"
+    unmeasured: Result = "FAIL" if require else "N/A"
     needs = " (--require-bias: a missing bias figure fails)" if require else ""
     if evalset.groups is None:
         return Check("bias", unmeasured, f"not applicable: the evaluation set ({evalset.path.name}) has no 'group' "
