@@ -28,12 +28,19 @@ def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.0
         raise AssertionError(str(exc)) from None
 
 
+def _name(args: Sequence[str]) -> str:
+    """What a failure message calls the process: ``bluegreen gateway``, ``redis-server``..."""
+    args = [str(a) for a in args]
+    if args[1:3] == ["-m", "gateway.cli"] and len(args) > 3:
+        return f"bluegreen {args[3]}"
+    return Path(args[0]).name
+
+
 class Proc:
     """A child process with its log captured to a file; stopped (SIGTERM, then SIGKILL) on :meth:`stop`."""
 
     def __init__(self, args: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.child = ChildProcess.start(Path(str(args[0])).name, args, log_path, env={**os.environ, **(env or {})},
-                                        cwd=ROOT)
+        self.child = ChildProcess.start(_name(args), args, log_path, env={**os.environ, **(env or {})}, cwd=ROOT)
         self.args = self.child.args
         self.log_path = log_path
         self.popen = self.child.popen
