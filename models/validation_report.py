@@ -13,6 +13,7 @@ from serving.machine import machine_line
 if TYPE_CHECKING:
     from models.validation_types import Check
 
+
 def _fmt(check: str, x: float | None, sign: str = "") -> str:
     """A check's figure in its unit; ``sign="+"`` for a difference."""
     if x is None:

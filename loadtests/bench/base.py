@@ -23,6 +23,9 @@ WARMUP_S = 2
 
 @dataclass(frozen=True)
 class SuiteContext:
+    """What a suite is given: how long each measured run lasts, the model repository, where the report goes,
+    a scratch folder of its own and the machine it runs on (described once, written with its results)."""
+
     duration_s: float
     repo: Path
     out_dir: Path
@@ -39,6 +42,7 @@ class SuiteSkipped(Exception):
     """A suite that does not apply on this machine (CUDA asked for, not offered): said plainly, nothing written,
     exit status 0."""
 
+
 def display(arg: str) -> str:
     """A command-line argument as a reader would type it: paths inside the project made relative."""
     path = Path(arg)
@@ -52,7 +56,6 @@ def reproduce(suite: str, ctx: SuiteContext) -> str:
     if ctx.repo.resolve() != Path(DEFAULT_REPOSITORY).resolve():
         command += f" --repo {display(str(ctx.repo))}"
     return command
-
 
 
 def check_loopback(url: str) -> None:
@@ -173,6 +176,7 @@ def ratio_verdict(r: Mapping[str, Any]) -> str:
 
 def ratio_row(r: Mapping[str, Any]) -> str:
     return f"| {r['name']} | {r['value']:.2f}{r.get('unit', 'x')} | {ratio_target(r)} | {ratio_verdict(r)} |"
+
 
 def fmt_added(x: float | None) -> str:
     return "-" if x is None else f"{x:+.2f}"

@@ -25,6 +25,7 @@ def render_generic_section(doc: dict[str, Any]) -> list[str]:
             f"Reproduce: `{doc.get('command', 'bluegreen bench ' + str(doc.get('suite')))}`; the figures are in "
             f"`bench-{doc.get('suite')}.json`."]
 
+
 def machine_short(machine: Mapping[str, Any]) -> str:
     text = f"{machine.get('cpu_model', 'unknown CPU')}, {machine.get('cpu_count')} cores"
     if machine.get("gpus"):

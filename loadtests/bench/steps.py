@@ -235,7 +235,6 @@ def display_routing(routing: Mapping[str, Any]) -> dict[str, Any]:
     return doc
 
 
-
 def digits_routing(blue: tuple[str, str], green: tuple[str, str], shadow_percent: int | None = None) -> dict[str, Any]:
     """The routing file for the benchmarks' model, blue at weight 100: each color as (version, backend URL)."""
     route: dict[str, Any] = {

@@ -236,6 +236,7 @@ def run(ctx: base.SuiteContext) -> base.SuiteResult:
         notes=notes,
     )
 
+
 def _fmt_shares(run: Mapping[str, Any]) -> str:
     share = run.get("path_share")
     if not share:

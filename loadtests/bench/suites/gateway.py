@@ -58,6 +58,7 @@ def check_answers(urls: Mapping[str, str], body: str) -> dict[str, str]:
                               f"{steps.GATEWAY_REQUEST_HEADERS}")
     return {k: v for k, v in gw.items() if k.startswith("x-bluegreen-") or k == "server-timing"}
 
+
 def keys_runs(ctx: base.SuiteContext, routing: Mapping[str, Any], server: servers.ServerProcess,
               gateway: servers.ServerProcess, url: str, body: str, duration_s: int) -> list[dict[str, Any]]:
     """The same gateway with and without client keys (``BLUEGREEN_CLIENT_KEYS_FILE``, one key with a rate limit far

@@ -43,6 +43,7 @@ SHARED_CORES_NOTE = (
     "server runs carry the same handicap, which is why the ratios are the figures to quote. Raw ONNX Runtime "
     "runs in-process with no load generator beside it, so batched / raw is a conservative ratio.")
 
+
 def measure_raw(model_path: Path, device: Device, batch_sizes: Sequence[int], seconds: float,
                 label: str = "raw onnxruntime", spin_waits: Sequence[bool] = (False,)) -> dict[str, Any]:
     """rows/s of ONNX Runtime in this process, per batch size and spin-wait setting, with the model server's

@@ -180,8 +180,6 @@ def run(ctx: base.SuiteContext) -> base.SuiteResult:
     )
 
 
-
-
 def render(doc: dict[str, Any]) -> list[str]:
     s = doc["settings"]
     labels = s.get("labels", {"off": "no shadow", "on": f"{s['shadow_percent']}% shadowed"})

@@ -20,6 +20,7 @@ TELEMETRY_NOTE = (
     "\"On\" is the default deployment: Prometheus series recorded on every request; no OTLP endpoint and no "
     "tracing configured (`OTEL_*` unset), as on this machine by default.")
 
+
 def run(ctx: base.SuiteContext) -> base.SuiteResult:
     """Gateway throughput with telemetry on vs off (``BLUEGREEN_TELEMETRY=false``), the cache bypassed.
 
@@ -93,6 +94,7 @@ def run(ctx: base.SuiteContext) -> base.SuiteResult:
         ok=telemetry_ok and not any(r["flagged"] for r in runs),
         notes=notes,
     )
+
 
 def render(doc: dict[str, Any]) -> list[str]:
     s = doc["settings"]
