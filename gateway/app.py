@@ -30,6 +30,7 @@ from gateway.canary import Phase
 from gateway.controller import Controller
 from gateway.data_app import VERSION, DataApp
 from gateway.dataplane import DataPlane
+from gateway.history import History
 from gateway.keys import ClientGate, RateLimiter, rate_redis
 from gateway.release import Release
 from gateway.settings import COLORS, GatewaySettings
@@ -39,6 +40,7 @@ from gateway.state_redis import Lease, RedisStateStore
 from gateway.telemetry import Telemetry
 from serving.http_server import AsgiHandler, HttpServer
 from serving.lifecycle import Periodic, serve_together, tune_gc
+from serving.resources import register_process_metrics
 
 log = logging.getLogger("bluegreen.gateway")
 
@@ -59,6 +61,7 @@ class Gateway:
     listeners: dict[str, HttpServer] = field(default_factory=dict)
     gate: ClientGate | None = None
     _keys_refresh: Periodic | None = None
+    history: History | None = None
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> Gateway:
@@ -95,6 +98,10 @@ class Gateway:
             limiter = RateLimiter(redis=rate_redis(settings.redis_url) if settings.redis_url else None)
             gateway.gate = ClientGate(settings.client_keys_file, limiter,
                                       on_failure=lambda reason: telemetry.auth_failure("data", reason))
+        # The console's history reads the controller's kind of source (merged across replicas with Redis).
+        source = MergedMetrics(store, plane) if isinstance(store, RedisStateStore) else LocalMetrics(plane)
+        gateway.history = History(release, source, interval_s=settings.history_interval_s,
+                                  window_s=settings.window_s)
         gateway._register_gauges()
         return gateway
 
@@ -105,6 +112,10 @@ class Gateway:
             for rt in plane.runtimes():
                 for b in rt.backends:
                     yield (rt.model, rt.color, b.url), STATE_CODES[b.breaker.state]
+
+        def backends() -> Iterator[tuple[tuple[str, ...], float]]:
+            for rt in plane.runtimes():
+                yield (rt.model, rt.color), len(rt.backends)
 
         def weights() -> Iterator[tuple[tuple[str, ...], float]]:
             for name, state in store.models.items():
@@ -150,6 +161,9 @@ class Gateway:
                     ("model", "color", "backend"), breakers)
         t.gauge("bluegreen_split_weight", "Traffic weight per color, percent.", ("model", "color"), weights)
         t.gauge("bluegreen_in_flight_requests", "Requests in flight on the data listener.", (), in_flight)
+        t.gauge("bluegreen_backends", "Model-server pods behind each color, as discovery last saw them (a change "
+                "is a scaling event).", ("model", "color"), backends)
+        register_process_metrics(t)
 
     async def start(self) -> None:
         if self.gate is not None:
@@ -163,6 +177,8 @@ class Gateway:
         if self.publisher is not None:
             self.publisher.start()
         self.controller.start()
+        if self.history is not None:
+            self.history.start()
 
     async def _reload_keys(self) -> None:
         assert self.gate is not None
@@ -174,6 +190,8 @@ class Gateway:
         if self.gate is not None and self.gate.limiter.redis is not None:
             await self.gate.limiter.redis.aclose()
         await self.controller.stop()
+        if self.history is not None:
+            await self.history.stop()
         if self.publisher is not None:
             await self.publisher.stop()
         if self.lease is not None:
@@ -191,7 +209,7 @@ class Gateway:
 
     def admin_app(self) -> ASGIApp:
         return create_admin_app(self.release, self.plane, self.auth,
-                                require_if_match=self.settings.admin.require_if_match)
+                                require_if_match=self.settings.admin.require_if_match, history=self.history)
 
 
 async def run_gateway(settings: GatewaySettings) -> None:

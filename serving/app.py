@@ -42,6 +42,7 @@ from serving.limits import read_body
 from serving.metrics import MetricSet, make_tracer, shutdown_tracing, tracing_requested
 from serving.model import Model
 from serving.repository import ModelRef, Repository
+from serving.resources import GpuSampler, register_process_metrics
 from serving.settings import ServingSettings
 from serving.tls import server_context
 
@@ -99,6 +100,25 @@ class ModelServer:
 
         self.metrics.gauge("bluegreen_serving_queue_depth", "Requests waiting for a model run.",
                            ("model", "version"), queue_depth)
+
+        def busy() -> Iterator[tuple[tuple[str, ...], float]]:
+            for (name, version), model in self.models.items():
+                if model.batcher is not None:
+                    yield (name, version), model.batcher.stats.busy_s
+
+        def instances() -> Iterator[tuple[tuple[str, ...], float]]:
+            for (name, version), model in self.models.items():
+                if model.batcher is not None:
+                    yield (name, version), model.batcher.instances
+
+        self.metrics.live_counter("bluegreen_serving_busy_seconds", "Seconds the model's instances spent running "
+                                  "(busy ratio: its rate over bluegreen_serving_instances).", ("model", "version"),
+                                  busy)
+        self.metrics.gauge("bluegreen_serving_instances", "Model runs that can go at once (worker threads; 1 on "
+                           "the event loop).", ("model", "version"), instances)
+        register_process_metrics(self.metrics)
+        self.gpu = GpuSampler()
+        self.gpu.register(self.metrics)
         self.tracer: Any = None
         self._fault_calls = 0  # --fault-error-rate spreads its errors evenly: call n fails when the count steps
 
@@ -365,6 +385,7 @@ class ModelServerApp:
                     self._on_load_failure()
 
         self._load_task = asyncio.create_task(load())
+        core.gpu.start()
         core.metrics.start_otlp()
         if tracing_requested():
             core.tracer = make_tracer("bluegreen-model-server", otlp=True)
@@ -372,6 +393,7 @@ class ModelServerApp:
     async def stop(self) -> None:
         core = self.core
         core.metrics.stop_otlp()
+        core.gpu.stop()
         if core.tracer is not None:
             shutdown_tracing()
         if self._load_task is not None:

@@ -58,6 +58,10 @@ class BatchStats:
     requests: int = 0
     rejected: int = 0
     sizes: dict[int, int] = field(default_factory=dict)  # batch rows -> number of runs
+    #: Seconds model instances spent running (failed runs too, but for the unbatched path's worker threads).
+    #: Over wall time and ``instances`` it is the busy ratio: how close the server runs to flat out, which the
+    #: queue depth shows only once it is too late.
+    busy_s: float = 0.0
 
     def record(self, rows: int, requests: int) -> None:
         self.batches += 1
@@ -153,6 +157,7 @@ class DynamicBatcher:
         if exc is None:
             self._deliver(batch, total, started, job.result())
         else:
+            self.stats.busy_s += time.perf_counter() - started
             _fail(batch, exc)
         self._kick()  # whatever gathered during the run goes now
 
@@ -162,12 +167,14 @@ class DynamicBatcher:
         try:
             outputs = self._run(inputs)
         except Exception as exc:  # delivered to every request of the batch
+            self.stats.busy_s += time.perf_counter() - started
             _fail(batch, exc)
             return
         self._deliver(batch, total, started, outputs)
 
     def _deliver(self, batch: list[_Pending], total: int, started: float, outputs: Tensors) -> None:
         elapsed = time.perf_counter() - started
+        self.stats.busy_s += elapsed
         self.stats.record(total, len(batch))
         if self._on_batch is not None:
             self._on_batch(total, elapsed)
@@ -240,14 +247,19 @@ class DirectRunner:
             raise QueueFull(SHUTTING_DOWN)
         started = time.perf_counter()
         if self._executor is None:
-            outputs = self._run(inputs)
+            try:
+                outputs = self._run(inputs)
+            finally:
+                self.stats.busy_s += time.perf_counter() - started
         else:
             if self._in_flight >= self.max_queue_size + self.instances:
                 self.stats.rejected += 1
                 raise QueueFull(f"the queue is full ({self.max_queue_size} requests waiting)")
             self._in_flight += 1
             try:
-                outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, inputs)
+                outputs, ran_s = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, _timed, self._run, inputs)
+                self.stats.busy_s += ran_s
             finally:
                 self._in_flight -= 1
             if self._stopped:
@@ -266,6 +278,14 @@ def _stack(batch: list[_Pending]) -> tuple[Tensors, int]:
         return batch[0].inputs, batch[0].rows
     inputs = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
     return inputs, sum(p.rows for p in batch)
+
+
+def _timed(run: Run, inputs: Tensors) -> tuple[Tensors, float]:
+    """A run and its duration in the worker thread, without the wait in the executor's queue (a failed run's time
+    is not counted on this path: the exception carries no duration)."""
+    started = time.perf_counter()
+    outputs = run(inputs)
+    return outputs, time.perf_counter() - started
 
 
 def _fail(batch: list[_Pending], exc: BaseException) -> None:

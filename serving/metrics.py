@@ -100,6 +100,7 @@ class MetricSet:
         self.histograms: list[Histograms] = []
         self.counters: list[Counters] = []
         self.gauges: list[Gauge] = []
+        self.live_counters: list[Gauge] = []  # counters read at collection, like gauges (e.g. process CPU time)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         self._exporter: OtlpMetricsThread | None = None
@@ -117,6 +118,11 @@ class MetricSet:
     def gauge(self, name: str, description: str, labels: Sequence[str],
               read: Callable[[], Iterable[tuple[Labels, float]]]) -> None:
         self.gauges.append(Gauge(name, description, tuple(labels), read))
+
+    def live_counter(self, name: str, description: str, labels: Sequence[str],
+                     read: Callable[[], Iterable[tuple[Labels, float]]]) -> None:
+        """A counter someone else keeps (name without ``_total``), read at collection."""
+        self.live_counters.append(Gauge(name, description, tuple(labels), read))
 
     def derived_counters(self) -> Iterator[Counters]:
         """Counters computed from other series at collection (subclasses override)."""
@@ -136,6 +142,11 @@ class MetricSet:
         for c in (*self.counters, *self.derived_counters()):
             fam_c = CounterMetricFamily(c.name, c.description, labels=c.labels)
             for key, n in list(c.series.items()):
+                fam_c.add_metric(list(key), n)
+            yield fam_c
+        for lc in self.live_counters:
+            fam_c = CounterMetricFamily(lc.name, lc.description, labels=lc.labels)
+            for key, n in lc.read():
                 fam_c.add_metric(list(key), n)
             yield fam_c
         for g in self.gauges:
@@ -274,6 +285,9 @@ def to_metrics_data(metrics: MetricSet, start_ns: int) -> Any:
         numbers = [NumberDataPoint(dict(zip(c.labels, key, strict=True)), start_ns, now, n)
                    for key, n in list(c.series.items())]
         out.append(OtelMetric(f"{c.name}_total", c.description, None, Sum(numbers, cumulative, True)))
+    for lc in metrics.live_counters:
+        numbers = [NumberDataPoint(dict(zip(lc.labels, key, strict=True)), start_ns, now, n) for key, n in lc.read()]
+        out.append(OtelMetric(f"{lc.name}_total", lc.description, None, Sum(numbers, cumulative, True)))
     for g in metrics.gauges:
         numbers = [NumberDataPoint(dict(zip(g.labels, key, strict=True)), start_ns, now, v) for key, v in g.read()]
         out.append(OtelMetric(g.name, g.description, None, Gauge(numbers)))
