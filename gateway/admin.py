@@ -20,10 +20,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway import console
 from gateway.auth import Authenticator, Principal
 from gateway.canary import COMMANDS, Command
 from gateway.dataplane import DataPlane
 from gateway.errors import BadRequest, Forbidden, NotFound, PreconditionRequired, render
+from gateway.history import History
 from gateway.policy import describe
 from gateway.release import ApproveBody, ColorBody, CommandBody, Release, ShadowBody, SplitBody, StartBody
 from gateway.settings import COLORS, Color
@@ -74,7 +76,7 @@ async def _parse(request: Request, body: type[B], *, optional: bool = False) -> 
 
 
 def create_admin_app(release: Release, plane: DataPlane, auth: Authenticator, *,
-                     require_if_match: bool = True) -> Starlette:
+                     require_if_match: bool = True, history: History | None = None) -> Starlette:
     """The admin API over ``release`` (the rules and the state) and ``plane`` (the live numbers it shows)."""
 
     def caller(request: Request) -> Principal:
@@ -214,6 +216,7 @@ def create_admin_app(release: Release, plane: DataPlane, auth: Authenticator, *,
         Route(f"{prefix}/models/{{model}}/canary/{{command}}", canary_command, methods=["POST"]),
         Route(f"{prefix}/audit", audit, methods=["GET"]),
         Route(f"{prefix}/cache", cache_stats, methods=["GET"]),
+        *console.routes(release, plane, auth, history),  # /ui, whoami, history, policy: gateway/console
     ]
     async def forbidden(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, Forbidden)

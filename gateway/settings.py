@@ -288,6 +288,8 @@ class GatewaySettings(BaseSettings):
     """Where the embedded state store keeps weights, colors and the audit log across restarts."""
     window_s: float = Field(60.0, gt=0)
     """Span of the per-color latency/error windows that /stats and the canary read."""
+    history_interval_s: float = Field(10.0, gt=0, le=600)
+    """How often the console's history (``/admin/v1/models/{m}/history``) takes a point; it keeps an hour."""
     graceful_shutdown_s: float = Field(30.0, gt=0)
     """On SIGTERM, how long in-flight requests may take to finish before connections are closed."""
     redis_url: str | None = None
