@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import signal
+import subprocess
+from collections.abc import Generator
 from pathlib import Path
 
+import pluggy
 import pytest
 
 from models.build import DEFAULT_REPOSITORY, build_all
@@ -49,3 +54,58 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         lines = log.read_text(errors="replace").splitlines()
         if lines:
             report.sections.append((f"{log.name}, last {_LOG_TAIL_LINES} lines", "\n".join(lines[-_LOG_TAIL_LINES:])))
+
+
+def _children() -> dict[int, str]:
+    """pid -> command line of this process's children, zombies included (a zombie's ``Popen`` still warns when
+    collected). Read from ``/proc/self/task/*/children``: a fraction of a millisecond, where a scan of /proc
+    for parent ids takes milliseconds — this runs around every test."""
+    pids: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            pids.update(int(p) for p in Path(f"/proc/self/task/{tid}/children").read_text().split())
+        except OSError:
+            continue
+    found = {}
+    for pid in pids:
+        try:
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            found[pid] = "(exited)"
+    return found
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, pluggy.Result[None], None]:
+    """A process the test started and left running is stopped here, and the test fails naming it.
+
+    Left alone it would run on through the rest of the session, and its ``Popen`` object, collected during some
+    later test, raises "subprocess N is still running" there (warnings are errors): a failure in an innocent
+    test. The usual cause is a test whose set-up of a later process failed before its ``try``/``finally``."""
+    before = set(_children())
+    outcome = yield
+    leaked = {pid: cmd for pid, cmd in _children().items() if pid not in before}
+    if not leaked:
+        return
+    _stop(leaked)
+    if outcome.exception is None:
+        named = "; ".join(f"{pid}: {cmd.strip()[:200]}" for pid, cmd in leaked.items())
+        outcome.force_exception(AssertionError(f"the test left processes running (stopped now): {named}"))
+
+
+def _stop(pids: dict[int, str]) -> None:
+    """SIGTERM to each process and its group (tests/procs.py starts each child in its own session), then
+    SIGKILL; the ``Popen`` objects learn the exit status, so that collecting them later warns of nothing."""
+    popens = [o for o in gc.get_objects() if isinstance(o, subprocess.Popen) and o.pid in pids]
+    for pid in pids:
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+    for popen in popens:
+        try:
+            popen.wait(10)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(5)
