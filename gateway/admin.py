@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import console
+from gateway import release as core
 from gateway.auth import Authenticator, Principal
 from gateway.canary import COMMANDS, Command
 from gateway.dataplane import DataPlane
@@ -155,6 +156,20 @@ def create_admin_app(release: Release, plane: DataPlane, auth: Authenticator, *,
         state = await release.set_shadow(model, body, actor=actor, if_revision=revision)
         return tagged({"percent": state.shadow_percent}, state)
 
+    async def payload_log(request: Request) -> Response:
+        if request.method == "GET":
+            who(request)
+            state = model_of(request)
+        else:
+            actor, model, revision = writer(request)
+            state = await release.set_payload_logging(model, await _parse(request, core.PayloadLogBody), actor=actor,
+                                                      if_revision=revision)
+        return tagged(plane.payload_log.describe(state.name, state.payload_log_percent), state)
+
+    async def drift(request: Request) -> Response:
+        who(request)
+        return _json(plane.drift.report(model_of(request).name, COLORS))
+
     async def stats(request: Request) -> Response:
         who(request)
         state = model_of(request)
@@ -212,6 +227,8 @@ def create_admin_app(release: Release, plane: DataPlane, auth: Authenticator, *,
         Route(f"{prefix}/models/{{model}}/stats", stats, methods=["GET"]),
         Route(f"{prefix}/models/{{model}}/shadow", get_shadow, methods=["GET"]),
         Route(f"{prefix}/models/{{model}}/shadow", put_shadow, methods=["PUT"]),
+        Route(f"{prefix}/models/{{model}}/payload-log", payload_log, methods=["GET", "PUT"]),
+        Route(f"{prefix}/models/{{model}}/drift", drift, methods=["GET"]),
         Route(f"{prefix}/models/{{model}}/canary", get_canary, methods=["GET"]),
         Route(f"{prefix}/models/{{model}}/canary/{{command}}", canary_command, methods=["POST"]),
         Route(f"{prefix}/audit", audit, methods=["GET"]),

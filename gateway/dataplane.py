@@ -25,10 +25,12 @@ from typing import Any
 
 from gateway.cache import Entry, PredictionCache, digest
 from gateway.discovery import Discovery, FileResolver, Resolver, SystemResolver, is_dynamic
+from gateway.drift import DriftMonitor
 from gateway.errors import BadRequest, ServingError, Unavailable
 from gateway.feedback import FeedbackStore
 from gateway.forward import Answer, Forwarder, InferRequest
 from gateway.inputs import OFF_LOOP_BYTES, learn_signature, parse_and_check_off_loop
+from gateway.payload_log import PayloadLog
 from gateway.router import Router
 from gateway.runtime import ColorRuntime
 from gateway.settings import COLORS, Color, GatewaySettings, ModelRoute, other
@@ -112,6 +114,10 @@ class DataPlane:
         self.forwarder = Forwarder(settings, self.upstream, self.telemetry, self._runtimes, clock)
         self.feedback = FeedbackStore()
         self.shadow = Shadow(self.upstream, self.runtime)
+        # Prediction records and input drift take their copies in _after_answer; their work runs in their tasks.
+        self.payload_log = PayloadLog(settings.payload_log, self.telemetry, self.routes, self.upstream.post)
+        self.drift = DriftMonitor(settings.drift, settings.drift.reference_repo or settings.validation_repo,
+                                  self.telemetry)
         store.subscribe(self._on_state_change)
 
     def runtime(self, model: str, color: Color) -> ColorRuntime:
@@ -134,12 +140,16 @@ class DataPlane:
         await self.discovery.refresh(self._configured_urls())
         self.discovery.start(self._configured_urls)
         await self.refresh_signatures()
+        self.payload_log.start()
+        self.drift.start()
 
     async def close(self) -> None:
         await self.discovery.stop()
         if self._signature_refresh is not None:
             self._signature_refresh.cancel()
         await self.shadow.close()
+        await self.payload_log.close()
+        await self.drift.close()
         await self.feedback.close()
         await self.upstream.close()
         if self.cache is not None:
@@ -226,7 +236,7 @@ class DataPlane:
             status = reply.status
             outcome = "success" if status < 300 else _OUTCOMES.get(status // 100, "error")
             if status == 200:
-                self._after_answer(state, req, reply)
+                self._after_answer(state, req, reply, started)
             return reply
         except ServingError as exc:
             outcome = _OUTCOMES.get(exc.status // 100, "error")
@@ -337,8 +347,9 @@ class DataPlane:
                                       degraded=b"failover" if answer.failed_over else None)
         return self._reply(answer, b"miss" if read else b"bypass", started, client_id)
 
-    def _after_answer(self, state: ModelState, req: InferRequest, reply: Reply) -> None:
-        """Off the answer's critical path: remember it for feedback, send a shadow copy if selected.
+    def _after_answer(self, state: ModelState, req: InferRequest, reply: Reply, started: float) -> None:
+        """Off the answer's critical path: remember it for feedback, send a shadow copy if selected, queue a
+        prediction record and an input-drift sample if selected (references to the bytes; parsed elsewhere).
 
         Feedback finds an answer by the V2 body's ``id``, else by ``x-request-id``. Only ids the client chose
         are shared through Redis: a generated id (echoed in ``x-request-id``) is remembered in this replica's
@@ -354,6 +365,12 @@ class DataPlane:
             if req.header_length is not None:
                 headers[protocol.HEADER_LENGTH] = req.header_length
             self.shadow.maybe_copy(state, reply.color, req.body, headers, reply.body)
+        if state.payload_log_percent:
+            self.payload_log.maybe_log(state.name, state.payload_log_percent, reply.color, reply.version,
+                                       req.request_id, client_id, req.body, req.header_length, reply.body,
+                                       reply.header_length, time.perf_counter() - started, reply.cache)
+        if self.drift.enabled:
+            self.drift.offer(state.name, reply.color, reply.version, req.body, req.header_length)
 
     def _provenance(self, content_type: str, color: str, version: str, cache_result: bytes
                     ) -> tuple[tuple[bytes, bytes], ...]:

@@ -10,7 +10,8 @@ signals) call these methods and nothing else to change routing state, so a rule 
 - an operator's pause / resume / promote / abort is judged by the pure ``canary.operator``, a named approval by
   ``canary.approve``;
 - the controller's decision (``canary.step``) is applied with the weights and candidate it implies;
-- who may do what (``gateway.auth``): ``operator`` sets the split and shadow share and pauses, resumes and aborts;
+- who may do what (``gateway.auth``): ``operator`` sets the split, the shadow and payload-logging shares and
+  pauses, resumes and aborts;
   ``admin`` also re-points colors, starts and promotes; ``approve:<gate>`` approves that gate.
 
 Each write is one compare-and-set on the model's state (``StateStore.update``): the rule is judged inside the
@@ -75,6 +76,12 @@ class ColorBody(ColorConfig):
 
 class ShadowBody(_Body):
     """``PUT /admin/v1/models/{m}/shadow``: the share of answered requests copied to the color not chosen."""
+
+    percent: Annotated[StrictInt, Field(ge=0, le=100)]
+
+
+class PayloadLogBody(_Body):
+    """``PUT /admin/v1/models/{m}/payload-log``: the share of answered requests logged as prediction records."""
 
     percent: Annotated[StrictInt, Field(ge=0, le=100)]
 
@@ -160,6 +167,15 @@ class Release:
         actor.require("operator", "setting the shadow share")
         return await self._write(model, if_revision, lambda s: dataclasses.replace(s, shadow_percent=body.percent),
                                  actor, "set_shadow", body.reason)
+
+    async def set_payload_logging(self, model: str, body: PayloadLogBody, *, actor: Principal,
+                                  if_revision: int | None) -> ModelState:
+        """The payload-logging share: an operator's setting like the shadow share (which inputs a model's records
+        may hold is the routing file's, not live: a privacy rule should not be one API call away)."""
+        actor.require("operator", "setting the payload-logging share")
+        return await self._write(model, if_revision,
+                                 lambda s: dataclasses.replace(s, payload_log_percent=body.percent),
+                                 actor, "set_payload_log", body.reason)
 
     async def _write(self, model: str, if_revision: int | None, change: Callable[[ModelState], ModelState],
                      actor: Principal, action: str, reason: str | None) -> ModelState:
@@ -277,5 +293,5 @@ def validation_report(repo: Path | None, model: str, version: str) -> bool | str
     return f"the report at {path} did not pass" + (f" (failed: {', '.join(map(str, failed))})" if failed else "")
 
 
-__all__ = ["COLORS", "ApproveBody", "ColorBody", "CommandBody", "Release", "ShadowBody", "SplitBody", "StartBody",
-           "validation_report"]
+__all__ = ["COLORS", "ApproveBody", "ColorBody", "CommandBody", "PayloadLogBody", "Release", "ShadowBody",
+           "SplitBody", "StartBody", "validation_report"]

@@ -174,6 +174,58 @@ class CacheSettings(BaseModel):
     """Background Redis writes in flight beyond which new writes are dropped."""
 
 
+class PayloadLogSettings(BaseModel):
+    """Prediction payload logging (gateway/payload_log.py): where sampled records go; each model's share is the
+    routing file's ``payload_log_percent``, changed live through the admin API."""
+
+    model_config = ConfigDict(extra="forbid")
+    dir: Path | None = None
+    """Write records as JSON lines to ``<dir>/predictions.jsonl``, rotated to ``predictions.jsonl.1`` ...."""
+    url: str | None = None
+    """Or POST them in batches (``application/cloudevents-batch+json``) to this http(s) URL."""
+    max_file_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    """A log file is rotated before it would grow past this size."""
+    max_files: int = Field(5, ge=1, le=1000)
+    """Files kept, the current one included; the oldest is deleted on rotation."""
+    queue_size: int = Field(10_000, ge=1)
+    """Sampled records waiting for the writer; beyond it new ones are dropped (counted), never waited for."""
+    batch_size: int = Field(500, ge=1)
+    """Most records written or POSTed at once."""
+    flush_s: float = Field(1.0, gt=0)
+    """An HTTP batch is sent when full or this long after its first record."""
+    http_timeout_s: float = Field(2.0, gt=0)
+    """Deadline of one POST to ``url``; a batch that fails is dropped (counted), not retried."""
+
+    @model_validator(mode="after")
+    def _one_sink(self) -> PayloadLogSettings:
+        if self.dir is not None and self.url is not None:
+            raise ValueError("payload logging goes to a directory or to a URL, not both")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError("the payload log URL must be http(s)")
+        return self
+
+
+class DriftSettings(BaseModel):
+    """Input drift per color against each model's reference data (gateway/drift.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    reference_repo: Path | None = None
+    """Where ``<model>/<version>/holdout.npz`` reference sets are; default: ``BLUEGREEN_VALIDATION_REPO``.
+    Neither set: no drift is measured."""
+    sample_percent: int = Field(10, ge=0, le=100)
+    """Share of answered requests whose inputs are read into the drift window (0: off)."""
+    window_s: float = Field(900.0, gt=0)
+    """The rolling window live inputs are compared over."""
+    bins: int = Field(10, ge=2, le=50)
+    """Quantile bins per feature, cut on the reference data (fewer where its values repeat)."""
+    min_rows: int = Field(200, ge=1)
+    """Rows a color's window needs before its drift is reported (fewer: absent, not zero)."""
+    threshold: float = Field(0.25, gt=0)
+    """PSI above which a color is called drifting (0.1-0.25 is the customary "moderate" band)."""
+    queue_size: int = Field(1000, ge=1)
+    """Sampled bodies waiting to be read; beyond it samples are skipped."""
+
+
 class ColorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: str = Field(min_length=1, max_length=64)
@@ -217,6 +269,10 @@ class ModelRoute(BaseModel):
     candidate: Color | None = None
     """The color a release goes to; default: the color at 0% (green when both carry traffic)."""
     shadow_percent: int = Field(0, ge=0, le=100)
+    payload_log_percent: int = Field(0, ge=0, le=100)
+    """Share of answered requests logged as prediction records at start-up (the admin API changes it live)."""
+    payload_log_inputs: StrictBool = True
+    """Privacy: false leaves the request's inputs out of this model's payload records (outputs are kept)."""
     canary: Policy = Field(default_factory=Policy)
     """The model's canary policy: the release plan's defaults with this block's fields on top, validated here so a
     misspelled field stops the gateway at start-up, named (``canary start`` overrides apply on top of it)."""
@@ -310,6 +366,8 @@ class GatewaySettings(BaseSettings):
     upstream: UpstreamSettings = UpstreamSettings()
     limits: ListenerLimits = ListenerLimits()
     tls: TlsSettings = TlsSettings()
+    payload_log: PayloadLogSettings = PayloadLogSettings()
+    drift: DriftSettings = DriftSettings()
 
     def routing(self) -> RoutingFile:
         if self.config is None:

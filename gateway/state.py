@@ -53,6 +53,8 @@ class ModelState:
     revision: int = 1
     canary: Status = field(default_factory=Status)
     """The canary status, typed; it becomes JSON only where it is persisted (state file, Redis)."""
+    payload_log_percent: int = 0
+    """Share of answered requests logged as prediction records (gateway/payload_log.py)."""
 
     @property
     def candidate(self) -> Color:
@@ -84,20 +86,22 @@ class ModelState:
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "colors": {c: s.as_json() for c, s in self.colors.items()},
                 "weights": dict(self.weights), "candidate": self.candidate, "stable": self.stable,
-                "shadow_percent": self.shadow_percent, "revision": self.revision, "canary": self.canary.as_json()}
+                "shadow_percent": self.shadow_percent, "payload_log_percent": self.payload_log_percent,
+                "revision": self.revision, "canary": self.canary.as_json()}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> ModelState:
         colors = {c: ColorState(str(v["version"]), tuple(v["backends"])) for c, v in doc["colors"].items()}
         return cls(doc["name"], colors, dict(doc["weights"]), doc.get("candidate_override"),
-                   int(doc.get("shadow_percent", 0)), int(doc.get("revision", 1)), Status.from_json(doc.get("canary")))
+                   int(doc.get("shadow_percent", 0)), int(doc.get("revision", 1)), Status.from_json(doc.get("canary")),
+                   int(doc.get("payload_log_percent", 0)))
 
     def persisted(self) -> dict[str, Any]:
         """The JSON kept in a state file or in Redis (``from_json`` reads it back)."""
         return {"name": self.name, "colors": {c: s.as_json() for c, s in self.colors.items()},
                 "weights": dict(self.weights), "candidate_override": self.candidate_override,
-                "shadow_percent": self.shadow_percent, "revision": self.revision,
-                "canary": self.canary.as_json() if self.canary != Status() else None}
+                "shadow_percent": self.shadow_percent, "payload_log_percent": self.payload_log_percent,
+                "revision": self.revision, "canary": self.canary.as_json() if self.canary != Status() else None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +153,8 @@ class MemoryStateStore:
     def from_routing(cls, routing: RoutingFile, state_file: Path | None = None) -> MemoryStateStore:
         models = {
             name: ModelState(name, {c: ColorState(r.colors[c].version, tuple(r.colors[c].backends)) for c in COLORS},
-                             dict(r.weights), r.candidate, r.shadow_percent)
+                             dict(r.weights), r.candidate, r.shadow_percent,
+                             payload_log_percent=r.payload_log_percent)
             for name, r in routing.models.items()
         }
         store = cls(models, state_file)

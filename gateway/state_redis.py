@@ -101,7 +101,8 @@ class RedisStateStore:
         self.replica = replica or f"{socket.gethostname()}-{os.getpid()}"
         self.models: dict[str, ModelState] = {
             name: ModelState(name, {c: ColorState(r.colors[c].version, tuple(r.colors[c].backends)) for c in COLORS},
-                             dict(r.weights), r.candidate, r.shadow_percent)
+                             dict(r.weights), r.candidate, r.shadow_percent,
+                             payload_log_percent=r.payload_log_percent)
             for name, r in routing.models.items()}
         self._raw: dict[str, bytes] = {}
         self._listeners: list[Listener] = []

@@ -43,6 +43,9 @@ class Telemetry(MetricSet):
             "bluegreen_client_requests", "Requests of each client key, by model and outcome (ok, forbidden, "
             "rate_limited, client_error, server_error); the client is the key's name in the keys file.",
             ("client", "model", "outcome"))
+        self.payload_records = self.counter(
+            "bluegreen_payload_records", "Sampled prediction records by model and outcome: logged (the sink took "
+            "them) or dropped (queue full, no sink, or the sink failed).", ("model", "outcome"))
         self.tracer: Any = None
         #: Requests refused by the concurrency limit (set by the app that owns the limiter).
         self.load_shed: Callable[[], int] = lambda: 0
