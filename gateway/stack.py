@@ -227,6 +227,7 @@ class Stack:
         self._say("ready")
         self._say(f"  predictions  http://{o.host}:{o.port}/v2/models/{ModelRef.parse(o.blue).name}/infer")
         self._say(f"  admin        {admin}/admin/v1/models")
+        self._say(f"  console      {admin}/ui  (sign in with the admin token)")
         self._say(f"  blue         http://{o.host}:{o.blue_port}  ({o.blue})")
         self._say(f"  green        http://{o.host}:{o.green_port}  ({o.green})")
         kept = "from BLUEGREEN_ADMIN_TOKEN" if os.environ.get("BLUEGREEN_ADMIN_TOKEN") else \
