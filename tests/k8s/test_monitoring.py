@@ -51,10 +51,14 @@ PROMTOOL = "promtool"
 # The release plan's alert thresholds (the issue): alert -> (comparison, threshold, severity).
 PLAN = {
     "BluegreenLatencyP95High": (">", 0.150, "critical"),
-    "BluegreenErrorRateHigh": (">", 0.005, "warning"),
+    "BluegreenErrorRateHigh": (">", 0.005, "critical"),
     "BluegreenCacheHitRatioLow": ("<", 0.7, "warning"),
     "BluegreenModelServerQueueDeep": (">", 100.0, "warning"),
     "BluegreenOnlineAccuracyDrop": (">", 0.03, "warning"),
+    "BluegreenCpuUtilizationHigh": (">", 0.8, "warning"),
+    "BluegreenMemoryUtilizationHigh": (">", 0.8, "warning"),
+    "BluegreenGpuUtilizationHigh": (">", 0.8, "warning"),
+    "BluegreenGpuMemoryHigh": (">", 0.8, "warning"),
 }
 # Label values the code produces (docs/configuration.md "Telemetry"; outcomes from the data plane, phases from
 # the canary).
@@ -114,11 +118,12 @@ _MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\
 
 def selectors(expr: str) -> list[tuple[str, str]]:
     """The metric selectors of a PromQL expression: (metric name, ``{matchers}`` or ""). Metric names are the
-    project's (``bluegreen_*``) and recorded ones (with a colon); functions, keywords and labels are neither."""
+    project's (``bluegreen_*``), the process collector's (``process_*``) and recorded ones (with a colon);
+    functions, keywords and labels are neither."""
     found = []
     for m in _SELECTOR.finditer(expr):
         name = m.group(1)
-        if name and (name.startswith("bluegreen_") or ":" in name):
+        if name and (name.startswith(("bluegreen_", "process_")) or ":" in name):
             found.append((name, m.group(2) or ""))
     return found
 
@@ -227,12 +232,15 @@ def alert_test_inputs() -> list[Obj]:
         for phase in Phase:
             s.append(series("bluegreen_canary_phase", {"model": model, "phase": phase.value, "pod": "a"},
                             gauge(1 if phase.value == current else 0)))
-    return s
+    # The SLO, resource and info alerts' series (imported here: that module imports this one).
+    from tests.k8s.test_slo_resource_alerts import inputs
+
+    return s + inputs()
 
 
 EXPECTED_ALERTS = {
     "BluegreenLatencyP95High": [{"model": "slow", "color": "green", "severity": "critical"}],
-    "BluegreenErrorRateHigh": [{"model": "bad", "color": "green", "severity": "warning"}],
+    "BluegreenErrorRateHigh": [{"model": "bad", "color": "green", "severity": "critical"}],
     "BluegreenCacheHitRatioLow": [{"model": "cold", "severity": "warning"}, {"model": "empty", "severity": "warning"}],
     "BluegreenModelServerQueueDeep": [{"model": "digits", "version": "1", "pod": "a", "color": "blue",
                                        "severity": "warning"}],
@@ -251,8 +259,12 @@ def test_alerts_fire_at_the_thresholds_and_not_below(tmp_path: Path) -> None:
     groups = rule_groups("overlays/prod")
     bare = [{**g, "rules": [{k: v for k, v in r.items() if k != "annotations"} for r in g["rules"]]} for g in groups]
     (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": bare}, sort_keys=False))
+    from tests.k8s.test_slo_resource_alerts import EXPECTED, EXPECTED_ERROR_RATE
+
+    expected = {**EXPECTED_ALERTS, **EXPECTED}
+    expected["BluegreenErrorRateHigh"] = expected["BluegreenErrorRateHigh"] + EXPECTED_ERROR_RATE
     alerts = [r["alert"] for r in rules() if "alert" in r]
-    assert set(alerts) == set(EXPECTED_ALERTS)
+    assert set(alerts) == set(expected)
     test = {
         "rule_files": ["rules.yml"],
         "evaluation_interval": "1m",
@@ -260,7 +272,7 @@ def test_alerts_fire_at_the_thresholds_and_not_below(tmp_path: Path) -> None:
             "interval": "1m",
             "input_series": alert_test_inputs(),
             "alert_rule_test": [{"eval_time": "60m", "alertname": name,
-                                 "exp_alerts": [{"exp_labels": labels} for labels in EXPECTED_ALERTS[name]]}
+                                 "exp_alerts": [{"exp_labels": labels} for labels in expected[name]]}
                                 for name in alerts],
         }],
     }
