@@ -232,6 +232,9 @@ def alert_test_inputs() -> list[Obj]:
         for phase in Phase:
             s.append(series("bluegreen_canary_phase", {"model": model, "phase": phase.value, "pod": "a"},
                             gauge(1 if phase.value == current else 0)))
+    # Input drift per color (gateway/drift.py): green's inputs 0.3 from the reference fire, blue's 0.2 do not.
+    for color, value in (("green", 0.3), ("blue", 0.2)):
+        s.append(series("bluegreen_input_drift", {"model": "digits", "color": color, "pod": "a"}, gauge(value)))
     # The SLO, resource and info alerts' series (imported here: that module imports this one).
     from tests.k8s.test_slo_resource_alerts import inputs
 
@@ -250,6 +253,7 @@ EXPECTED_ALERTS = {
                               "severity": "warning"}],
     "BluegreenCanaryRolledBack": [{"model": "digits", "severity": "warning"}],
     "BluegreenAuthFailureSpike": [{"listener": "data", "severity": "warning"}],
+    "BluegreenInputDrift": [{"model": "digits", "color": "green", "severity": "warning"}],
 }
 
 
@@ -484,6 +488,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             BLUEGREEN_ADMIN__PORT=str(admin_port), BLUEGREEN_ADMIN_TOKENS_FILE=str(tmp / "tokens.yaml"),
             BLUEGREEN_REDIS_URL=local_redis, BLUEGREEN_VALIDATION_REPO=str(repo),
             BLUEGREEN_DISCOVERY_FILE=str(tmp / "dns.json"))
+        # Input drift against the blue server's built holdouts, every request sampled, reported from 10 rows: the
+        # manifests give the gateway no model repository, so this copy points it at one (the drift gauge is live).
+        gw_env.update(BLUEGREEN_DRIFT__REFERENCE_REPO=str(tmp / "bluegreen-model-blue-models"),
+                      BLUEGREEN_DRIFT__SAMPLE_PERCENT="100", BLUEGREEN_DRIFT__MIN_ROWS="10")
         gateway = Proc([*BLUEGREEN, *c["args"]], tmp / "gateway.log", gw_env)
         procs.append(gateway)
         data, admin = f"http://127.0.0.1:{data_port}", f"http://127.0.0.1:{admin_port}"
