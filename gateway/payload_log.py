@@ -243,10 +243,13 @@ class PayloadLog:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="payload-log")
 
     async def close(self, timeout_s: float = 5.0) -> None:
-        """Stop taking records, write what is queued (within ``timeout_s``), stop the writer."""
+        """Stop taking records, write what is queued (within ``timeout_s``; for an HTTP sink at most one batch's
+        wait and deadline: a sink that hangs must not hold a shutdown for every batch), stop the writer."""
         self._closing = True
         if self._task is None:
             return
+        if isinstance(self.sink, HttpSink):
+            timeout_s = min(timeout_s, self.settings.flush_s + self.settings.http_timeout_s)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._queue.join(), timeout_s)
         self._task.cancel()
