@@ -31,6 +31,11 @@ STRETCH_GATEWAY_VS_NGINX_CPU = 3.0
 KEYS_ORDER = ("gateway", "keys", "keys", "gateway")
 TARGET_KEYS_ADDED_CPU_US = 10.0  # at most: client keys and rate limits, CPU µs per request added
 BENCH_KEY = "bg_bench-client-key-0123456789abcdefghijkl"
+#: Order of the payload-logging runs (ABBA): the same gateway but for the model's ``payload_log_percent`` at
+#: :data:`PAYLOAD_PERCENT` and a file sink, so every tenth request is queued, encoded and written (gateway CPU).
+PAYLOAD_ORDER = ("gateway", "payload", "payload", "gateway")
+PAYLOAD_PERCENT = 10
+TARGET_PAYLOAD_ADDED_CPU_US = 10.0  # at most: logging a tenth of the requests, CPU µs per request added
 
 GATEWAY_SHARED_CORES_NOTE = (
     "wrk, the gateway and the model server share the machine's cores. Direct, the model server has them to "
@@ -84,6 +89,44 @@ def keys_runs(ctx: base.SuiteContext, routing: Mapping[str, Any], server: server
             run["proxy_cpu_us_per_request"] = steps.proxy_cpu_us_per_request(run)
             runs.append(run)
     return runs
+
+
+def payload_runs(ctx: base.SuiteContext, routing: Mapping[str, Any], server: servers.ServerProcess,
+                 gateway: servers.ServerProcess, url: str, duration_s: int) -> list[dict[str, Any]]:
+    """The same gateway with and without payload logging (:data:`PAYLOAD_PERCENT` of the requests to rotating
+    JSON-lines files under the work folder), in the order of :data:`PAYLOAD_ORDER`: what sampling, the queue and
+    the writer (encoding and file writes, on the gateway's own threads) cost per request."""
+    import copy
+
+    logged = copy.deepcopy(dict(routing))
+    for route in logged["models"].values():
+        route["payload_log_percent"] = PAYLOAD_PERCENT
+    script = ctx.work_dir / "gateway.lua"
+    settings = {"BLUEGREEN_PAYLOAD_LOG__DIR": str(ctx.work_dir / "payloads")}
+    with servers.gateway_server(logged, ctx.work_dir, settings, name="gateway-payload") as payload:
+        payload_url = url.replace(gateway.url, payload.url)
+        runs = []
+        for n, target in enumerate(PAYLOAD_ORDER, start=1):
+            proxy = payload if target == "payload" else gateway
+            run = steps.saturate(n, target, payload_url if target == "payload" else url, script, duration_s,
+                                 {"model_server": server, "proxy": proxy})
+            run["proxy_cpu_us_per_request"] = steps.proxy_cpu_us_per_request(run)
+            runs.append(run)
+    return runs
+
+
+def payload_ratios(runs: list[dict[str, Any]]) -> list[base.Ratio]:
+    by = {t: [r for r in runs if r["target"] == t] for t in ("gateway", "payload")}
+    cpu = {t: [r["proxy_cpu_us_per_request"] for r in by[t] if r["proxy_cpu_us_per_request"] is not None]
+           for t in by}
+    if not cpu["gateway"] or not cpu["payload"]:
+        return []
+    rps = {t: statistics.median(r["requests_per_s"] for r in by[t]) for t in by}
+    return [base.Ratio(f"requests/s with payload logging at {PAYLOAD_PERCENT}% / without (same run, ABBA)",
+                       rps["payload"] / rps["gateway"] if rps["gateway"] else 0.0, None),
+            base.Ratio(f"CPU µs per request added by payload logging at {PAYLOAD_PERCENT}% (same run, on − off)",
+                       statistics.median(cpu["payload"]) - statistics.median(cpu["gateway"]),
+                       TARGET_PAYLOAD_ADDED_CPU_US, at_most=True, unit=" µs")]
 
 
 def keys_ratios(runs: list[dict[str, Any]]) -> list[base.Ratio]:
@@ -152,6 +195,7 @@ def run(ctx: base.SuiteContext) -> base.SuiteResult:
                 runs.append(run)
         rounds = steps.round_ratios(runs)
         keyed_runs = keys_runs(ctx, routing, server, gateway, urls["gateway"], body, duration_s)
+        logged_runs = payload_runs(ctx, routing, server, gateway, urls["gateway"], duration_s)
         gateway_rps = statistics.median(r["gateway_rps"] for r in rounds)
         if gateway_rps <= 0:
             raise base.SuiteError("the gateway answered no request at saturation")
@@ -179,6 +223,7 @@ def run(ctx: base.SuiteContext) -> base.SuiteResult:
     ratios.append(base.Ratio(f"gateway / direct requests/s (median of {len(rounds)} rounds)", median_ratio,
                          TARGET_GATEWAY_VS_DIRECT, STRETCH_GATEWAY_VS_DIRECT))
     ratios += keys_ratios(keyed_runs)
+    ratios += payload_ratios(logged_runs)
     medians = steps.median_latency_ms(half)
     timing = steps.server_timing_medians([r for r in half if r["target"] == "gateway"])
     notes = [GATEWAY_SHARED_CORES_NOTE, steps.FIXED_RATE_NOTE,
@@ -215,9 +260,10 @@ def run(ctx: base.SuiteContext) -> base.SuiteResult:
                           "added_ms": steps.added_latency_ms(medians)},
             "server_timing_ms": timing,
             "client_keys": keyed_runs,
+            "payload_logging": logged_runs,
         },
         ratios=ratios,
-        ok=not (any(r["flagged"] for r in [*runs, *keyed_runs]) or any(d["flagged"] for d in half)),
+        ok=not (any(r["flagged"] for r in [*runs, *keyed_runs, *logged_runs]) or any(d["flagged"] for d in half)),
         notes=notes,
     )
 
@@ -286,6 +332,18 @@ def render(doc: dict[str, Any]) -> list[str]:
             lines.append(f"| {r['round']} | {r['target']}{flag} | {fmt_int(r['requests_per_s'])} | "
                          f"{fmt_ms(r['latency_ms'].get('p50'))} | {r['non_2xx']:,} | "
                          f"{fmt_int(r.get('proxy_cpu_us_per_request'))} |")
+    logged = doc.get("payload_logging") or []
+    if logged:
+        lines += ["", f"Payload logging: the same gateway settings with and without `payload_log_percent: "
+                  f"{PAYLOAD_PERCENT}` and a file sink (`BLUEGREEN_PAYLOAD_LOG__DIR`), in the order "
+                  f"{', '.join(PAYLOAD_ORDER)}.", "",
+                  "| Run | Target | requests/s | p50 ms | p99 ms | Non-2xx | Proxy CPU µs/request |",
+                  "|---:|---|---:|---:|---:|---:|---:|"]
+        for r in logged:
+            flag = " ⚠" if r.get("flagged") else ""
+            lines.append(f"| {r['round']} | {r['target']}{flag} | {fmt_int(r['requests_per_s'])} | "
+                         f"{fmt_ms(r['latency_ms'].get('p50'))} | {fmt_ms(r['latency_ms'].get('p99'))} | "
+                         f"{r['non_2xx']:,} | {fmt_int(r.get('proxy_cpu_us_per_request'))} |")
     lines += [
         "",
         f"### Added latency at half load ({fmt_int(half['rate_per_s'])} requests/s)",
