@@ -1,41 +1,50 @@
-"""The canary analysis: a pure state machine, ``step(policy, status, snapshot, now) -> (status, actions)``.
+"""The canary rollout: a pure state machine, ``step(policy, status, snapshot, now) -> (status, actions)``.
 
 No I/O, no clock of its own: the controller (``controller.py``) feeds it numbers and applies what it returns,
-so thousands of simulated rollouts run in a second and every decision is reproducible.
+so thousands of simulated rollouts run in a second and every decision is reproducible. The judgement of one
+snapshot is ``analysis.analyse`` (every trigger a one-sided test at the policy's confidence); this module is
+the phases around it.
 
 Phases (the ``phase`` field of ``GET /admin/v1/models/{m}/canary``)::
 
     idle         no rollout; the stable color carries the traffic
     progressing  the candidate holds a stage's weight and is analysed every interval
-    paused       an operator paused it, a stage awaits approval, or a breach the stable color shows too
-                 (a load spike, not the candidate's fault) holds it
-    promoting    the candidate is at 100%, analysed for one more interval before the roles swap
+    paused       an operator paused it, a stage awaits approval, a breach the stable color shows too (a shared
+                 dependency, not the candidate's fault) holds it, or it stayed inconclusive past the policy's
+                 limit and waits for an operator
+    promoting    the candidate is at 100%, judged like a stage before the roles swap
     promoted     the candidate is the new stable color; the next release goes to the other color
     rolled_back  the candidate is at 0% and stays deployed for inspection
 
-Rules: a stage passes when its hold time has elapsed, the candidate served
-``min_requests`` in the stage and no trigger fires. Triggers need evidence, not noise:
+Rules:
 
-- errors: the exact (Clopper-Pearson) lower confidence bound of the candidate's error rate in the stage is above
-  ``max_error_rate`` — a single error in a few hundred requests is not evidence;
-- latency: the candidate's p95 over the analysis window exceeds ``max_p95_ms`` on at least ``min_requests``;
-- a breach the stable color shows too over the same window pauses instead of rolling back;
-- quality: with feedback on both colors (``min_feedback`` each), the candidate's online accuracy below the
-  stable color's by more than ``max_accuracy_drop``; without feedback: "no data", which blocks nothing;
-- shadow agreement below ``min_shadow_agreement``, only where a policy sets one;
-- every candidate backend's breaker open: immediate rollback;
+- a stage passes when its hold time has elapsed (paused time does not count) and the analysis is "ok": no
+  trigger fired *and* every trigger has its minimum evidence in the stage. The 100% stage is judged the same
+  way on all the candidate's traffic since it began. Missing evidence is never a pass: the rollout holds
+  ("inconclusive", with the reason) and, past ``max_inconclusive_s``, pauses for an operator — it does not roll
+  back for it. Only ``promote`` with ``force`` waives the evidence minimum (at 100%; audited as forced).
+- a rollback verdict rolls back in any active phase, paused included: a rollback never waits.
+- shared trouble ("spike") pauses in every phase, promoting included, and resumes by itself when it clears;
+  past ``max_inconclusive_s`` the pause becomes the operator's.
+- an operator's pause is the operator's: the controller never resumes it (an operator pausing a controller's
+  pause takes it over). An operator's approval or resume ends a wait for a person, not a wait for evidence.
 - no candidate requests in an interval: hold, even at 100%; more than ``max_no_data_intervals`` such intervals
   in a row: rollback ("no data" never promotes). While paused the count stands still; an operator's resume
   or promote resets it.
+- impossible inputs (negative counts, more errors than requests, NaN) are no evidence: a hold with the reason,
+  never an exception.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
+from gateway.analysis import Analysis, ColorSample, Snapshot, Verdict, analyse
 from gateway.policy import Policy, Stage
 from gateway.settings import Color, other
 from gateway.stats import error_rate_lower_bound
@@ -68,9 +77,9 @@ __all__ = [
 Result = Literal["hold", "advance", "promote", "promoted", "rollback", "pause", "resume", "start", "abort",
                  "approve"]
 """What a decision did (the audit log's ``canary_<result>`` action)."""
-Verdict = Literal["ok", "wait", "spike", "rollback"]
-"""What one analysis found: pass, not enough evidence yet, a breach the stable color shares, a rollback."""
-PausedBy = Literal["operator", "approval", "controller"]
+PausedBy = Literal["operator", "approval", "controller", "inconclusive"]
+"""Who holds a pause: an operator, a stage's approval, the controller (shared trouble; it resumes by itself), or
+an operator-to-be (inconclusive past the policy's limit: only an operator resumes it)."""
 Command = Literal["pause", "resume", "promote", "abort"]
 COMMANDS: tuple[Command, ...] = ("pause", "resume", "promote", "abort")
 
@@ -85,37 +94,6 @@ class Phase(StrEnum):
 
 
 ACTIVE = frozenset({Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING})
-
-
-# ----------------------------------------------------------------------------------------------- inputs
-
-
-@dataclass(frozen=True, slots=True)
-class ColorSample:
-    """One color's numbers for an analysis. ``count``/``errors``: since the stage started; ``p95_ms``: over the
-    recent analysis window (None without data); ``window_count``: requests in that window."""
-
-    count: int = 0
-    errors: int = 0
-    window_count: int = 0
-    p95_ms: float | None = None
-    breaker_open: bool = False
-    feedback: int = 0
-    correct: int = 0
-
-    @property
-    def accuracy(self) -> float | None:
-        return self.correct / self.feedback if self.feedback else None
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    candidate: ColorSample
-    stable: ColorSample
-    new_candidate_requests: int = 0
-    """Candidate requests since the previous analysis (0: this interval had no data)."""
-    shadow_agreement: float | None = None
-    shadow_samples: int = 0
 
 
 # ----------------------------------------------------------------------------------------------- status
@@ -158,6 +136,23 @@ class Status:
     policy: Policy = field(default_factory=Policy)
     approved: tuple[Approval, ...] = ()
     """The named gates of the current stage approved so far; cleared when the stage ends, however it ends."""
+    paused_at: float | None = None
+    """When the current pause began (None while not paused)."""
+    paused_s: float = 0.0
+    """Seconds this stage spent paused, ended pauses only: they do not count toward the stage's hold."""
+    inconclusive_since: float | None = None
+    """Since when the rollout has been held without a conclusion (hold done but evidence missing, or shared
+    trouble); cleared by a conclusive analysis or an operator's resume."""
+    reference: ColorSample | None = None
+    """The stable color's recent figures, as last seen before the 100% stage (frozen there): what shared trouble
+    at 100% is compared with."""
+    forced: bool = False
+    """Promoted by an operator with ``force``: the 100% stage waives the evidence minimum (triggers still fire)."""
+
+    def held_s(self, now: float) -> float:
+        """Time in the current stage, paused time excluded."""
+        ongoing = now - self.paused_at if self.paused_at is not None else 0.0
+        return now - self.stage_started - self.paused_s - ongoing
 
     def pending_gates(self) -> list[str]:
         """The current stage's named gates still waiting for an approval."""
@@ -182,7 +177,9 @@ class Status:
                 "no_data_intervals": self.no_data_intervals, "last_analysis": self.last_analysis,
                 "last_decision": self.last_decision.as_json() if self.last_decision else None,
                 "policy": self.policy.as_json(), "approved": [dataclasses.asdict(a) for a in self.approved],
-                "waiting_for": self.pending_gates() if self.paused_by == "approval" else []}
+                "waiting_for": self.pending_gates() if self.paused_by == "approval" else [],
+                "paused_at": self.paused_at, "paused_s": self.paused_s, "inconclusive_since": self.inconclusive_since,
+                "reference": self.reference.as_json() if self.reference is not None else None, "forced": self.forced}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any] | None) -> Status:
@@ -193,7 +190,14 @@ class Status:
                    float(doc.get("stage_started", 0)), float(doc.get("started_at", 0)), doc.get("finished_at"),
                    doc.get("paused_by"), int(doc.get("no_data_intervals", 0)), float(doc.get("last_analysis", 0)),
                    Decision(**last) if last else None, Policy.from_json(doc.get("policy")),
-                   tuple(Approval(**a) for a in doc.get("approved") or ()))
+                   tuple(Approval(**a) for a in doc.get("approved") or ()),
+                   _opt_float(doc.get("paused_at")), float(doc.get("paused_s") or 0.0),
+                   _opt_float(doc.get("inconclusive_since")), ColorSample.from_json(doc.get("reference")),
+                   bool(doc.get("forced", False)))
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,78 +218,6 @@ class Promoted:
 Action = SetWeight | Promoted
 
 
-# ----------------------------------------------------------------------------------------------- analysis
-
-
-@dataclass(frozen=True, slots=True)
-class Analysis:
-    verdict: Verdict
-    reason: str
-    evidence: dict[str, Any]
-
-
-def analyse(policy: Policy, snap: Snapshot) -> Analysis:
-    """Judge the candidate on one snapshot (no phase logic)."""
-    c, s = snap.candidate, snap.stable
-    lower_c = _bound_if_above(c.errors, c.count, policy)
-    lower_s = _bound_if_above(s.errors, s.count, policy)
-    evidence: dict[str, Any] = {
-        "candidate": {"requests": c.count, "errors": c.errors, "error_rate": _ratio(c.errors, c.count),
-                      "error_rate_lower_bound": round(lower_c, 6), "p95_ms": c.p95_ms,
-                      "window_requests": c.window_count, "accuracy": c.accuracy, "feedback": c.feedback,
-                      "breaker_open": c.breaker_open},
-        "stable": {"requests": s.count, "errors": s.errors, "error_rate": _ratio(s.errors, s.count),
-                   "error_rate_lower_bound": round(lower_s, 6), "p95_ms": s.p95_ms,
-                   "window_requests": s.window_count, "accuracy": s.accuracy, "feedback": s.feedback},
-        "thresholds": {"max_error_rate": policy.max_error_rate, "max_p95_ms": policy.max_p95_ms,
-                       "max_accuracy_drop": policy.max_accuracy_drop, "min_requests": policy.min_requests,
-                       "confidence": policy.confidence, "min_shadow_agreement": policy.min_shadow_agreement},
-        "shadow": {"agreement": snap.shadow_agreement, "samples": snap.shadow_samples},
-    }
-    if c.breaker_open:
-        return Analysis("rollback", "the candidate's circuit breaker is open", evidence)
-    breaches: list[str] = []
-    stable_too = True
-    if lower_c > policy.max_error_rate:
-        breaches.append(f"error rate {c.errors}/{c.count}: lower bound {lower_c:.4%} > {policy.max_error_rate:.4%}")
-        stable_too = stable_too and lower_s > policy.max_error_rate
-    if c.p95_ms is not None and c.window_count >= policy.min_requests and c.p95_ms > policy.max_p95_ms:
-        breaches.append(f"p95 {c.p95_ms:.1f} ms > {policy.max_p95_ms:.1f} ms")
-        stable_too = stable_too and s.p95_ms is not None and s.p95_ms > policy.max_p95_ms
-    quality = "no data"
-    if c.feedback >= policy.min_feedback and s.feedback >= policy.min_feedback:
-        assert c.accuracy is not None and s.accuracy is not None
-        drop = s.accuracy - c.accuracy
-        quality = f"accuracy {c.accuracy:.3f} vs stable {s.accuracy:.3f}"
-        if drop > policy.max_accuracy_drop:
-            # Quality is the candidate's own: a load spike does not explain it.
-            return Analysis("rollback", f"{quality}: worse by {drop:.3f} > {policy.max_accuracy_drop}", evidence)
-    evidence["quality"] = quality
-    if policy.min_shadow_agreement is not None and snap.shadow_samples >= policy.min_shadow_samples \
-            and snap.shadow_agreement is not None and snap.shadow_agreement < policy.min_shadow_agreement:
-        return Analysis("rollback", f"shadow agreement {snap.shadow_agreement:.3f} < "
-                                    f"{policy.min_shadow_agreement}", evidence)
-    if breaches:
-        if stable_too:
-            return Analysis("spike", "the stable color breaches too: " + "; ".join(breaches), evidence)
-        return Analysis("rollback", "; ".join(breaches), evidence)
-    if c.count < policy.min_requests:
-        return Analysis("wait", f"{c.count} of {policy.min_requests} candidate requests in this stage", evidence)
-    return Analysis("ok", "no trigger fired", evidence)
-
-
-def _bound_if_above(errors: int, n: int, policy: Policy) -> float:
-    """The error rate's lower bound, computed only when the observed rate is above the threshold (the bound is
-    never above the observed rate, so below it the answer is known: no breach)."""
-    if n == 0 or errors / n <= policy.max_error_rate:
-        return 0.0
-    return error_rate_lower_bound(errors, n, policy.confidence)
-
-
-def _ratio(a: int, b: int) -> float | None:
-    return round(a / b, 6) if b else None
-
-
 # ----------------------------------------------------------------------------------------------- the step
 
 
@@ -297,62 +229,114 @@ def start(policy: Policy, candidate: Color, now: float, reason: str = "started")
 
 def step(policy: Policy, status: Status, snap: Snapshot, now: float) -> tuple[Status, list[Action]]:
     """One analysis interval. Idempotent in time: called again before ``interval_s`` has passed, it changes
-    nothing, so a controller that retries (or two that race) cannot double-step."""
+    nothing, so a controller that retries (or two that race) cannot double-step. Never raises: impossible inputs
+    are a hold with the reason."""
     if status.phase not in ACTIVE or status.candidate is None:
         return status, []
-    if now - status.last_analysis < policy.interval_s:
+    # A hair of tolerance: analyses timed by a float clock (k · interval) must not skip an interval by an ulp.
+    if not isinstance(now, int | float) or not math.isfinite(now) \
+            or now - status.last_analysis < policy.interval_s * (1 - 1e-9):
         return status, []
     candidate = status.candidate
-    result = analyse(policy, snap)
+    at_full = status.stage > len(policy.stages)
+    result = analyse(policy, snap, reference=status.reference, at_full=at_full,
+                     need_evidence=not (at_full and status.forced))
+    valid = "invalid" not in result.evidence
     # Paused, nothing can advance, so a quiet candidate proves nothing either way: the count of intervals
     # without data stands still (it would otherwise roll back a release waiting for approval over a lull).
-    if snap.new_candidate_requests:
+    if not valid:
+        no_data = status.no_data_intervals
+    elif snap.new_candidate_requests:
         no_data = 0
     else:
         no_data = status.no_data_intervals + (status.phase != Phase.PAUSED)
-    base = dataclasses.replace(status, last_analysis=now, no_data_intervals=no_data)
+    reference = status.reference
+    if not at_full and valid and snap.stable_recent is not None and snap.stable_recent.count > 0:
+        reference = snap.stable_recent  # frozen once at 100%
+    base = dataclasses.replace(status, last_analysis=now, no_data_intervals=no_data, reference=reference)
 
     def decide(st: Status, kind: Result, reason: str) -> Status:
         return dataclasses.replace(st, last_decision=Decision(now, kind, reason, result.evidence))
 
     if result.verdict == "rollback":  # in any active phase, paused included: a rollback must never wait
-        st = dataclasses.replace(base, phase=Phase.ROLLED_BACK, finished_at=now, paused_by=None, approved=())
-        return decide(st, "rollback", result.reason), [SetWeight(candidate, 0)]
+        return _rolled_back(base, now, decide, result.reason)
     if no_data > policy.max_no_data_intervals:
-        st = dataclasses.replace(base, phase=Phase.ROLLED_BACK, finished_at=now, paused_by=None, approved=())
-        return decide(st, "rollback", f"no candidate requests for {no_data} intervals"), [SetWeight(candidate, 0)]
+        return _rolled_back(base, now, decide, f"no candidate requests for {no_data} intervals")
 
     if status.phase == Phase.PAUSED:
-        if status.paused_by == "controller" and result.verdict != "spike":
-            st = dataclasses.replace(base, phase=_running(policy, status), paused_by=None)
-            return decide(st, "resume", f"the breach cleared ({result.reason})"), []
+        if status.paused_by == "controller":
+            if result.verdict != "spike":
+                st = _unpaused(base, now, _running(policy, status))
+                return decide(st, "resume", f"the breach cleared ({result.reason})"), []
+            return _inconclusive(policy, base, now, decide, result, already_paused=True)
         return decide(base, "hold", f"paused by {status.paused_by}: {result.reason}"), []
 
     if result.verdict == "spike":
-        st = dataclasses.replace(base, phase=Phase.PAUSED, paused_by="controller")
+        since = base.inconclusive_since if base.inconclusive_since is not None else now
+        st = dataclasses.replace(base, phase=Phase.PAUSED, paused_by="controller", paused_at=now,
+                                 inconclusive_since=since)
+        if now - since > policy.max_inconclusive_s:
+            return _inconclusive(policy, st, now, decide, result, already_paused=True)
         return decide(st, "pause", result.reason), []
     if no_data:  # no data passes nothing, whatever the sample so far: hold (and roll back, above, if it lasts)
         return decide(base, "hold", f"no candidate requests this interval ({no_data} in a row, "
                                      f"{policy.max_no_data_intervals} allowed)"), []
 
-    if status.phase == Phase.PROMOTING:
-        if result.verdict in ("ok", "wait"):  # at 100% one clean interval completes the promotion
-            st = dataclasses.replace(base, phase=Phase.PROMOTED, finished_at=now)
+    if at_full:
+        if result.verdict == "ok":
+            st = dataclasses.replace(base, phase=Phase.PROMOTED, finished_at=now, inconclusive_since=None)
             return decide(st, "promoted", f"{candidate} is stable now"), [Promoted(other(candidate))]
-        return decide(base, "hold", result.reason), []
+        return _inconclusive(policy, base, now, decide, result, already_paused=False)
 
     stage = policy.stages[status.stage - 1]
-    held = now - status.stage_started
-    if result.verdict == "wait" or held < stage.hold_s:
-        why = result.reason if result.verdict == "wait" else f"holding stage {status.stage}: {held:.0f}s of " \
-                                                               f"{stage.hold_s:.0f}s"
+    held = base.held_s(now)
+    if held < stage.hold_s:
+        why = f"holding stage {status.stage}: {held:.0f}s of {stage.hold_s:.0f}s"
+        if result.verdict == "wait":
+            why += f" ({result.reason})"
         return decide(base, "hold", why), []
+    if result.verdict == "wait":
+        return _inconclusive(policy, base, now, decide, result, already_paused=False)
     # The stage passed.
+    base = dataclasses.replace(base, inconclusive_since=None)
     if stage.gated:
-        st = dataclasses.replace(base, phase=Phase.PAUSED, paused_by="approval")
+        st = dataclasses.replace(base, phase=Phase.PAUSED, paused_by="approval", paused_at=now)
         waiting = f"waiting for approval: {', '.join(st.pending_gates())}" if stage.approvals else "awaiting approval"
         return decide(st, "pause", f"stage {status.stage} passed; {waiting}"), []
     return advance(policy, base, now, result.evidence, f"stage {status.stage} passed")
+
+
+Decide = Callable[[Status, Result, str], Status]
+
+
+def _rolled_back(base: Status, now: float, decide: Decide, reason: str) -> tuple[Status, list[Action]]:
+    assert base.candidate is not None
+    st = dataclasses.replace(base, phase=Phase.ROLLED_BACK, finished_at=now, paused_by=None, paused_at=None,
+                             approved=(), inconclusive_since=None)
+    return decide(st, "rollback", reason), [SetWeight(base.candidate, 0)]
+
+
+def _inconclusive(policy: Policy, base: Status, now: float, decide: Decide, result: Analysis, *,
+                  already_paused: bool) -> tuple[Status, list[Action]]:
+    """Held without a conclusion: hold (or stay paused) with the reason; past ``max_inconclusive_s`` pause for an
+    operator (never a rollback: the candidate has not been shown to be at fault)."""
+    since = base.inconclusive_since if base.inconclusive_since is not None else now
+    st = dataclasses.replace(base, inconclusive_since=since)
+    waited = now - since
+    if waited > policy.max_inconclusive_s:
+        paused_at = st.paused_at if already_paused and st.paused_at is not None else now
+        st = dataclasses.replace(st, phase=Phase.PAUSED, paused_by="inconclusive", paused_at=paused_at)
+        return decide(st, "pause", f"inconclusive for {waited:.0f}s (limit {policy.max_inconclusive_s:.0f}s), "
+                                   f"waiting for an operator: {result.reason}"), []
+    kind: Result = "hold"
+    return decide(st, kind, f"inconclusive for {waited:.0f}s: {result.reason}"), []
+
+
+def _unpaused(status: Status, now: float, phase: Phase) -> Status:
+    """Out of a pause: its time is added to the stage's paused time (it does not count toward the hold)."""
+    extra = now - status.paused_at if status.paused_at is not None else 0.0
+    return dataclasses.replace(status, phase=phase, paused_by=None, paused_at=None,
+                               paused_s=status.paused_s + max(0.0, extra))
 
 
 def _running(policy: Policy, status: Status) -> Phase:
@@ -365,34 +349,41 @@ def advance(policy: Policy, status: Status, now: float, evidence: dict[str, Any]
     """Move to the next stage, or to promoting after the last one."""
     assert status.candidate is not None
     nxt = status.stage + 1
-    if nxt > len(policy.stages):
-        st = dataclasses.replace(status, phase=Phase.PROMOTING, stage=nxt, stage_started=now, paused_by=None,
-                                 last_analysis=now, last_decision=Decision(now, "promote", reason, evidence),
-                                 approved=())
-        return st, [SetWeight(status.candidate, 100)]
-    st = dataclasses.replace(status, phase=Phase.PROGRESSING, stage=nxt, stage_started=now, paused_by=None,
-                             last_analysis=now, last_decision=Decision(now, "advance", reason, evidence), approved=())
-    return st, [SetWeight(status.candidate, policy.stages[nxt - 1].weight)]
+    full = nxt > len(policy.stages)
+    st = dataclasses.replace(status, phase=Phase.PROMOTING if full else Phase.PROGRESSING, stage=nxt,
+                             stage_started=now, paused_by=None, paused_at=None, paused_s=0.0, last_analysis=now,
+                             approved=(), inconclusive_since=None,
+                             last_decision=Decision(now, "promote" if full else "advance", reason, evidence))
+    return st, [SetWeight(status.candidate, 100 if full else policy.stages[nxt - 1].weight)]
 
 
 # ----------------------------------------------------------------------------------------------- operators
 
 
-def operator(command: Command, status: Status, now: float, who: str) -> tuple[Status, list[Action]]:
-    """pause | resume | promote | abort, as an operator asks; ValueError when the phase does not allow it."""
+def operator(command: Command, status: Status, now: float, who: str, *,
+             force: bool = False) -> tuple[Status, list[Action]]:
+    """pause | resume | promote | abort, as an operator asks; ValueError when the phase does not allow it.
+    ``force`` (promote only) waives the evidence minimum of the 100% stage; the decision says so."""
     policy = status.policy
     cand = status.candidate
     if status.phase not in ACTIVE or cand is None:
         raise ValueError(f"no rollout in progress (phase {status.phase.value})")
-    decision = Decision(now, command, f"by {who}")
+    if force and command != "promote":
+        raise ValueError("force applies to promote only")
+    decision = Decision(now, command, f"by {who}" + (" (forced: the evidence minimum is waived)" if force else ""))
     if command == "pause":
-        if status.phase == Phase.PAUSED:
+        # A pause the controller holds (shared trouble, inconclusive) becomes the operator's: it no longer
+        # resumes by itself. An operator's or an approval's pause cannot be paused again.
+        if status.phase == Phase.PAUSED and status.paused_by in ("operator", "approval"):
             raise ValueError("already paused")
-        return dataclasses.replace(status, phase=Phase.PAUSED, paused_by="operator", last_decision=decision), []
+        paused_at = status.paused_at if status.phase == Phase.PAUSED and status.paused_at is not None else now
+        return dataclasses.replace(status, phase=Phase.PAUSED, paused_by="operator", paused_at=paused_at,
+                                   last_decision=decision), []
     if command == "resume":
         if status.phase != Phase.PAUSED:
             raise ValueError("not paused")
-        # An operator's resume or promote starts a fresh count of intervals without data.
+        # An operator's resume or promote starts a fresh count of intervals without data, and a fresh wait for
+        # evidence: it ends a wait for a person, never one for evidence.
         pending = status.pending_gates()
         if status.paused_by == "approval" and pending:
             raise ValueError(f"waiting for approval: {', '.join(pending)}; a resume cannot stand in for a named "
@@ -400,19 +391,20 @@ def operator(command: Command, status: Status, now: float, who: str) -> tuple[St
         if status.paused_by == "approval":
             return advance(policy, dataclasses.replace(status, no_data_intervals=0), now, {},
                            f"stage {status.stage} approved by {who}")
-        return dataclasses.replace(status, phase=_running(policy, status), paused_by=None, no_data_intervals=0,
-                                   last_decision=decision), []
+        st = _unpaused(status, now, _running(policy, status))
+        return dataclasses.replace(st, no_data_intervals=0, inconclusive_since=None, last_decision=decision), []
     if command == "promote":
         gated = _gates_ahead(status)
         if gated:
             raise ValueError(f"stages ahead need named approvals ({', '.join(gated)}): a promotion cannot skip them")
         st = dataclasses.replace(status, phase=Phase.PROMOTING, stage=len(policy.stages) + 1, stage_started=now,
-                                 paused_by=None, last_analysis=now, no_data_intervals=0, last_decision=decision,
-                                 approved=())
+                                 paused_by=None, paused_at=None, paused_s=0.0, last_analysis=now, no_data_intervals=0,
+                                 last_decision=decision, approved=(), inconclusive_since=None,
+                                 forced=status.forced or force)
         return st, [SetWeight(cand, 100)]
     if command == "abort":
-        st = dataclasses.replace(status, phase=Phase.ROLLED_BACK, finished_at=now, paused_by=None,
-                                 last_decision=decision, approved=())
+        st = dataclasses.replace(status, phase=Phase.ROLLED_BACK, finished_at=now, paused_by=None, paused_at=None,
+                                 last_decision=decision, approved=(), inconclusive_since=None)
         return st, [SetWeight(cand, 0)]
     raise ValueError(f"unknown command {command!r}")
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, TypeAdapter, ValidationError
 from pydantic import dataclasses as pdc
+
+from gateway.stats import minimum_sample
 
 
 def _plain_number(value: Any) -> float:
@@ -27,6 +29,8 @@ def _plain_number(value: Any) -> float:
 
 Number = Annotated[float, BeforeValidator(_plain_number)]
 _STRICT = ConfigDict(extra="forbid")
+SLOW_SHARE = 0.05
+"""A p95 over ``max_p95_ms`` is more than this share of requests slower than it: the latency trigger's null."""
 
 
 GATE_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -66,7 +70,9 @@ class Policy:
     min_feedback: Annotated[StrictInt, Field(ge=0)] = 100
     min_shadow_agreement: Annotated[Number | None, Field(ge=0, le=1)] = None
     min_shadow_samples: Annotated[StrictInt, Field(ge=0)] = 100
-    max_no_data_intervals: Annotated[StrictInt, Field(ge=0)] = 10
+    max_no_data_intervals: Annotated[StrictInt, Field(ge=1)] = 10
+    """At least one: with zero, the first quiet interval (a lull, a scrape that came late) rolled every rollout
+    back at once."""
     confidence: Annotated[Number, Field(ge=0.5, le=0.999999)] = 0.99995
     """One-sided confidence of the error-rate bound (alpha = 1 - confidence per check). The bound is checked
     every interval on a growing sample, so per rollout the false alarms add up: simulated at 200 requests/s,
@@ -74,6 +80,26 @@ class Policy:
     and ~6 in a million at 0.99995, while one at 10x the threshold is still caught in ~600 requests."""
     grace_s: Annotated[Number, Field(ge=0, le=1e9)] = 3600.0
     """How long the old stable color stays deployed after a promotion (a rollback needs no redeploy)."""
+    detect_error_rate: Annotated[Number | None, Field(gt=0, le=1)] = 0.01
+    """The error rate every stage must be able to catch before it can pass: the stage needs the sample on which
+    the error trigger fires with probability ``power`` for a candidate this bad (``min_error_sample``). Null:
+    ``min_requests`` alone."""
+    detect_slow_share: Annotated[Number | None, Field(gt=0, le=1)] = 0.10
+    """Likewise for latency: the share of requests over ``max_p95_ms`` (above the 5% a p95 allows) every stage
+    must be able to catch before it can pass. Null: ``min_requests`` alone."""
+    power: Annotated[Number, Field(ge=0.5, le=0.9999)] = 0.95
+    """Probability that a stage catches a candidate at ``detect_error_rate`` / ``detect_slow_share``; each stage
+    and the 100% one judge a fresh sample, so such a candidate passes two of them at most (1 - power)^2."""
+    max_inconclusive_s: Annotated[Number, Field(gt=0, le=1e9)] = 3600.0
+    """How long a rollout may stay inconclusive (its hold done but evidence missing, or a breach the stable
+    color shares) before it pauses for an operator; it never rolls back for that."""
+    accuracy_drop: Literal["relative", "points"] = "relative"
+    """How ``max_accuracy_drop`` reads: a share of the stable color's accuracy (0.05 of 0.90 is 4.5 points), or
+    points of accuracy."""
+    require_feedback: StrictBool = False
+    """Quality evidence (``min_feedback`` labels on both colors) is required even for a model whose stable color
+    has no labels (otherwise it is required once the stable color's version has ``min_feedback`` labels or the
+    candidate any)."""
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -81,6 +107,27 @@ class Policy:
         weights = [s.weight for s in self.stages]
         if any(b <= a for a, b in itertools.pairwise(weights)):
             raise ValueError("stage weights must increase")
+        if self.detect_error_rate is not None and self.detect_error_rate <= self.max_error_rate:
+            raise ValueError("detect_error_rate must be above max_error_rate")
+        if self.detect_slow_share is not None and self.detect_slow_share <= SLOW_SHARE:
+            raise ValueError(f"detect_slow_share must be above {SLOW_SHARE} (the share over a p95)")
+
+    @property
+    def min_error_sample(self) -> int:
+        """Candidate requests a stage needs before it can pass (``min_requests``, raised to the sample that
+        catches ``detect_error_rate`` with ``power``)."""
+        if self.detect_error_rate is None:
+            return self.min_requests
+        return max(self.min_requests, minimum_sample(self.max_error_rate, self.detect_error_rate, self.confidence,
+                                                     self.power))
+
+    @property
+    def min_latency_sample(self) -> int:
+        """Timed candidate requests a stage needs before it can pass (the same rule for latency)."""
+        if self.detect_slow_share is None:
+            return self.min_requests
+        return max(self.min_requests, minimum_sample(SLOW_SHARE, self.detect_slow_share, self.confidence,
+                                                     self.power))
 
     @classmethod
     def from_json(cls, doc: Any, base: Policy | None = None) -> Policy:

@@ -1,0 +1,264 @@
+"""Seeded Monte Carlo rollouts of the pure canary machine, fed the way the controller feeds it.
+
+One simulation serves the tests (``tests/gateway/test_canary_sim.py``) and the power table in
+docs/architecture.md (``python -m gateway.canary_sim``, which prints it), so the documented figures are the
+tested behaviour. Each interval the candidate serves ~Poisson(rps · interval · weight / 100) requests and the
+stable color the rest; errors are binomial at the scenario's rate, latency is lognormal (its p95 given, ``sigma``
+its shape) so each request is slower than the policy's ``max_p95_ms`` with the lognormal's tail probability, and
+a share of requests gets a label (correct with the color's accuracy) after ``label_delay_s``. ``step`` sees, like
+the controller builds them: counts since the stage started, the stable color's counts over the recent window
+(``window_s``), the interval's new candidate requests and the labels that have arrived. Every rate may depend on
+the time and the candidate's weight (shared trouble, a fault only at 100%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.special import ndtr
+
+from gateway.canary import ACTIVE, ColorSample, Decision, Phase, Policy, SetWeight, Snapshot, Stage, Status, operator
+from gateway.canary import start as start_rollout
+from gateway.canary import step as step_rollout
+
+__all__ = ["DEFAULT_20RPS", "DOCS_EXAMPLE", "PLAN_36X", "SHORT", "Outcome", "Scenario", "Traffic", "constant",
+           "run", "simulate", "slow_share", "table"]
+
+Rate = Callable[[float, int], float]
+"""A rate as a function of (time, candidate weight)."""
+
+
+def constant(value: float) -> Rate:
+    return lambda _t, _w: value
+
+
+def slow_share(p95_ms: float, threshold_ms: float, sigma: float = 0.5) -> float:
+    """The share of a lognormal latency (p95 ``p95_ms``, log-sd ``sigma``) above ``threshold_ms``."""
+    return float(1.0 - ndtr(1.6448536269514722 + math.log(threshold_ms / p95_ms) / sigma))
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What the two colors do. Rates are per request; ``p95`` in ms (lognormal with ``sigma``)."""
+
+    errors: Rate | float = 0.0005
+    stable_errors: Rate | float = 0.0005
+    p95: Rate | float = 80.0
+    stable_p95: Rate | float = 80.0
+    sigma: float = 0.5
+    accuracy: float | None = None
+    """None: no labels at all."""
+    stable_accuracy: float = 0.90
+    labelled: float = 0.0
+    label_delay_s: float = 0.0
+    p95_known: bool = True
+    """False: the latency reading is missing (no timed requests; p95 NaN)."""
+    candidate_traffic_until: float = math.inf
+
+
+@dataclass(frozen=True)
+class Traffic:
+    policy: Policy
+    rps: float
+    window_s: float = 60.0
+    approve_at_once: bool = False
+    """An operator resumes (approves) a stage the moment it waits for approval."""
+    fixed_candidate_requests: int | None = None
+    """Candidate requests per interval, whatever the weight (a trickle)."""
+    max_time_s: float = math.inf
+
+
+@dataclass
+class Outcome:
+    phase: Phase
+    candidate_requests: int
+    time: float
+    decisions: list[Decision] = field(default_factory=list)
+    weights: list[tuple[float, int]] = field(default_factory=list)
+    """With ``keep``: every decision and every (time, weight) set, the start included."""
+    status: Status = field(default_factory=Status)
+
+    @property
+    def rolled_back(self) -> bool:
+        return self.phase == Phase.ROLLED_BACK
+
+    @property
+    def promoted(self) -> bool:
+        return self.phase == Phase.PROMOTED
+
+
+def simulate(rng: np.random.Generator, traffic: Traffic, scenario: Scenario, *, keep: bool = False,
+             candidate: str = "green") -> Outcome:
+    """One rollout until it is promoted, rolled back, paused for an operator, or ``max_time_s`` passes."""
+    policy = traffic.policy
+    interval = policy.interval_s
+    errors_c, errors_s, p95_c, p95_s = (_rate(r) for r in (scenario.errors, scenario.stable_errors, scenario.p95,
+                                                           scenario.stable_p95))
+    threshold = policy.max_p95_ms
+    status, actions = start_rollout(policy, "green" if candidate == "green" else "blue", 0.0)
+    weight = policy.stages[0].weight
+    out = Outcome(status.phase, 0, 0.0)
+    if keep:
+        out.weights.append((0.0, weight))
+    per_interval = traffic.rps * interval
+    stage_key = status.stage_started
+    c = [0, 0, 0, 0]  # requests, errors, timed, slow since the stage started
+    s = [0, 0, 0, 0]
+    recent: deque[tuple[int, int, int, int]] = deque(maxlen=max(1, round(traffic.window_s / interval)))
+    rsum = [0, 0, 0, 0]
+    labels: deque[tuple[float, int, int, int, int]] = deque()  # (arrival, cand n, cand correct, stab n, stab ok)
+    fb = [0, 0, 0, 0]
+    horizon = traffic.max_time_s if math.isfinite(traffic.max_time_s) else 400 * _rollout_s(policy) + 3600
+    t, k = 0.0, 0
+    while status.phase in ACTIVE and t < horizon:
+        k += 1
+        t = k * interval
+        if traffic.fixed_candidate_requests is not None:
+            new_c = traffic.fixed_candidate_requests if weight else 0
+            new_s = int(rng.poisson(per_interval))
+        else:
+            new_c = int(rng.poisson(per_interval * weight / 100)) if weight else 0
+            new_s = int(rng.poisson(per_interval * (100 - weight) / 100)) if weight < 100 else 0
+        if t > scenario.candidate_traffic_until:
+            new_c = 0
+        ce = _binomial(rng, new_c, errors_c(t, weight))
+        se = _binomial(rng, new_s, errors_s(t, weight))
+        cslow = _binomial(rng, new_c, slow_share(p95_c(t, weight), threshold, scenario.sigma))
+        sslow = _binomial(rng, new_s, slow_share(p95_s(t, weight), threshold, scenario.sigma))
+        timed_c = new_c if scenario.p95_known else 0
+        c[0] += new_c
+        c[1] += ce
+        c[2] += timed_c
+        c[3] += cslow if scenario.p95_known else 0
+        s[0] += new_s
+        s[1] += se
+        s[2] += new_s
+        s[3] += sslow
+        if len(recent) == recent.maxlen:
+            gone = recent[0]
+            for i in range(4):
+                rsum[i] -= gone[i]
+        recent.append((new_s, se, new_s, sslow))
+        rsum[0] += new_s
+        rsum[1] += se
+        rsum[2] += new_s
+        rsum[3] += sslow
+        if scenario.accuracy is not None and scenario.labelled > 0:
+            ln_c, ln_s = _binomial(rng, new_c, scenario.labelled), _binomial(rng, new_s, scenario.labelled)
+            labels.append((t + scenario.label_delay_s, ln_c, _binomial(rng, ln_c, scenario.accuracy), ln_s,
+                           _binomial(rng, ln_s, scenario.stable_accuracy)))
+        while labels and labels[0][0] <= t:
+            _, a, b, d, e = labels.popleft()
+            fb[0] += a
+            fb[1] += b
+            fb[2] += d
+            fb[3] += e
+        out.candidate_requests += new_c
+        window = rsum[0]
+        snap = Snapshot(
+            ColorSample(c[0], c[1], new_c, p95_c(t, weight) if scenario.p95_known and new_c else None,
+                        False, fb[0], fb[1], c[2], c[3]),
+            ColorSample(s[0], s[1], window, p95_s(t, weight) if new_s else None, False, fb[2], fb[3],
+                        s[2], s[3]),
+            new_c, None, 0,
+            ColorSample(window, rsum[1], 0, None, False, 0, 0, rsum[2], rsum[3]))
+        status, actions = step_rollout(policy, status, snap, t)
+        if traffic.approve_at_once and status.phase == Phase.PAUSED and status.paused_by == "approval":
+            status, more = operator("resume", status, t, "operator")
+            actions = [*actions, *more]
+        if keep and status.last_decision is not None:
+            out.decisions.append(status.last_decision)
+        for action in actions:
+            if isinstance(action, SetWeight):
+                weight = action.weight
+                if keep:
+                    out.weights.append((t, action.weight))
+        if status.stage_started != stage_key:  # a new stage: its sample starts afresh
+            stage_key = status.stage_started
+            c = [0, 0, 0, 0]
+            s = [0, 0, 0, 0]
+        if status.phase == Phase.PAUSED and status.paused_by == "inconclusive":
+            break  # waiting for an operator: the simulated one does nothing
+    out.phase, out.time = status.phase, t
+    out.status = status
+    return out
+
+
+def _rate(r: Rate | float) -> Rate:
+    return constant(float(r)) if isinstance(r, int | float) else r
+
+
+def _binomial(rng: np.random.Generator, n: int, p: float) -> int:
+    if n <= 0 or p <= 0:
+        return 0
+    return int(rng.binomial(n, min(1.0, p)))
+
+
+def _rollout_s(policy: Policy) -> float:
+    return sum(s.hold_s for s in policy.stages) + policy.interval_s
+
+
+def run(seed: int, traffic: Traffic, scenario: Scenario, rollouts: int) -> list[Outcome]:
+    rng = np.random.default_rng(seed)
+    return [simulate(rng, traffic, scenario, candidate="green" if i % 2 else "blue") for i in range(rollouts)]
+
+
+# ----------------------------------------------------------------------------------------------- policies
+
+DEFAULT_20RPS = Traffic(Policy(), 20.0)
+"""The release plan (5% 2 h, 25% 6 h, 50% 12 h, analysed every minute) at 20 requests/s."""
+PLAN_36X = Traffic(Policy(stages=(Stage(5, 200), Stage(25, 600), Stage(50, 1200)), interval_s=60 / 36), 100.0)
+"""The release plan's stages and interval scaled down 36x, at 100 requests/s."""
+SHORT = Traffic(Policy(stages=(Stage(50, 3),), interval_s=1, min_requests=20), 20.0)
+"""The README's short demo policy, at 20 requests/s."""
+DOCS_EXAMPLE = Traffic(Policy(stages=(Stage(5, 2), Stage(25, 2), Stage(50, 2, approve=True)), interval_s=1,
+                              min_requests=200), 200.0, approve_at_once=True)
+"""docs/configuration.md's example policy at 200 requests/s, an operator approving at once."""
+
+
+def _q(values: Sequence[int]) -> str:
+    return f"{statistics.median(values):,.0f}" if values else "–"
+
+
+def table(rollouts: int = 1000, seed: int = 2026) -> str:
+    """The power table of docs/architecture.md: per policy and scenario, the share of rollouts rolled back and
+    promoted and the median candidate requests to that decision."""
+    rows: list[tuple[str, Traffic, str, Scenario]] = []
+    for name, traffic in (("release plan, 20 rps", DEFAULT_20RPS), ("plan / 36, 100 rps", PLAN_36X),
+                          ("short (README), 20 rps", SHORT)):
+        for rate in (0.0005, 0.001, 0.002, 0.005, 0.01):
+            rows.append((name, traffic, f"errors {rate:.2%}", Scenario(errors=constant(rate))))
+        for p95 in (100.0, 110.0, 120.0, 130.0, 150.0):
+            rows.append((name, traffic, f"p95 {p95:.0f} ms (σ 0.5)", Scenario(p95=constant(p95))))
+        for gap in (0.0, 0.04, 0.10):
+            rows.append((name, traffic, f"accuracy {gap * 100:.0f} points under 0.90, 10% labelled",
+                         Scenario(accuracy=0.90 - gap, labelled=0.10)))
+    lines = ["| policy | candidate | rolled back | promoted | median candidate requests to the decision |",
+             "|---|---|---|---|---|"]
+    for i, (name, traffic, label, scenario) in enumerate(rows):
+        n = rollouts if traffic is not DEFAULT_20RPS else max(1, rollouts // 5)
+        outcomes = run(seed + i, traffic, scenario, n)
+        back = [o.candidate_requests for o in outcomes if o.rolled_back]
+        done = [o.candidate_requests for o in outcomes if o.rolled_back or o.promoted]
+        promoted = sum(o.promoted for o in outcomes)
+        lines.append(f"| {name} | {label} | {len(back) / n:.1%} | {promoted / n:.1%} | {_q(done)} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Print the canary power table of docs/architecture.md.")
+    parser.add_argument("--rollouts", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=2026)
+    args = parser.parse_args(argv)
+    print(table(args.rollouts, args.seed))
+
+
+if __name__ == "__main__":
+    main()
+
