@@ -23,7 +23,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway import canary
 from gateway.canary import ACTIVE, ColorSample, Snapshot, Status
@@ -40,10 +40,64 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Reading:
-    """One model's cumulative counts of both colors, as the controller read them at ``time``."""
+    """One model's cumulative counts of both colors, per replica incarnation, as the controller read them."""
 
     time: float
-    counts: dict[Color, Counts]
+    counts: dict[Color, dict[str, Counts]]
+
+
+@dataclass(slots=True)
+class Tally:
+    """One stage's counts, kept per replica incarnation: where each started the stage and the last it reported."""
+
+    key: tuple[float, int, float]
+    """(rollout start, stage, stage start): a new key starts a new tally."""
+    base_time: float
+    base: dict[tuple[Color, str], Counts] = field(default_factory=dict)
+    last: dict[tuple[Color, str], Counts] = field(default_factory=dict)
+    analysed: int = 0
+    """Candidate requests in the stage at the previous analysis (for "new requests since")."""
+
+    @classmethod
+    def starting_at(cls, key: tuple[float, int, float], base: Reading) -> Tally:
+        """A tally whose baseline is ``base``: every incarnation in it starts the stage where it stood."""
+        rows = {(color, inc): counts for color, by_inc in base.counts.items() for inc, counts in by_inc.items()}
+        return cls(key, base.time, dict(rows), dict(rows))
+
+    def observe(self, reading: Reading) -> None:
+        for color, rows in reading.counts.items():
+            for inc, counts in rows.items():
+                k = (color, inc)
+                if k not in self.base:
+                    # New since the baseline: all of it is the stage's if it started after the baseline was
+                    # read; else (a row that was missing, an older replica) from now on: late, never early.
+                    started_after = counts.since > 0 and counts.since >= self.base_time
+                    self.base[k] = Counts(since=counts.since) if started_after else counts
+                self.last[k] = counts
+
+    def total(self, color: Color) -> Counts:
+        """The stage's counts of ``color``; feedback is the color's version's labels (all of them, not since the
+        stage: labels judge the version, and they arrive late)."""
+        total = Counts()
+        labels = Counts()
+        for (c, inc), counts in self.last.items():
+            if c == color:
+                total = total + (counts - self.base[(c, inc)])
+                labels = labels + Counts(feedback=counts.feedback, correct=counts.correct)
+        return Counts(total.requests, total.errors, labels.feedback, labels.correct, total.timed, total.slow)
+
+
+def _since(now: Reading, then: Reading, color: Color) -> Counts:
+    """``color``'s counts between two readings, per incarnation (one absent from ``then`` counts only if it started
+    after it)."""
+    total = Counts()
+    for inc, counts in now.counts.get(color, {}).items():
+        before = then.counts.get(color, {}).get(inc)
+        if before is not None:
+            total = total + (counts - before)
+        elif counts.since > 0 and counts.since >= then.time:
+            total = total + counts
+    return total
 
 
 class Controller:
@@ -64,9 +118,7 @@ class Controller:
         """How long readings are kept: a stage start reaches this replica's copy of the state within a second
         (pub/sub, else the state refresh), so a minute leaves a wide margin to find the reading before it."""
         self._history: dict[str, deque[Reading]] = {}
-        self._pinned: dict[str, dict[float, Reading]] = {}
-        """Per model, the readings that the current stage start and the last analysis resolved to: kept
-        for as long as they are the current ones (a stage may last hours, the history a minute)."""
+        self._tallies: dict[str, Tally] = {}
         self._loop = Periodic("canary-controller", tick_s, self._round, first_after_s=0.0)
 
     def start(self) -> None:
@@ -81,26 +133,45 @@ class Controller:
 
     async def tick(self) -> None:
         """Read every model's counters (idle ones too: a rollout an operator starts next is measured from the
-        reading before its start) and analyse the rollouts that are due."""
+        reading before its start) and analyse the rollouts that are due. One model's failure is logged and
+        never stops the others'."""
         await self.source.refresh()
         now = self.clock()
         for name in list(self.store.models):
-            state = self.store.get(name)
-            status = state.canary
-            reading = self._record(state, now)
-            if status.phase not in ACTIVE or status.candidate is None:
-                self._pinned.pop(name, None)
-                continue
-            stage_base = self._before(name, status.stage_started)
-            last = self._before(name, status.last_analysis)
-            self._pinned[name] = {status.stage_started: stage_base, status.last_analysis: last}
-            # Without a reading from before the last analysis (a new leader), watch one interval first: judged
-            # at once, the interval would look empty ("no candidate requests") though it was not.
-            if now - max(status.last_analysis, last.time) >= status.policy.interval_s:
-                await self.analyse(state, status, reading, stage_base, last)
+            try:
+                await self._model(name, now)
+            except Exception:
+                log.exception("canary round for %s failed; its state is left as it was", name)
+
+    async def _model(self, name: str, now: float) -> None:
+        state = self.store.get(name)
+        status = state.canary
+        reading = self._record(state, now)
+        if status.phase not in ACTIVE or status.candidate is None:
+            self._tallies.pop(name, None)
+            return
+        tally = self._tally(name, status)
+        tally.observe(reading)
+        # Without a reading from before the last analysis (a new leader), watch one interval first: judged
+        # at once, the interval would look empty ("no candidate requests") though it was not.
+        if now - max(status.last_analysis, tally.base_time) >= status.policy.interval_s * (1 - 1e-9):
+            await self.analyse(state, status, reading, tally)
+
+    def _tally(self, name: str, status: Status) -> Tally:
+        key = (status.started_at, status.stage, status.stage_started)
+        tally = self._tallies.get(name)
+        if tally is None or tally.key != key:
+            base = self._before(name, status.stage_started)
+            tally = self._tallies[name] = Tally.starting_at(key, base)
+            for reading in self._history[name]:  # whatever came between the baseline and now
+                if reading.time > base.time:
+                    tally.observe(reading)
+        return tally
 
     def _record(self, state: ModelState, now: float) -> Reading:
-        reading = Reading(now, {c: self.source.counts(state.name, c, state.colors[c].version) for c in COLORS})
+        threshold = state.canary.policy.max_p95_ms
+        reading = Reading(now, {c: self.source.rows(state.name, c, state.colors[c].version, threshold)
+                                for c in COLORS})
         history = self._history.setdefault(state.name, deque())
         history.append(reading)
         # Keep the newest reading older than the horizon too: it is the one "before" a start at the horizon.
@@ -111,9 +182,6 @@ class Controller:
     def _before(self, name: str, t: float) -> Reading:
         """The last reading taken before ``t`` (strictly: one taken at the same instant may already hold
         requests of the new stage); else the oldest one held, which starts the sample late, never early."""
-        pinned = self._pinned.get(name, {}).get(t)
-        if pinned is not None:
-            return pinned
         history = self._history[name]
         found = history[0]
         for reading in history:
@@ -122,41 +190,39 @@ class Controller:
             found = reading
         return found
 
-    def snapshot(self, state: ModelState, status: Status, now: Reading, stage_base: Reading,
-                 last: Reading) -> Snapshot:
-        """The step's input: counts since ``stage_base`` (the reading before the stage started), new candidate
-        requests since ``last`` (the reading before the previous analysis), p95 over the recent window."""
+    def snapshot(self, state: ModelState, status: Status, now: Reading, tally: Tally) -> Snapshot:
+        """The step's input: the stage's counts (the tally), the candidate requests since the previous analysis,
+        the stable color's counts over the recent window, p95 over the recent window (shown only)."""
         assert status.candidate is not None
         cand, stab = status.candidate, other(status.candidate)
-        # p95 over the recent window (BLUEGREEN_WINDOW_S), never shorter than an interval: at 5% of modest
-        # traffic one interval alone may never hold min_requests, and the latency trigger would never fire.
         span = max(status.policy.interval_s, self.window_s)
-        win_c = self.source.window(state.name, cand, span)
-        win_s = self.source.window(state.name, stab, span)
         agreement, samples = self.source.shadow(state.name)
 
-        def sample(color: Color, win: WindowSnapshot, breaker: bool) -> ColorSample:
+        def sample(color: Color, counts: Counts, breaker: bool) -> ColorSample:
+            win: WindowSnapshot = self.source.window(state.name, color, span)
             p95 = win.quantile(0.95)
-            cur, base = now.counts[color], stage_base.counts[color]
-            # max(0, ...): a replica that restarted took its counts with it; never a negative sample.
-            return ColorSample(max(0, cur.requests - base.requests), max(0, cur.errors - base.errors), win.count,
-                               None if p95 is None else p95 * 1000, breaker, cur.feedback, cur.correct)
+            return ColorSample(counts.requests, counts.errors, win.count, None if p95 is None else p95 * 1000,
+                               breaker, counts.feedback, counts.correct, counts.timed, counts.slow)
 
-        new = max(0, now.counts[cand].requests - last.counts[cand].requests)
-        return Snapshot(sample(cand, win_c, self.source.breaker_open(state.name, cand)),
-                        sample(stab, win_s, False), new, agreement, samples)
+        stage_c = tally.total(cand)
+        recent = _since(now, self._before(state.name, now.time - self.window_s), stab)
+        return Snapshot(sample(cand, stage_c, self.source.breaker_open(state.name, cand)),
+                        sample(stab, tally.total(stab), False), max(0, stage_c.requests - tally.analysed),
+                        agreement, samples,
+                        ColorSample(recent.requests, recent.errors, 0, None, False, 0, 0, recent.timed, recent.slow))
 
-    async def analyse(self, state: ModelState, status: Status, now: Reading, stage_base: Reading,
-                      last: Reading) -> None:
-        snap = self.snapshot(state, status, now, stage_base, last)
+    async def analyse(self, state: ModelState, status: Status, now: Reading, tally: Tally) -> None:
+        snap = self.snapshot(state, status, now, tally)
         # The step's time is the reading's: a stage this decision starts begins exactly at this reading, and
         # the next analysis counts new requests from it.
         new, actions = canary.step(status.policy, status, snap, now.time)
-        self._pinned.setdefault(state.name, {})[now.time] = now
+        tally.analysed = snap.candidate.count
         if new == status:
             return
+        key = (new.started_at, new.stage, new.stage_started)
+        if key != tally.key:  # a stage this decision starts is counted from this very reading
+            self._tallies[state.name] = Tally.starting_at(key, now)
         try:
             await self.release.apply(state, new, actions, fenced=True)
         except PreconditionFailed:
             log.info("canary decision for %s dropped: the state changed meanwhile", state.name)
-

@@ -10,16 +10,23 @@ its feedback and shadow counts through their public reads:
   stopped publishing no longer counts). Windows merge exactly because their histograms share fixed buckets.
 
 Breakers are per replica: both sources judge "every breaker of the candidate open" by this process's own.
+
+The canary needs counts *since a stage started*, and a sum of per-replica cumulative counters cannot give them
+safely: a replica that restarts starts again from zero, one that goes stale leaves the sum, one that appears
+mid-stage adds everything it ever served. So the sources also give the rows one by one (``rows``), each keyed
+by the replica's *incarnation* (its id and the time its publisher started, so a restart under the same id — a
+pod's pid 1 — is a new incarnation), and the controller keeps a baseline per incarnation (``controller.Tally``).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import orjson
 
+from gateway.canary import ACTIVE
 from gateway.dataplane import DataPlane
 from gateway.settings import COLORS, Color
 from gateway.state_redis import PREFIX, RedisStateStore
@@ -31,20 +38,57 @@ __all__ = ["Counts", "LocalMetrics", "MergedMetrics", "MetricsPublisher", "Metri
 
 @dataclass(frozen=True, slots=True)
 class Counts:
-    """Cumulative numbers of one color (and its version's feedback)."""
+    """Cumulative numbers of one color (and its version's feedback); ``timed``/``slow``: requests timed against a
+    latency threshold since it was first watched, and how many were slower; ``since``: when the incarnation
+    that counted them started (0: unknown)."""
 
     requests: int = 0
     errors: int = 0
     feedback: int = 0
     correct: int = 0
+    timed: int = 0
+    slow: int = 0
+    since: float = 0.0
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(self.requests + other.requests, self.errors + other.errors, self.feedback + other.feedback,
+                      self.correct + other.correct, self.timed + other.timed, self.slow + other.slow)
+
+    def __sub__(self, other: Counts) -> Counts:
+        """The counts since ``other`` (an earlier reading of the same incarnation), never negative."""
+        return Counts(max(0, self.requests - other.requests), max(0, self.errors - other.errors),
+                      max(0, self.feedback - other.feedback), max(0, self.correct - other.correct),
+                      max(0, self.timed - other.timed), max(0, self.slow - other.slow), self.since)
+
+
+def _plain(doc: dict[str, Any], threshold_ms: float, version: str) -> Counts | None:
+    """A published row as Counts (None when it is malformed: one bad row never stops a round)."""
+    try:
+        timed, slow = (doc.get("over") or {}).get(repr(float(threshold_ms)), (0, 0))
+        same = doc.get("version") == version
+        counts = Counts(int(doc["requests"]), int(doc["errors"]), int(doc["feedback"]) if same else 0,
+                        int(doc["correct"]) if same else 0, int(timed), int(slow), float(doc.get("since", 0.0)))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if min(counts.requests, counts.errors, counts.feedback, counts.correct, counts.timed, counts.slow) < 0 \
+            or counts.errors > counts.requests or counts.slow > counts.timed or counts.correct > counts.feedback:
+        return None
+    return counts
 
 
 class MetricsSource(Protocol):
     async def refresh(self) -> None: ...
     def counts(self, model: str, color: Color, version: str) -> Counts: ...
+    def rows(self, model: str, color: Color, version: str, threshold_ms: float) -> dict[str, Counts]:
+        """Each incarnation's cumulative counts (key: ``replica@since``), slow counts against ``threshold_ms``."""
+        ...
     def window(self, model: str, color: Color, span_s: float) -> Snapshot: ...
     def breaker_open(self, model: str, color: Color) -> bool: ...
     def shadow(self, model: str) -> tuple[float | None, int]: ...
+
+
+STARTED = time.time()
+"""When this process started counting (its incarnation)."""
 
 
 def _metrics_key(model: str, color: str) -> str:
@@ -65,6 +109,13 @@ class LocalMetrics:
         labelled, correct = self.plane.feedback.counts(model, version)
         return Counts(rt.requests, rt.errors, labelled, correct)
 
+    def rows(self, model: str, color: Color, version: str, threshold_ms: float) -> dict[str, Counts]:
+        rt = self.plane.runtime(model, color)
+        rt.window.watch(threshold_ms)
+        timed, slow = rt.window.over(threshold_ms) or (0, 0)
+        return {f"local@{STARTED}": replace(self.counts(model, color, version), timed=timed, slow=slow,
+                                            since=STARTED)}
+
     def window(self, model: str, color: Color, span_s: float) -> Snapshot:
         return self.plane.runtime(model, color).snapshot(span_s)
 
@@ -84,6 +135,8 @@ class MetricsPublisher:
         self.plane = plane
         self.interval_s = interval_s
         self.window_s = window_s
+        self.since = time.time()
+        """This incarnation's start: with the replica id, what tells a restart from a counter going back."""
         self._loop = Periodic("metrics-publisher", interval_s, self.publish, first_after_s=0.0)
 
     def start(self) -> None:
@@ -100,8 +153,11 @@ class MetricsPublisher:
         version = self.store.get(model).colors[color].version
         labelled, correct = self.plane.feedback.counts(model, version)
         compared, agreed = self.plane.shadow.counts(model)
-        return {"t": now, "requests": rt.requests, "errors": rt.errors, "version": version,
-                "feedback": labelled, "correct": correct, "shadow": [compared, agreed],
+        status = self.store.get(model).canary
+        if status.phase in ACTIVE:  # count the rollout's latency threshold exactly from now on
+            rt.window.watch(status.policy.max_p95_ms)
+        return {"t": now, "since": self.since, "requests": rt.requests, "errors": rt.errors, "version": version,
+                "feedback": labelled, "correct": correct, "shadow": [compared, agreed], "over": rt.window.watched(),
                 "window": {"span": win.span_s, "count": win.count, "errors": win.errors,
                            "buckets": {str(k): v for k, v in win.buckets.items()}}}
 
@@ -124,6 +180,7 @@ class MergedMetrics:
         self.plane = plane
         self.stale_s = stale_s
         self._docs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self._rows: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
 
     async def refresh(self) -> None:
         # One round trip for every model and color: the controller reads the counters every tick.
@@ -134,10 +191,32 @@ class MergedMetrics:
         results = await pipe.execute()
         now = time.time()
         docs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        every: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         for key, rows in zip(keys, results, strict=True):
-            live = [orjson.loads(v) for v in rows.values()]
-            docs[key] = [d for d in live if now - d["t"] <= self.stale_s]
+            parsed: dict[str, dict[str, Any]] = {}
+            for replica, value in rows.items():
+                try:
+                    doc = orjson.loads(value)
+                    float(doc["t"])
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                    continue  # a malformed row is no evidence; it never stops the round
+                if isinstance(doc, dict):
+                    name = replica.decode() if isinstance(replica, bytes) else str(replica)
+                    parsed[f"{name}@{doc.get('since', 0.0)}"] = doc
+            every[key] = parsed
+            docs[key] = [d for d in parsed.values() if now - float(d["t"]) <= self.stale_s]
         self._docs = docs
+        self._rows = every
+
+    def rows(self, model: str, color: Color, version: str, threshold_ms: float) -> dict[str, Counts]:
+        """Every incarnation's row still in Redis, stale ones included: a replica that stopped publishing keeps
+        the counts it reached (the controller also remembers rows that expired)."""
+        found: dict[str, Counts] = {}
+        for key, doc in self._rows.get((model, color), {}).items():
+            counts = _plain(doc, threshold_ms, version)
+            if counts is not None:
+                found[key] = counts
+        return found
 
     def counts(self, model: str, color: Color, version: str) -> Counts:
         """Requests and errors of every replica; feedback only from rows of ``version`` (a replica that has not

@@ -4,6 +4,12 @@ A window is a ring of time slots (``slot_s`` wide, ``span_s`` in all). Each slot
 and a latency histogram with fixed log-scale buckets (growth 2% per bucket, so a quantile read from the bucket's
 geometric midpoint is within 1% of the true value). Fixed buckets make windows **mergeable exactly**: the
 snapshot of several processes is the bucket-wise sum, which is how replicas combine their views.
+
+The canary's latency trigger is a proportion ("more than 5% of requests slower than ``max_p95_ms``"), judged over
+a whole stage, so it needs the exact count above the policy's threshold, which a 2% bucket cannot resolve. A
+window therefore also counts, cumulatively, the requests slower than each *watched* threshold (``watch``; the
+release plan's 120 ms from the start): one comparison per watched threshold per request, and the count is exact.
+A threshold watched later counts from then on, with its own count of requests timed since (``over``).
 """
 
 from __future__ import annotations
@@ -85,10 +91,20 @@ class _Slot:
     buckets: dict[int, int] = field(default_factory=dict)
 
 
+DEFAULT_THRESHOLD_MS = 120.0
+"""The release plan's ``max_p95_ms``: watched from the start."""
+MAX_WATCHED = 8
+
+
 class Window:
     def __init__(self, span_s: float = 60.0, slot_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
         if slot_s <= 0 or span_s < slot_s:
             raise ValueError("need 0 < slot_s <= span_s")
+        self.recorded = 0
+        """Every request recorded since the window was made (cumulative, never reset)."""
+        self._over: dict[float, list[float]] = {}
+        """threshold in ms -> [threshold in s, ``recorded`` when it was first watched, requests slower since]."""
+        self.watch(DEFAULT_THRESHOLD_MS)
         self.slot_s = slot_s
         self.n_slots = math.ceil(span_s / slot_s)
         self.span_s = self.n_slots * slot_s
@@ -111,6 +127,31 @@ class Window:
             slot.errors += 1
         b = bucket_of(latency_s)
         slot.buckets[b] = slot.buckets.get(b, 0) + 1
+        self.recorded += 1
+        for watched in self._over.values():
+            if latency_s > watched[0]:
+                watched[2] += 1
+
+    def watch(self, threshold_ms: float) -> None:
+        """Count the requests slower than ``threshold_ms`` from now on (a no-op when already watched). At most
+        ``MAX_WATCHED`` thresholds: the oldest other than the default is dropped for a new one."""
+        if threshold_ms in self._over or not math.isfinite(threshold_ms) or threshold_ms < 0:
+            return
+        if len(self._over) >= MAX_WATCHED:
+            oldest = next(t for t in self._over if t != DEFAULT_THRESHOLD_MS)
+            del self._over[oldest]
+        self._over[threshold_ms] = [threshold_ms / 1000, self.recorded, 0]
+
+    def over(self, threshold_ms: float) -> tuple[int, int] | None:
+        """(requests timed, how many slower than ``threshold_ms``) since it was first watched; None if it is not."""
+        watched = self._over.get(threshold_ms)
+        if watched is None:
+            return None
+        return self.recorded - int(watched[1]), int(watched[2])
+
+    def watched(self) -> dict[str, list[int]]:
+        """Every watched threshold (ms, as text) -> [timed, slower]: what a replica publishes."""
+        return {repr(t): [self.recorded - int(w[1]), int(w[2])] for t, w in self._over.items()}
 
     def snapshot(self, span_s: float | None = None) -> Snapshot:
         """Everything recorded in the last ``span_s`` seconds (default: the whole window), slot-aligned."""

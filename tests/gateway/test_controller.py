@@ -25,7 +25,8 @@ from tests.gateway.support import DIGITS, FakeClock, routing_doc
 ALICE = Principal("alice", frozenset({"admin"}))
 MODEL = "digits"
 POLICY = Policy(stages=(Stage(20, 10.0), Stage(50, 10.0)), interval_s=5.0, min_requests=100,
-                max_no_data_intervals=3)
+                max_no_data_intervals=3, detect_error_rate=None, detect_slow_share=None)
+"""Small samples on purpose (these tests are about what is counted): min_requests is the whole evidence minimum."""
 
 
 class Rig:
