@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ALICE = Principal("alice", frozenset({"admin"}))
 BOB = Principal("bob", frozenset({"admin"}))
 M = "digits"
-QUICK = Policy(stages=(Stage(10, 0), Stage(50, 0)), interval_s=1, min_requests=0)
+QUICK = Policy(stages=(Stage(10, 0), Stage(50, 0)), interval_s=1, min_requests=0, detect_error_rate=None,
+               detect_slow_share=None)  # no evidence minimum: these tests are about the release core
 
 
 def release(tmp_path: Path | None = None, *, gate: bool = False, **routing: Any) -> Release:
@@ -291,7 +292,7 @@ SECURITY = Principal("sec-lead", frozenset({"viewer", "approve:security"}))
 OWNER = Principal("po", frozenset({"approve:product-owner"}))
 BOTH = Principal("both", frozenset({"approve:security", "approve:product-owner"}))
 GATED = Policy(stages=(Stage(10, 0), Stage(50, 0, approvals=("security", "product-owner"))), interval_s=1,
-               min_requests=0)
+               min_requests=0, detect_error_rate=None, detect_slow_share=None)
 
 
 async def test_a_viewer_writes_nothing() -> None:
