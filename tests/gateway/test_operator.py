@@ -376,7 +376,7 @@ def test_canary_approve_sends_the_gate(stack: Stack, tmp_path: Path, monkeypatch
         assert main(["canary", "digits", "approve", "--admin-url", admin]) == 2  # nothing sent without a gate
         assert "approve needs --gate NAME" in capsys.readouterr().err
         gated = '{"stages": [{"weight": 50, "hold_s": 0, "approvals": ["security"]}], "interval_s": 0.2, ' \
-                '"min_requests": 5}'
+                '"min_requests": 5, "detect_error_rate": null, "detect_slow_share": null}'
         assert main(["canary", "digits", "start", "--force", "--policy", gated, "--admin-url", admin]) == 0
         capsys.readouterr()
 
