@@ -218,13 +218,15 @@ class DriftMonitor:
                 log.exception("input drift: a batch of samples could not be read")
 
     def add_samples(self, batch: list[_Sample]) -> None:
+        """Parse a batch of sampled bodies and bin their rows, one binning per (model, color, version)."""
+        groups: dict[tuple[str, str, str], list[np.ndarray]] = {}
         for s in batch:
             ref = self.reference(s.model, s.version)
-            if ref is None:
-                continue
-            rows = self._rows(s, ref)
+            rows = None if ref is None else self._rows(s, ref)
             if rows is not None:
-                self.add_rows(s.model, s.color, s.version, rows)
+                groups.setdefault((s.model, s.color, s.version), []).append(rows)
+        for (model, color, version), parts in groups.items():
+            self.add_rows(model, color, version, np.concatenate(parts))
 
     def _rows(self, s: _Sample, ref: Reference) -> np.ndarray | None:
         try:
