@@ -51,7 +51,6 @@ const Views = {
   // What the rollout waits for before its next step, in an on-call engineer's words.
   waitsFor(c) {
     const stage = c.policy.stages[c.stage - 1];
-    const ev = c.last_decision && c.last_decision.evidence && c.last_decision.evidence.candidate;
     if (c.phase === "paused") {
       if (c.paused_by === "approval") return c.waiting_for.length ? "approval: " + c.waiting_for.join(", ") : "an operator's resume (approval)";
       if (c.paused_by === "operator") return "an operator's resume";
@@ -59,14 +58,18 @@ const Views = {
     }
     if (c.phase === "promoting") return "one clean analysis at 100%, then the colors swap";
     if (c.phase !== "progressing" || !stage) return "nothing: no rollout is running";
+    // The controller's own words for what is missing (its last "hold"), the hold time left, the next analysis
+    // and the approvals after the stage: the page does not re-derive the analysis rules.
     const parts = [];
-    if (!ev || typeof ev.requests !== "number") parts.push(`requests: ${c.policy.min_requests} (counted at the next analysis)`);
-    else if (ev.requests < c.policy.min_requests) parts.push(`requests: ${ev.requests} of ${c.policy.min_requests}`);
+    const serverNow = c.stage_started + (c.time_in_stage_s || 0);
     const left = stage.hold_s - (c.time_in_stage_s || 0);
     if (left > 0) parts.push(`time: ${fmt.dur(left)} of hold left`);
+    const d = c.last_decision;
+    if (d && d.result === "hold") parts.push("evidence: " + d.reason);
+    else parts.push(`the first analysis of this stage, in ${fmt.dur(c.last_analysis + c.policy.interval_s - serverNow)}`);
     if (stage.approvals.length) parts.push("then approval: " + stage.approvals.join(", "));
     else if (stage.approve) parts.push("then an operator's resume");
-    return parts.length ? parts.join("; ") : "the next analysis";
+    return parts.join("; ");
   },
 
   rollout(dl, m) {
