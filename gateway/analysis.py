@@ -14,9 +14,10 @@ test whose null hypothesis is "the candidate is acceptable", rejected only at th
 - shadow agreement below ``min_shadow_agreement`` (only where a policy sets one); an open breaker on every
   candidate backend: immediate rollback.
 
-A breach of errors or latency is the candidate's only if the candidate is also worse than the stable color over
-the same stage, by the two-sample bound at the same confidence; otherwise the stable color shows it too — shared
-trouble (a dependency both use): "spike", never a rollback. (Comparing two one-sample verdicts instead splits two
+A breach of errors or latency is shared trouble (a dependency both colors use: "spike", never a rollback) when
+the stable color shows it too over the same stage — its observed rate over the threshold — and the candidate is
+not worse than the stable color beyond doubt (the two-sample bound at the same confidence); otherwise it is the
+candidate's. (Comparing two one-sample verdicts instead splits two
 colors with the same trouble near the threshold, one bound just over and one just under, and rolls back for a
 shared cause.) At 100% the stable color serves nothing: its figures over the last window before the promotion
 stand in, and with none the breach holds as well.
@@ -179,11 +180,13 @@ def analyse(policy: Policy, snap: Snapshot, *, reference: ColorSample | None = N
     ref = reference if at_full else s
     if err_c > policy.max_error_rate:
         breaches.append(f"error rate {c.errors}/{c.count}: lower bound {err_c:.4%} > {policy.max_error_rate:.4%}")
-        shared.append(ref is not None and not _worse(c.errors, c.count, ref.errors, ref.count, policy))
+        shared.append(ref is not None and ref.errors > ref.count * policy.max_error_rate
+                      and not _worse(c.errors, c.count, ref.errors, ref.count, policy))
     if lat_c > SLOW_SHARE:
         breaches.append(f"p95 over {policy.max_p95_ms:.1f} ms: {c.slow}/{c.timed} requests slower, lower bound "
                         f"{lat_c:.2%} > {SLOW_SHARE:.0%}")
-        shared.append(ref is not None and not _worse(c.slow, c.timed, ref.slow, ref.timed, policy))
+        shared.append(ref is not None and ref.slow > ref.timed * SLOW_SHARE
+                      and not _worse(c.slow, c.timed, ref.slow, ref.timed, policy))
     if breaches:
         text = "; ".join(breaches)
         if at_full and (ref is None or ref.count == 0):
@@ -241,9 +244,13 @@ def _quality(policy: Policy, c: ColorSample, s: ColorSample) -> tuple[str, list[
     in_force = policy.require_feedback or s.feedback >= n or c.feedback > 0
     if not in_force:
         return "no labels: not judged", []
-    if c.feedback < max(n, 1) or s.feedback < max(n, 1):
+    if s.feedback < max(n, 1):
         return "waiting for labels", [f"labels: {c.feedback} candidate and {s.feedback} stable of {max(n, 1)} each"]
-    assert c.accuracy is not None and s.accuracy is not None
+    assert s.accuracy is not None
+    need = max(1, policy.min_labels(s.accuracy))
+    if c.feedback < max(n, 1):
+        return "waiting for labels", [f"labels: {c.feedback} of {need} candidate"]
+    assert c.accuracy is not None
     m = policy.max_accuracy_drop
     scale, offset = (1.0 - m, 0.0) if policy.accuracy_drop == "relative" else (1.0, m)
     quality = f"accuracy {c.accuracy:.3f} vs stable {s.accuracy:.3f}"
@@ -254,6 +261,8 @@ def _quality(policy: Policy, c: ColorSample, s: ColorSample) -> tuple[str, list[
             margin = f"{m:.0%} of stable's" if policy.accuracy_drop == "relative" else f"{m} points"
             return (f"rollback: {quality}: worse by more than {margin} (lower bound of the excess "
                     f"{low - offset:.4f})"), []
+    if c.feedback < need:
+        return quality, [f"labels: {c.feedback} of {need} candidate"]
     return quality, []
 
 

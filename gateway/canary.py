@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
@@ -253,90 +252,76 @@ def step(policy: Policy, status: Status, snap: Snapshot, now: float) -> tuple[St
     reference = status.reference
     if not at_full and valid and snap.stable_recent is not None and snap.stable_recent.count > 0:
         reference = snap.stable_recent  # frozen once at 100%
-    base = dataclasses.replace(status, last_analysis=now, no_data_intervals=no_data, reference=reference)
+    since = status.inconclusive_since if status.inconclusive_since is not None else now
 
-    def decide(st: Status, kind: Result, reason: str) -> Status:
-        return dataclasses.replace(st, last_decision=Decision(now, kind, reason, result.evidence))
+    def decide(kind: Result, reason: str, **changes: Any) -> Status:
+        """The new status in one copy (the step runs thousands of times a second in simulations)."""
+        return dataclasses.replace(status, last_analysis=now, no_data_intervals=no_data, reference=reference,
+                                   last_decision=Decision(now, kind, reason, result.evidence), **changes)
 
-    if result.verdict == "rollback":  # in any active phase, paused included: a rollback must never wait
-        return _rolled_back(base, now, decide, result.reason)
-    if no_data > policy.max_no_data_intervals:
-        return _rolled_back(base, now, decide, f"no candidate requests for {no_data} intervals")
+    def inconclusive(paused_at: float | None) -> tuple[Status, list[Action]]:
+        """Held without a conclusion: hold (or stay paused) with the reason; past ``max_inconclusive_s`` pause
+        for an operator (never a rollback: the candidate has not been shown to be at fault)."""
+        waited = now - since
+        if waited > policy.max_inconclusive_s:
+            return decide("pause", f"inconclusive for {waited:.0f}s (limit {policy.max_inconclusive_s:.0f}s), "
+                                   f"waiting for an operator: {result.reason}",
+                          phase=Phase.PAUSED, paused_by="inconclusive", paused_at=paused_at or now,
+                          inconclusive_since=since), []
+        return decide("hold", f"inconclusive for {waited:.0f}s: {result.reason}", inconclusive_since=since), []
+
+    if result.verdict == "rollback" or no_data > policy.max_no_data_intervals:
+        # In any active phase, paused included: a rollback must never wait.
+        why = result.reason if result.verdict == "rollback" else f"no candidate requests for {no_data} intervals"
+        return decide("rollback", why, phase=Phase.ROLLED_BACK, finished_at=now, paused_by=None, paused_at=None,
+                      approved=(), inconclusive_since=None), [SetWeight(candidate, 0)]
 
     if status.phase == Phase.PAUSED:
         if status.paused_by == "controller":
             if result.verdict != "spike":
-                st = _unpaused(base, now, _running(policy, status))
-                return decide(st, "resume", f"the breach cleared ({result.reason})"), []
-            return _inconclusive(policy, base, now, decide, result, already_paused=True)
-        return decide(base, "hold", f"paused by {status.paused_by}: {result.reason}"), []
+                return decide("resume", f"the breach cleared ({result.reason})",
+                              **_unpaused(status, now, _running(policy, status))), []
+            return inconclusive(status.paused_at)
+        return decide("hold", f"paused by {status.paused_by}: {result.reason}"), []
 
     if result.verdict == "spike":
-        since = base.inconclusive_since if base.inconclusive_since is not None else now
-        st = dataclasses.replace(base, phase=Phase.PAUSED, paused_by="controller", paused_at=now,
-                                 inconclusive_since=since)
         if now - since > policy.max_inconclusive_s:
-            return _inconclusive(policy, st, now, decide, result, already_paused=True)
-        return decide(st, "pause", result.reason), []
+            return inconclusive(now)
+        return decide("pause", result.reason, phase=Phase.PAUSED, paused_by="controller", paused_at=now,
+                      inconclusive_since=since), []
     if no_data:  # no data passes nothing, whatever the sample so far: hold (and roll back, above, if it lasts)
-        return decide(base, "hold", f"no candidate requests this interval ({no_data} in a row, "
-                                     f"{policy.max_no_data_intervals} allowed)"), []
+        return decide("hold", f"no candidate requests this interval ({no_data} in a row, "
+                              f"{policy.max_no_data_intervals} allowed)"), []
 
     if at_full:
+        if result.verdict == "ok" and status.held_s(now) < policy.promote_hold_s:
+            return decide("hold", f"holding at 100%: {status.held_s(now):.0f}s of {policy.promote_hold_s:.0f}s"), []
         if result.verdict == "ok":
-            st = dataclasses.replace(base, phase=Phase.PROMOTED, finished_at=now, inconclusive_since=None)
-            return decide(st, "promoted", f"{candidate} is stable now"), [Promoted(other(candidate))]
-        return _inconclusive(policy, base, now, decide, result, already_paused=False)
+            return decide("promoted", f"{candidate} is stable now", phase=Phase.PROMOTED, finished_at=now,
+                          inconclusive_since=None), [Promoted(other(candidate))]
+        return inconclusive(None)
 
     stage = policy.stages[status.stage - 1]
-    held = base.held_s(now)
+    held = status.held_s(now)
     if held < stage.hold_s:
         why = f"holding stage {status.stage}: {held:.0f}s of {stage.hold_s:.0f}s"
-        if result.verdict == "wait":
-            why += f" ({result.reason})"
-        return decide(base, "hold", why), []
+        return decide("hold", why + (f" ({result.reason})" if result.verdict == "wait" else "")), []
     if result.verdict == "wait":
-        return _inconclusive(policy, base, now, decide, result, already_paused=False)
+        return inconclusive(None)
     # The stage passed.
-    base = dataclasses.replace(base, inconclusive_since=None)
     if stage.gated:
-        st = dataclasses.replace(base, phase=Phase.PAUSED, paused_by="approval", paused_at=now)
-        waiting = f"waiting for approval: {', '.join(st.pending_gates())}" if stage.approvals else "awaiting approval"
-        return decide(st, "pause", f"stage {status.stage} passed; {waiting}"), []
+        pending = [g for g in stage.approvals if g not in {a.gate for a in status.approved}]
+        waiting = f"waiting for approval: {', '.join(pending)}" if stage.approvals else "awaiting approval"
+        return decide("pause", f"stage {status.stage} passed; {waiting}", phase=Phase.PAUSED, paused_by="approval",
+                      paused_at=now, inconclusive_since=None), []
+    base = dataclasses.replace(status, last_analysis=now, no_data_intervals=no_data, reference=reference)
     return advance(policy, base, now, result.evidence, f"stage {status.stage} passed")
 
 
-Decide = Callable[[Status, Result, str], Status]
-
-
-def _rolled_back(base: Status, now: float, decide: Decide, reason: str) -> tuple[Status, list[Action]]:
-    assert base.candidate is not None
-    st = dataclasses.replace(base, phase=Phase.ROLLED_BACK, finished_at=now, paused_by=None, paused_at=None,
-                             approved=(), inconclusive_since=None)
-    return decide(st, "rollback", reason), [SetWeight(base.candidate, 0)]
-
-
-def _inconclusive(policy: Policy, base: Status, now: float, decide: Decide, result: Analysis, *,
-                  already_paused: bool) -> tuple[Status, list[Action]]:
-    """Held without a conclusion: hold (or stay paused) with the reason; past ``max_inconclusive_s`` pause for an
-    operator (never a rollback: the candidate has not been shown to be at fault)."""
-    since = base.inconclusive_since if base.inconclusive_since is not None else now
-    st = dataclasses.replace(base, inconclusive_since=since)
-    waited = now - since
-    if waited > policy.max_inconclusive_s:
-        paused_at = st.paused_at if already_paused and st.paused_at is not None else now
-        st = dataclasses.replace(st, phase=Phase.PAUSED, paused_by="inconclusive", paused_at=paused_at)
-        return decide(st, "pause", f"inconclusive for {waited:.0f}s (limit {policy.max_inconclusive_s:.0f}s), "
-                                   f"waiting for an operator: {result.reason}"), []
-    kind: Result = "hold"
-    return decide(st, kind, f"inconclusive for {waited:.0f}s: {result.reason}"), []
-
-
-def _unpaused(status: Status, now: float, phase: Phase) -> Status:
+def _unpaused(status: Status, now: float, phase: Phase) -> dict[str, Any]:
     """Out of a pause: its time is added to the stage's paused time (it does not count toward the hold)."""
     extra = now - status.paused_at if status.paused_at is not None else 0.0
-    return dataclasses.replace(status, phase=phase, paused_by=None, paused_at=None,
-                               paused_s=status.paused_s + max(0.0, extra))
+    return {"phase": phase, "paused_by": None, "paused_at": None, "paused_s": status.paused_s + max(0.0, extra)}
 
 
 def _running(policy: Policy, status: Status) -> Phase:
@@ -391,8 +376,8 @@ def operator(command: Command, status: Status, now: float, who: str, *,
         if status.paused_by == "approval":
             return advance(policy, dataclasses.replace(status, no_data_intervals=0), now, {},
                            f"stage {status.stage} approved by {who}")
-        st = _unpaused(status, now, _running(policy, status))
-        return dataclasses.replace(st, no_data_intervals=0, inconclusive_since=None, last_decision=decision), []
+        return dataclasses.replace(status, no_data_intervals=0, inconclusive_since=None, last_decision=decision,
+                                   **_unpaused(status, now, _running(policy, status))), []
     if command == "promote":
         gated = _gates_ahead(status)
         if gated:

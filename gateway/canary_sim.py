@@ -55,6 +55,8 @@ class Scenario:
     accuracy: float | None = None
     """None: no labels at all."""
     stable_accuracy: float = 0.90
+    stable_labels: int = 5000
+    """Labels the stable color's version already had before the rollout (it has been serving for a while)."""
     labelled: float = 0.0
     label_delay_s: float = 0.0
     p95_known: bool = True
@@ -114,6 +116,9 @@ def simulate(rng: np.random.Generator, traffic: Traffic, scenario: Scenario, *, 
     rsum = [0, 0, 0, 0]
     labels: deque[tuple[float, int, int, int, int]] = deque()  # (arrival, cand n, cand correct, stab n, stab ok)
     fb = [0, 0, 0, 0]
+    if scenario.accuracy is not None:
+        fb[2] = scenario.stable_labels
+        fb[3] = _binomial(rng, scenario.stable_labels, scenario.stable_accuracy)
     horizon = traffic.max_time_s if math.isfinite(traffic.max_time_s) else 400 * _rollout_s(policy) + 3600
     t, k = 0.0, 0
     while status.phase in ACTIVE and t < horizon:

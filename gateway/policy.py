@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, TypeAdapter, ValidationError
 from pydantic import dataclasses as pdc
+from scipy.special import ndtri
 
 from gateway.stats import minimum_sample
 
@@ -90,6 +91,11 @@ class Policy:
     power: Annotated[Number, Field(ge=0.5, le=0.9999)] = 0.95
     """Probability that a stage catches a candidate at ``detect_error_rate`` / ``detect_slow_share``; each stage
     and the 100% one judge a fresh sample, so such a candidate passes two of them at most (1 - power)^2."""
+    detect_accuracy_drop: Annotated[Number | None, Field(gt=0, le=1)] = 0.10
+    """Likewise for quality (in ``accuracy_drop``'s unit): the candidate needs the labels on which a drop this
+    large would be caught with ``power`` (``min_labels``) before a stage can pass. Null: ``min_feedback`` alone."""
+    promote_hold_s: Annotated[Number, Field(ge=0, le=1e9)] = 0.0
+    """The 100% stage's own hold (paused time excluded) before the roles swap; 0: as soon as its evidence is in."""
     max_inconclusive_s: Annotated[Number, Field(gt=0, le=1e9)] = 3600.0
     """How long a rollout may stay inconclusive (its hold done but evidence missing, or a breach the stable
     color shares) before it pauses for an operator; it never rolls back for that."""
@@ -109,6 +115,8 @@ class Policy:
             raise ValueError("stage weights must increase")
         if self.detect_error_rate is not None and self.detect_error_rate <= self.max_error_rate:
             raise ValueError("detect_error_rate must be above max_error_rate")
+        if self.detect_accuracy_drop is not None and self.detect_accuracy_drop <= self.max_accuracy_drop:
+            raise ValueError("detect_accuracy_drop must be above max_accuracy_drop")
         if self.detect_slow_share is not None and self.detect_slow_share <= SLOW_SHARE:
             raise ValueError(f"detect_slow_share must be above {SLOW_SHARE} (the share over a p95)")
 
@@ -120,6 +128,22 @@ class Policy:
             return self.min_requests
         return max(self.min_requests, minimum_sample(self.max_error_rate, self.detect_error_rate, self.confidence,
                                                      self.power))
+
+    def min_labels(self, stable_accuracy: float) -> int:
+        """Candidate labels a stage needs before it can pass, given the stable color's accuracy: ``min_feedback``,
+        raised to the sample on which a candidate ``detect_accuracy_drop`` worse is caught with ``power`` by the
+        two-sample bound (normal approximation, the stable side's labels taken as plentiful)."""
+        if self.detect_accuracy_drop is None:
+            return self.min_feedback
+        relative = self.accuracy_drop == "relative"
+        worse = stable_accuracy * (1 - self.detect_accuracy_drop) if relative \
+            else stable_accuracy - self.detect_accuracy_drop
+        excess = (self.detect_accuracy_drop - self.max_accuracy_drop) * (stable_accuracy if relative else 1.0)
+        worse = min(max(worse, 0.0), 1.0)
+        if excess <= 0 or worse <= 0:
+            return self.min_feedback
+        z = float(ndtri(self.confidence) + ndtri(self.power))
+        return max(self.min_feedback, math.ceil(z * z * worse * (1 - worse) / (excess * excess)))
 
     @property
     def min_latency_sample(self) -> int:

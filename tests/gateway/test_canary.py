@@ -260,7 +260,7 @@ def test_an_open_breaker_rolls_back_at_the_next_analysis() -> None:
 # ----------------------------------------------------------------------------------------------- unit helpers
 
 P = Policy(stages=(Stage(5, 30), Stage(25, 30), Stage(50, 30)), interval_s=10, detect_error_rate=None,
-           detect_slow_share=None)
+           detect_slow_share=None, detect_accuracy_drop=None)
 """The unit tests' policy: ``min_requests`` (200) is the whole evidence minimum, so small samples show the bounds
 at work (the power-derived minimum has its own tests)."""
 
