@@ -227,8 +227,15 @@ def test_a_faulty_green_is_rolled_back_on_the_page_without_a_reload(page: Page, 
         expect(evidence.locator(f"[data-row={row}] td").first).to_have_text(
             str(decision["evidence"]["candidate"][row]))
     expect(c.locator(".weights .bar.green")).to_have_attribute("data-weight", "0")
+    # The timeline, filtered to the controller's rollbacks, opens the decision to its evidence.
+    page.get_by_label("Actor").select_option("controller")
+    page.get_by_label("Action").select_option("canary_rollback")
+    expect(page.locator("#audit-list li:not([data-action=canary_rollback])")).to_have_count(0)
     rollback = page.locator("#audit-list li[data-action=canary_rollback]").first
     expect(rollback).to_contain_text("by controller")
+    rollback.locator("summary").click()
+    entry = next(e for e in stack.get("/admin/v1/audit")["entries"] if e["action"] == "canary_rollback")
+    expect(rollback.locator("[data-row=errors] td").first).to_have_text(str(entry["evidence"]["candidate"]["errors"]))
     assert page.evaluate("window.__notReloaded") is True
 
 
