@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.k8s.test_monitoring import promtool, rule_groups, rules, series
+from tests.k8s.test_monitoring import dashboard, panel_queries, promtool, rule_groups, rules, series
 
 Obj = dict[str, object]
 Segments = list[tuple[int, float]]
@@ -196,3 +196,16 @@ def test_resource_and_info_alerts_have_the_plans_thresholds_and_severities() -> 
     assert "bluegreen_memory_limit_bytes" in recorded["instance:bluegreen_memory:utilization_ratio"]
     traffic = str(alerts["BluegreenTrafficPatternChange"]["expr"])
     assert "> 3" in traffic and "< 1 / 3" in traffic and "offset 1d" in traffic
+
+
+def test_dashboard_shows_budget_left_burn_rate_and_resources() -> None:
+    queries = [q for title, q in panel_queries(dashboard()) if not title.startswith("variable")]
+    text = "\n".join(queries)
+    assert "model:bluegreen_slo_error_budget:remaining_ratio_30d" in text
+    burn = [re.search(r"error_ratio_rate(\w+)\{", q) for q in queries if q.endswith("/ 0.001")]
+    assert {m.group(1) for m in burn if m} == {"5m", "1h", "6h", "1d", "3d"}
+    for used in ("instance:bluegreen_cpu:utilization_ratio_5m", "instance:bluegreen_memory:utilization_ratio",
+                 "instance_gpu:bluegreen_gpu_utilization_ratio:avg10m",
+                 "instance_gpu:bluegreen_gpu_memory:utilization_ratio",
+                 "instance_model_version:bluegreen_serving_busy:ratio_5m", "process_open_fds", "bluegreen_backends"):
+        assert used in text, used
