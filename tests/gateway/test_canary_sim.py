@@ -9,6 +9,7 @@ printed power table (``python -m gateway.canary_sim``) runs those rows at 1,000 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -153,7 +154,8 @@ def test_missing_latency_is_no_evidence_and_never_promotes() -> None:
     assert promoted(outcomes) == 0 and rolled_back(outcomes) == 0
     for o in outcomes:
         assert (o.status.phase, o.status.paused_by) == (Phase.PAUSED, "inconclusive")
-        assert o.status.last_decision is not None and "0 of 803 timed candidate requests" in o.status.last_decision.reason
+        assert o.status.last_decision is not None
+        assert "0 of 803 timed candidate requests" in o.status.last_decision.reason
     # A NaN p95 (a window that broke) is an impossible input: held, never a pass.
     nan = Snapshot(ColorSample(5000, 0, 5000, math.nan, timed=5000), ColorSample(5000, timed=5000), 100)
     assert analyse(SIM.policy, nan).verdict == "wait"
@@ -184,3 +186,126 @@ def test_one_analysis_with_stable_at_02_percent_over_10_million_requests_takes_u
         step(policy, status, snap, 60.0)
         best = min(best, time.perf_counter() - t0)
     assert best < 0.005, best
+
+
+# ----------------------------------------------------------------------------------------------- fuzzing
+
+
+def _junk(rng: np.random.Generator) -> object:
+    return [-1, -(10**12), 10**15, math.nan, math.inf, True, 1.5, None, "7"][int(rng.integers(9))]
+
+
+def _fuzzed_sample(rng: np.random.Generator) -> ColorSample:
+    n = int(rng.integers(0, 5000))
+    values: list[object] = [n, int(rng.integers(0, n + 1)), int(rng.integers(0, n + 1)),
+                            None if rng.random() < 0.2 else float(rng.uniform(1, 400)), bool(rng.random() < 0.05),
+                            int(rng.integers(0, 300)), 0, n, int(rng.integers(0, n + 1))]
+    values[6] = int(rng.integers(0, int(values[5]) + 1))  # type: ignore[call-overload]
+    if rng.random() < 0.15:  # a malformed field: negative, huge, NaN, a bool, a string, more errors than requests
+        values[int(rng.integers(len(values)))] = _junk(rng)
+    if rng.random() < 0.05:
+        values[1] = n + 3
+    return ColorSample(*values)  # type: ignore[arg-type]
+
+
+def test_10000_fuzzed_event_sequences_never_raise_and_keep_the_invariants() -> None:
+    """Random steps (malformed inputs included), operator commands (force too), approvals and clock jumps
+    (backwards, NaN): nothing but the operator API's documented ValueError escapes, and the status stays
+    coherent and survives its JSON round trip."""
+    import json
+
+    from gateway.canary import ACTIVE, COMMANDS, Status, approve, operator, start
+
+    rng = np.random.default_rng(2015)
+    policies = [SIM.policy, Policy(stages=(Stage(10, 0, approvals=("security",)), Stage(50, 5, approve=True)),
+                                   interval_s=1, min_requests=5, detect_error_rate=None, detect_slow_share=None,
+                                   max_no_data_intervals=1, max_inconclusive_s=3)]
+    for i in range(10_000):
+        policy = policies[i % 2]
+        status, _ = start(policy, "green" if i % 3 else "blue", 0.0)
+        now = 0.0
+        for _ in range(3):
+            jump = rng.random()
+            now = math.nan if jump < 0.01 else now - 5 if jump < 0.05 else now + float(rng.choice([1, 10, 1000]))
+            roll = rng.random()
+            try:
+                if roll < 0.7:
+                    snap = Snapshot(_fuzzed_sample(rng), _fuzzed_sample(rng),
+                                    int(rng.integers(0, 50)) if rng.random() > 0.05 else _junk(rng),  # type: ignore[arg-type]
+                                    None if rng.random() < 0.5 else float(rng.uniform(-0.5, 1.5)),
+                                    int(rng.integers(0, 200)),
+                                    None if rng.random() < 0.3 else _fuzzed_sample(rng))
+                    status, actions = step(policy, status, snap, now)
+                elif roll < 0.9:
+                    command = COMMANDS[int(rng.integers(len(COMMANDS)))]
+                    status, actions = operator(command, status, now, "op", force=bool(rng.random() < 0.3)
+                                               and command == "promote")
+                else:
+                    status, actions = approve(status, str(rng.choice(["security", "legal"])),
+                                              str(rng.choice(["a", "b"])), now)
+            except ValueError:
+                continue
+            assert all(0 <= getattr(a, "weight", 0) <= 100 for a in actions)
+            assert isinstance(status, Status) and status.phase in Phase
+            if status.phase in ACTIVE:
+                assert status.candidate is not None and 1 <= status.stage <= len(policy.stages) + 1
+            assert (status.phase == Phase.PAUSED) == (status.paused_by is not None)
+            assert 0 <= status.candidate_weight() <= 100
+            assert status.paused_s >= 0
+            if status.phase in (Phase.PROMOTED, Phase.ROLLED_BACK):
+                assert status.finished_at is not None
+        if i % 10 == 0:
+            doc = json.loads(json.dumps(status.as_json(), allow_nan=True))
+            assert Status.from_json(doc).as_json().keys() == doc.keys()
+
+
+# ----------------------------------------------------------------------------------------------- operators
+
+
+def test_an_operator_takes_over_a_controller_pause_and_only_an_operator_resumes_it() -> None:
+    from gateway.canary import operator, start
+
+    policy = SIM.policy
+    status, _ = start(policy, "green", 0.0)
+    slow = ColorSample(2000, 0, 2000, 200.0, timed=2000, slow=600)
+    spike = Snapshot(slow, ColorSample(38000, 0, 38000, 200.0, timed=38000, slow=11400), 100, stable_recent=slow)
+    status, _ = step(policy, status, spike, 10.0)
+    assert (status.phase, status.paused_by) == (Phase.PAUSED, "controller")
+    status, _ = operator("pause", status, 15.0, "alice")
+    assert (status.phase, status.paused_by, status.paused_at) == (Phase.PAUSED, "operator", 10.0)
+    clean = Snapshot(ColorSample(2000, 0, 2000, 80.0, timed=2000), ColorSample(38000, 0, 38000, 80.0, timed=38000),
+                     100)
+    for t in (20.0, 30.0, 40.0):  # the breach cleared, but the pause is the operator's now
+        status, actions = step(policy, status, clean, t)
+        assert (status.phase, status.paused_by, actions) == (Phase.PAUSED, "operator", [])
+    status, _ = operator("resume", status, 110.0, "alice")
+    assert status.phase == Phase.PROGRESSING and status.paused_s == 100.0  # 10 s to 110 s: off the hold
+    assert status.held_s(150.0) == 50.0
+
+
+def test_promote_with_force_waives_the_evidence_minimum_and_says_so() -> None:
+    from gateway.canary import operator, start
+
+    policy = SIM.policy
+    status, _ = start(policy, "green", 0.0)
+    few = Snapshot(ColorSample(50, 0, 50, 80.0, timed=50), ColorSample(950, 0, 950, 80.0, timed=950), 50)
+    plain, _ = operator("promote", status, 1.0, "alice")
+    held, actions = step(policy, plain, few, 11.0)
+    assert held.phase == Phase.PROMOTING and actions == [] and "50 of 1441" in held.last_decision.reason  # type: ignore[union-attr]
+    forced, _ = operator("promote", status, 1.0, "alice", force=True)
+    assert forced.last_decision is not None and "forced" in forced.last_decision.reason
+    done, _ = step(policy, forced, few, 11.0)
+    assert done.phase == Phase.PROMOTED
+    bad = Snapshot(ColorSample(50, 10, 50, 80.0, timed=50), ColorSample(950, 0, 950, 80.0, timed=950), 50)
+    # A trigger still fires: rolled back against stable's figures from before, held without any.
+    seen = dataclasses.replace(forced, reference=ColorSample(950, 0, timed=950))
+    assert step(policy, seen, bad, 11.0)[0].phase == Phase.ROLLED_BACK
+    unseen = step(policy, forced, bad, 11.0)[0]
+    assert unseen.phase == Phase.PAUSED and "no stable figures" in unseen.last_decision.reason  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="force applies to promote only"):
+        operator("resume", status, 1.0, "alice", force=True)
+
+
+def test_max_no_data_intervals_must_be_at_least_one() -> None:
+    with pytest.raises(ValueError, match="max_no_data_intervals"):
+        Policy.from_json({"max_no_data_intervals": 0})
