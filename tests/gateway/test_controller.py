@@ -7,6 +7,9 @@ after each upstream call (cumulative totals and the recent window), so the contr
 
 from __future__ import annotations
 
+import asyncio
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,9 +21,11 @@ from gateway.controller import Controller
 from gateway.dataplane import DataPlane
 from gateway.release import Release
 from gateway.settings import Color, GatewaySettings, RoutingFile
-from gateway.sources import LocalMetrics
+from gateway.sources import LocalMetrics, MergedMetrics, MetricsPublisher
 from gateway.state import MemoryStateStore
+from gateway.state_redis import RedisStateStore
 from tests.gateway.support import DIGITS, FakeClock, routing_doc
+from tests.procs import start_redis
 
 ALICE = Principal("alice", frozenset({"admin"}))
 MODEL = "digits"
@@ -167,3 +172,99 @@ async def test_readings_are_kept_for_the_history_horizon_only(rig: Rig) -> None:
     history = rig.controller._history[MODEL]
     assert len(history) <= rig.controller.history_s / 0.25 + 2
     assert history[0].time < rig.clock() - rig.controller.history_s <= history[1].time
+
+
+async def test_a_candidate_failing_only_at_the_100_percent_stage_is_rolled_back(rig: Rig) -> None:
+    """Regression (issue 20): the 100% stage's baseline was taken at its first analysis, so that single analysis
+    saw no errors and promoted a candidate failing only at full load."""
+    await rig.controller.tick()
+    rig.clock.advance(0.25)
+    await rig.start()
+    while rig.status().phase == "progressing":
+        rig.serve("green", 60)
+        rig.serve("blue", 60)
+        rig.clock.advance(POLICY.interval_s)
+        await rig.controller.tick()
+    assert rig.status().phase == "promoting"
+    rig.serve("green", 200, errors=10)  # 5% once it carries everything
+    rig.clock.advance(POLICY.interval_s)
+    await rig.controller.tick()
+    status = rig.status()
+    assert status.phase == "rolled_back", status.last_decision
+    assert (rig.evidence()["candidate"]["requests"], rig.evidence()["candidate"]["errors"]) == (200, 10)
+    assert rig.store.get(MODEL).weights == {"blue": 100, "green": 0}
+
+
+class Replica:
+    """One gateway replica: its own data plane and state store on the shared Redis, publishing its counts."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.name = name
+        self.store = RedisStateStore(url, RoutingFile.model_validate(routing_doc()), refresh_s=3600, replica=name)
+        self.plane = DataPlane(GatewaySettings(), self.store)
+        for version in ("1", "2"):
+            self.plane.signatures[(MODEL, version)] = DIGITS
+        self.publisher = MetricsPublisher(self.store, self.plane)
+
+    async def __aenter__(self) -> Replica:
+        await self.store.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.store.aclose()
+
+    def serve(self, color: Color, requests: int, errors: int = 0) -> None:
+        rt = self.plane.runtime(MODEL, color)
+        for i in range(requests):
+            rt.record(0.01, i >= errors)
+
+
+async def test_replicas_that_restart_go_stale_or_appear_mid_stage_leave_the_stage_counts_exact(tmp_path: Path) -> None:
+    """Real Redis, real publishers and merged metrics, the real controller: a stage's candidate counts equal the
+    candidate traffic served since the stage started, whatever the replicas do meanwhile (issue 20)."""
+    proc, port = start_redis(tmp_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    policy = Policy(stages=(Stage(20, 3600.0),), interval_s=3600.0)  # no analysis: the counts are the subject
+    try:
+        async with Replica(url, "a") as a, Replica(url, "b") as b, Replica(url, "c") as c:
+            controller = Controller(Release(a.store), MergedMetrics(a.store, a.plane))
+            for r, before in ((a, 1000), (b, 500), (c, 300)):  # traffic before the rollout: not its evidence
+                r.serve("green", before, errors=before // 10)
+                await r.publisher.publish()
+            await controller.tick()
+            await asyncio.sleep(0.01)
+            status, actions = canary.start(policy, "green", time.time())
+            await Release(a.store).apply(a.store.get(MODEL), status, actions, actor=ALICE, audit=True)
+            await b.store.reload()
+            await c.store.reload()
+            true = 0
+            for r, n in ((a, 200), (b, 300), (c, 100)):
+                r.serve("green", n, errors=1)
+                true += n
+                await r.publisher.publish()
+            await controller.tick()
+            # b restarts under the same id (a pod's pid 1): a new incarnation counting from zero, its old row
+            # overwritten in Redis; c goes stale and its row expires.
+            async with Replica(url, "b") as b2, Replica(url, "d") as d:
+                b2.serve("green", 150)
+                d.serve("green", 80)  # a replica that appeared mid-stage
+                true += 230
+                for r in (b2, d):
+                    await r.publisher.publish()
+                await a.store.redis.hdel(f"bluegreen:metrics:{MODEL}:green", "c")
+                a.serve("green", 70)
+                true += 70
+                await a.publisher.publish()
+                # A malformed row (a replica from another release, a bad write) is no evidence, never a crash.
+                await a.store.redis.hset(f"bluegreen:metrics:{MODEL}:green", "zz", b'{"t": "soon", "requests": -5}')
+                await controller.tick()
+                tally = controller._tallies[MODEL]
+                counted = tally.total("green")
+                assert abs(counted.requests - true) <= 0.01 * true, (counted.requests, true)
+                assert counted.errors == 3 and counted.timed == counted.requests
+                # The naive sum of the merged counters (what the stage used to be measured with) is far off.
+                naive = MergedMetrics(a.store, a.plane)
+                await naive.refresh()
+                assert abs(naive.counts(MODEL, "green", "2").requests - 1800 - true) > 0.1 * true
+    finally:
+        proc.stop()
