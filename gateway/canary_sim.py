@@ -220,8 +220,9 @@ DEFAULT_20RPS = Traffic(Policy(), 20.0)
 """The release plan (5% 2 h, 25% 6 h, 50% 12 h, analysed every minute) at 20 requests/s."""
 PLAN_36X = Traffic(Policy(stages=(Stage(5, 200), Stage(25, 600), Stage(50, 1200)), interval_s=60 / 36), 100.0)
 """The release plan's stages and interval scaled down 36x, at 100 requests/s."""
-SHORT = Traffic(Policy(stages=(Stage(50, 3),), interval_s=1, min_requests=20), 20.0)
-"""The README's short demo policy, at 20 requests/s."""
+SHORT = Traffic(Policy(stages=(Stage(50, 3),), interval_s=1, min_requests=20, detect_error_rate=None,
+                       detect_slow_share=None), 20.0)
+"""The README's short demo policy (20 requests a stage, no power-derived minimum), at 20 requests/s."""
 DOCS_EXAMPLE = Traffic(Policy(stages=(Stage(5, 2), Stage(25, 2), Stage(50, 2, approve=True)), interval_s=1,
                               min_requests=200), 200.0, approve_at_once=True)
 """docs/configuration.md's example policy at 200 requests/s, an operator approving at once."""
