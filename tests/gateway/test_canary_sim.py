@@ -54,7 +54,7 @@ def test_a_true_p95_of_130_ms_is_rolled_back_in_99_percent() -> None:
                and o.status.last_decision is not None)
 
 
-@pytest.mark.parametrize(("traffic", "rollouts"), [(SHORT, 200), (SIM, 300), (PLAN_36X, 15), (DEFAULT_20RPS, 15)],
+@pytest.mark.parametrize(("traffic", "rollouts"), [(SHORT, 1000), (SIM, 200), (PLAN_36X, 8), (DEFAULT_20RPS, 8)],
                          ids=["short", "sim", "plan-36x", "release-plan-20rps"])
 @pytest.mark.parametrize("p95", [100.0, 110.0])
 def test_a_p95_under_the_threshold_is_not_rolled_back(traffic: Traffic, rollouts: int, p95: float) -> None:
@@ -66,10 +66,10 @@ def test_a_p95_under_the_threshold_is_not_rolled_back(traffic: Traffic, rollouts
 def test_accuracy_equal_to_stable_or_inside_the_margin_is_rarely_rolled_back() -> None:
     """Half the requests labelled: the candidate needs 2,329 labels to pass (enough to catch a drop of 10% of
     stable's accuracy with 95% power), which at 10% labelled takes stage 1 most of an hour of simulated time."""
-    equal = run(2004, SIM, Scenario(accuracy=0.90, labelled=0.5), 200)
-    assert rolled_back(equal) == 0 and promoted(equal) == 200
-    inside = run(2005, SIM, Scenario(accuracy=0.86, labelled=0.5), 200)  # 4 points under a 4.5-point margin
-    assert rolled_back(inside) <= 10
+    equal = run(2004, SIM, Scenario(accuracy=0.90, labelled=0.5), 120)
+    assert rolled_back(equal) == 0 and promoted(equal) == 120
+    inside = run(2005, SIM, Scenario(accuracy=0.86, labelled=0.5), 120)  # 4 points under a 4.5-point margin
+    assert rolled_back(inside) <= 6
 
 
 def test_accuracy_10_points_worse_with_10_percent_labelled_is_rolled_back_in_99_percent() -> None:
@@ -86,7 +86,7 @@ def window(start: float, end: float, bad: float, good: float) -> Rate:
 def test_shared_trouble_while_progressing_pauses_and_never_rolls_back(kind: str) -> None:
     rng = np.random.default_rng(2007)
     paused = 0
-    for _ in range(150):
+    for _ in range(80):
         begin = float(rng.uniform(30, 400))
         end = begin + float(rng.uniform(60, 200))
         both = window(begin, end, 150.0, 80.0) if kind == "slow" else window(begin, end, 0.02, 0.0005)
@@ -99,7 +99,7 @@ def test_shared_trouble_while_progressing_pauses_and_never_rolls_back(kind: str)
         pauses = [d for d in out.decisions if d.result == "pause"]
         paused += bool(pauses)
         assert all("stable color breaches too" in d.reason for d in pauses)
-    assert paused >= 30, paused
+    assert paused >= 15, paused
 
 
 @pytest.mark.parametrize("kind", ["slow", "errors"])
@@ -109,7 +109,7 @@ def test_shared_trouble_at_100_percent_holds_and_never_rolls_back(kind: str) -> 
     when the stable color serves nothing, is the candidate's: the next test.)"""
     rng = np.random.default_rng(2008)
     held = 0
-    for _ in range(150):
+    for _ in range(80):
         begin = float(rng.uniform(541, 548))  # the last stage's final minute: the stable window shows it
         end = 600 + float(rng.uniform(30, 200))
         both = window(begin, end, 150.0, 80.0) if kind == "slow" else window(begin, end, 0.02, 0.0005)
@@ -120,7 +120,7 @@ def test_shared_trouble_at_100_percent_holds_and_never_rolls_back(kind: str) -> 
         reasons = [d.reason for d in out.decisions if d.result == "pause" and d.time > 600]
         held += bool(reasons)
         assert all("stable color breaches" in r or "inconclusive" in r for r in reasons), reasons
-    assert held >= 100, held
+    assert held >= 50, held
 
 
 def test_only_the_candidate_slowing_at_100_percent_is_rolled_back() -> None:
@@ -168,8 +168,8 @@ def test_sparse_or_late_labels_never_promote_a_10_points_worse_candidate(labelle
 
 
 def test_the_docs_example_policy_with_an_operator_approving_at_once_rolls_back_1_percent_errors() -> None:
-    outcomes = run(2014, DOCS_EXAMPLE, Scenario(errors=0.01), 500)
-    assert rolled_back(outcomes) >= 495 and promoted(outcomes) == 0
+    outcomes = run(2014, DOCS_EXAMPLE, Scenario(errors=0.01), 300)
+    assert rolled_back(outcomes) >= 297 and promoted(outcomes) == 0
 
 
 def test_one_analysis_with_stable_at_02_percent_over_10_million_requests_takes_under_5_ms() -> None:
