@@ -107,7 +107,11 @@ class StartBody(_Body):
 
 
 class CommandBody(_Body):
-    """``POST /admin/v1/models/{m}/canary/{pause|resume|promote|abort}``: only a reason."""
+    """``POST /admin/v1/models/{m}/canary/{pause|resume|promote|abort}``: a reason, and for promote ``force``."""
+
+    force: StrictBool = False
+    """Promote only: the 100% stage waives its evidence minimum (triggers still fire); audited as
+    ``canary_promote_forced``."""
 
 
 class ApproveBody(_Body):
@@ -220,10 +224,11 @@ class Release:
         actor.require(COMMAND_ROLES[command], f"{command} of a rollout")
         state = self._at(model, if_revision)
         try:
-            status, actions = canary.operator(command, state.canary, self.clock(), actor.name)
+            status, actions = canary.operator(command, state.canary, self.clock(), actor.name, force=body.force)
         except ValueError as exc:
             raise Conflict(f"cannot {command}: {exc}") from None
-        return await self.apply(state, status, actions, actor=actor, reason=body.reason, audit=True)
+        return await self.apply(state, status, actions, actor=actor, reason=body.reason, audit=True,
+                                action="canary_promote_forced" if body.force else None)
 
     async def approve(self, model: str, body: ApproveBody, *, actor: Principal,
                       if_revision: int | None = None) -> ModelState:

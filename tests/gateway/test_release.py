@@ -407,3 +407,18 @@ def test_gate_names_are_checked() -> None:
             ApproveBody.model_validate(bad)
     with pytest.raises(ValueError, match="a gate is named twice"):
         Policy.from_json({"stages": [{"weight": 5, "approvals": ["security", "security"]}]})
+
+
+async def test_a_forced_promote_waives_the_evidence_minimum_and_is_audited_as_forced(tmp_path: Path) -> None:
+    """Issue 20: only ``promote`` with ``force`` skips the wait for evidence at 100%; a resume cannot."""
+    r = release(tmp_path)
+    strict = Policy(stages=(Stage(10, 0),), interval_s=1)  # the power-derived minimum: 1,441 requests
+    state = await started(r, policy=strict.as_json())
+    await refused(r, Conflict, "force applies to promote only", r.command(M, "pause", CommandBody(force=True),
+                                                                          actor=ALICE))
+    state = await r.command(M, "promote", CommandBody(force=True, reason="hotfix"), actor=ALICE)
+    entry = await last_audit(r)
+    assert entry["action"] == "canary_promote_forced" and state.canary.forced
+    few = canary.Snapshot(canary.ColorSample(10, timed=10), canary.ColorSample(), new_candidate_requests=10)
+    promoted, actions = canary.step(state.canary.policy, state.canary, few, 5000.0)
+    assert promoted.phase == Phase.PROMOTED
