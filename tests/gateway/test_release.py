@@ -421,4 +421,4 @@ async def test_a_forced_promote_waives_the_evidence_minimum_and_is_audited_as_fo
     assert entry["action"] == "canary_promote_forced" and state.canary.forced
     few = canary.Snapshot(canary.ColorSample(10, timed=10), canary.ColorSample(), new_candidate_requests=10)
     promoted, actions = canary.step(state.canary.policy, state.canary, few, 5000.0)
-    assert promoted.phase == Phase.PROMOTED
+    assert promoted.phase == Phase.PROMOTED and actions == [canary.Promoted("blue")]
