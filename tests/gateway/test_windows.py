@@ -124,3 +124,21 @@ def test_window_validates_its_shape() -> None:
     with pytest.raises(ValueError):
         Window(span_s=60, slot_s=0)
     assert Window(span_s=61, slot_s=5).span_s == 65  # rounded up to whole slots
+
+
+def test_requests_over_a_watched_threshold_are_counted_exactly() -> None:
+    """The canary's latency trigger is a proportion over a stage: the count over the policy's threshold must be
+    exact, which a 2% bucket cannot give (120 ms and 121 ms share one)."""
+    window = Window(60, 5, FakeClock())
+    for latency in (0.119, 0.12, 0.1201, 0.121, 0.5, 0.01):  # strictly slower than 120 ms: three
+        window.record(latency, True)
+    assert bucket_of(0.1201) == bucket_of(0.121)
+    assert window.over(120.0) == (6, 3)
+    assert window.over(100.0) is None
+    window.watch(100.0)  # a rollout's own threshold: counted from now on, with its own count of timed requests
+    window.record(0.11, False)
+    assert window.over(100.0) == (1, 1) and window.over(120.0) == (7, 3)
+    assert window.watched() == {"120.0": [7, 3], "100.0": [1, 1]}
+    for ms in range(200, 220):  # bounded: the default threshold stays, the oldest other ones go
+        window.watch(float(ms))
+    assert len(window.watched()) == 8 and window.over(120.0) == (7, 3)
