@@ -44,7 +44,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     usually the reason, and the temporary folder is gone or hard to find by the time someone reads the failure."""
     outcome = yield
     report = outcome.get_result()
-    if report.when != "call" or not report.failed:
+    if report.when != "call":
+        return
+    item.stash[_CALL_FAILED] = report.failed
+    if not report.failed:
         return
     tmp = getattr(item, "funcargs", {}).get("tmp_path")
     if tmp is None:
@@ -75,20 +78,34 @@ def _children() -> dict[int, str]:
     return found
 
 
+_CHILDREN_BEFORE = pytest.StashKey[set[int]]()
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Generator[None, pluggy.Result[None], None]:
-    """A process the test started and left running is stopped here, and the test fails naming it.
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    item.stash[_CHILDREN_BEFORE] = set(_children())  # after set-up: module fixtures' processes are in it
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, pluggy.Result[None], None]:
+    """A process the test started and left running after its teardown is stopped here, and the test errors
+    naming it (unless it failed already: then its own failure is the story, and this only cleans up).
 
     Left alone it would run on through the rest of the session, and its ``Popen`` object, collected during some
     later test, raises "subprocess N is still running" there (warnings are errors): a failure in an innocent
-    test. The usual cause is a test whose set-up of a later process failed before its ``try``/``finally``."""
-    before = set(_children())
+    test. The usual cause is a test whose set-up of a later process failed before its ``try``/``finally``.
+    Checked after teardown, so that a process a test starts and its fixture stops is not counted."""
     outcome = yield
+    before = item.stash.get(_CHILDREN_BEFORE, None)
+    if before is None:  # the set-up failed: the call never ran
+        return
     leaked = {pid: cmd for pid, cmd in _children().items() if pid not in before}
     if not leaked:
         return
     _stop(leaked)
-    if outcome.exception is None:
+    if outcome.exception is None and not item.stash.get(_CALL_FAILED, False):
         named = "; ".join(f"{pid}: {cmd.strip()[:200]}" for pid, cmd in leaked.items())
         outcome.force_exception(AssertionError(f"the test left processes running (stopped now): {named}"))
 
