@@ -238,10 +238,11 @@ def _bound_slow(s: ColorSample, policy: Policy) -> float:
 
 
 def _quality(policy: Policy, c: ColorSample, s: ColorSample) -> tuple[str, list[str]]:
-    """("rollback: why" | a description, missing evidence). Quality is in force where the policy requires labels,
-    the stable color's version has ``min_feedback`` of them, or the candidate has any."""
+    """("rollback: why" | a description, missing evidence). Quality is in force where the policy requires labels
+    or the stable color's version has ``min_feedback`` of them (a model that is labelled); a few stray labels on
+    the candidate alone, with nothing to compare them with, do not hold a rollout."""
     n = policy.min_feedback
-    in_force = policy.require_feedback or s.feedback >= n or c.feedback > 0
+    in_force = policy.require_feedback or s.feedback >= max(n, 1)
     if not in_force:
         return "no labels: not judged", []
     if s.feedback < max(n, 1):

@@ -103,9 +103,8 @@ class Policy:
     """How ``max_accuracy_drop`` reads: a share of the stable color's accuracy (0.05 of 0.90 is 4.5 points), or
     points of accuracy."""
     require_feedback: StrictBool = False
-    """Quality evidence (``min_feedback`` labels on both colors) is required even for a model whose stable color
-    has no labels (otherwise it is required once the stable color's version has ``min_feedback`` labels or the
-    candidate any)."""
+    """Quality evidence (labels on both colors) is required even for a model whose stable color has no labels
+    (otherwise it is required once the stable color's version has ``min_feedback`` labels)."""
 
     def __post_init__(self) -> None:
         if not self.stages:

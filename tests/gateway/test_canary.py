@@ -426,13 +426,14 @@ def test_a_breach_the_stable_color_shows_too_is_a_spike_otherwise_a_rollback() -
 
 def test_quality_is_judged_with_a_two_sample_bound_once_labels_flow() -> None:
     """Changed by issue 20: quality is in force once the stable color's version has min_feedback labels (or the
-    candidate any, or the policy requires it); in force, missing labels hold the stage ("wait", never a pass),
+    policy requires it); in force, missing labels hold the stage ("wait", never a pass),
     and a rollback needs the two-sample bound: the margin (5% of stable's accuracy) is the null hypothesis."""
     n = P.min_feedback
     unlabelled = analyse(P, snap(color(), color()))
     assert (unlabelled.verdict, unlabelled.evidence["quality"]) == ("ok", "no labels: not judged")
+    stray = analyse(P, snap(color(feedback=n, correct=n // 2), color(feedback=n - 1, correct=n - 1)))
+    assert (stray.verdict, stray.evidence["quality"]) == ("ok", "no labels: not judged")  # stable not labelled
     for cand, stab in [(color(feedback=n - 1, correct=0), color(feedback=n, correct=n)),
-                       (color(feedback=n, correct=n // 2), color(feedback=n - 1, correct=n - 1)),
                        (color(feedback=0), color(feedback=5000, correct=4500))]:
         result = analyse(P, snap(cand, stab))
         assert (result.verdict, result.evidence["quality"]) == ("wait", "waiting for labels"), result.reason
