@@ -400,22 +400,23 @@ def parse_policy(text: str) -> dict[str, Any]:
 
 def canary_body(command: str, *, force: bool = False, candidate: str | None = None,
                 policy: str | None = None, reason: str | None = None, gate: str | None = None) -> dict[str, Any]:
-    """The command's JSON body. Each option goes with one command (``--gate`` with approve, the rest with start):
-    one given elsewhere is refused here rather than silently dropped."""
+    """The command's JSON body. Each option goes with its commands (``--force`` with start and promote, ``--gate``
+    with approve, the rest with start): one given elsewhere is refused here rather than silently dropped."""
     if command not in CANARY_COMMANDS:
         raise UsageError(f"unknown canary command {command!r}: {', '.join(CANARY_COMMANDS)}")
     body: dict[str, Any] = {}
-    given = [flag for flag, value in (("--force", force), ("--candidate", candidate), ("--policy", policy))
-             if value]
+    if force and command not in ("start", "promote"):
+        raise UsageError("--force only goes with `canary MODEL start` or `canary MODEL promote`")
+    given = [flag for flag, value in (("--candidate", candidate), ("--policy", policy)) if value]
     if command == "start":
         if policy is not None:
             body["policy"] = parse_policy(policy)
         if candidate is not None:
             body["candidate"] = candidate
-        if force:
-            body["force"] = True
     elif given:
         raise UsageError(f"{', '.join(given)} only go with `canary MODEL start`")
+    if force:
+        body["force"] = True
     if command == "approve":
         if not gate:
             raise UsageError("approve needs --gate NAME: the gate of the stage this token approves")

@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("action", nargs="?", choices=["start", "pause", "resume", "promote", "abort", "approve"],
                    help="omit to show the rollout: phase, stage, weights, the last decision")
-    p.add_argument("--force", action="store_true", help="start: without a passing validation report (audited)")
+    p.add_argument("--force", action="store_true", help="start: without a passing validation report; promote: "
+                   "without the 100%% stage's evidence minimum (both audited as forced)")
     p.add_argument("--candidate", choices=["blue", "green"], help="start: the color released (default: the one at 0%%)")
     p.add_argument("--policy", metavar="JSON|@FILE", help="start: policy overrides, inline or from a file")
     p.add_argument("--gate", metavar="NAME", help="approve: the named gate of the current stage this token approves")

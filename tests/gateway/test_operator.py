@@ -219,12 +219,26 @@ def test_canary_start_pause_resume_abort(stack: Stack, tmp_path: Path, capsys: p
 
 def test_canary_options_only_go_with_start(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["canary", "digits", "pause", "--force"]) == 2
-    assert "--force only go with `canary MODEL start`" in capsys.readouterr().err
+    assert "--force only goes with `canary MODEL start` or `canary MODEL promote`" in capsys.readouterr().err
+    assert main(["canary", "digits", "promote", "--policy", POLICY]) == 2
+    assert "--policy only go with `canary MODEL start`" in capsys.readouterr().err
     assert main(["canary", "digits", "start", "--policy", "{not json"]) == 2
     assert "--policy is not valid JSON" in capsys.readouterr().err
     assert main(["canary", "digits", "start", "--force", "--policy", '{"stages": []}']) == 1
     assert "invalid policy: stages: at least one stage is needed" in capsys.readouterr().err
     assert stack.canary()["phase"] != "progressing"
+
+
+def test_canary_promote_with_force(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    """``promote --force`` reaches the API as ``force``: the 100% stage waives its evidence minimum, audited."""
+    assert main(["canary", "digits", "start", "--force", "--policy", POLICY]) == 0
+    capsys.readouterr()
+    assert main(["canary", "digits", "promote", "--force", "--reason", "hotfix", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["weights"] == {"blue": 0, "green": 100}, doc
+    assert doc["last_decision"]["result"] == "promote" and "forced" in doc["last_decision"]["reason"], doc
+    assert main(["audit", "--limit", "5", "--model", "digits"]) == 0
+    assert "  canary_promote_forced  digits  \"hotfix\"" in capsys.readouterr().out
 
 
 def test_audit_lists_changes_newest_first(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
