@@ -163,7 +163,8 @@ const Controls = (() => {
       const show = () => {
         let p;
         try { p = JSON.parse(text.value); } catch (exc) { preview.textContent = "not JSON: " + exc.message; return; }
-        preview.replaceChildren(Views.policy(p));
+        // The gateway applies what is written here on top of the routing file's policy: preview the same.
+        preview.replaceChildren(Views.policy({ ...base.doc, ...p }));
       };
       text.addEventListener("input", show);
       show();
