@@ -20,6 +20,7 @@ pod's pid 1 — is a new incarnation), and the controller keeps a baseline per i
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -32,6 +33,8 @@ from gateway.settings import COLORS, Color
 from gateway.state_redis import PREFIX, RedisStateStore
 from gateway.windows import Snapshot
 from serving.lifecycle import Periodic
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Counts", "LocalMetrics", "MergedMetrics", "MetricsPublisher", "MetricsSource"]
 
@@ -74,6 +77,18 @@ def _plain(doc: dict[str, Any], threshold_ms: float, version: str) -> Counts | N
             or counts.errors > counts.requests or counts.slow > counts.timed or counts.correct > counts.feedback:
         return None
     return counts
+
+
+def _well_formed(doc: dict[str, Any]) -> bool:
+    """A row the sums (``counts``, ``window``, ``shadow``) can read: plausible counts and a window of numbers."""
+    if _plain(doc, 0.0, str(doc.get("version"))) is None:
+        return False
+    try:
+        w, shadow = doc["window"], doc["shadow"]
+        float(w["span"]), int(w["count"]), int(w["errors"]), int(shadow[0]), int(shadow[1])
+        return all(isinstance(v, int) for v in w["buckets"].values())
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return False
 
 
 class MetricsSource(Protocol):
@@ -181,6 +196,7 @@ class MergedMetrics:
         self.stale_s = stale_s
         self._docs: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._rows: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        self._rejected: set[tuple[str, str, str]] = set()
 
     async def refresh(self) -> None:
         # One round trip for every model and color: the controller reads the counters every tick.
@@ -204,7 +220,7 @@ class MergedMetrics:
                     name = replica.decode() if isinstance(replica, bytes) else str(replica)
                     parsed[f"{name}@{doc.get('since', 0.0)}"] = doc
             every[key] = parsed
-            docs[key] = [d for d in parsed.values() if now - float(d["t"]) <= self.stale_s]
+            docs[key] = [d for d in parsed.values() if now - float(d["t"]) <= self.stale_s and _well_formed(d)]
         self._docs = docs
         self._rows = every
 
@@ -216,6 +232,10 @@ class MergedMetrics:
             counts = _plain(doc, threshold_ms, version)
             if counts is not None:
                 found[key] = counts
+            elif (model, color, key) not in self._rejected:  # said once per row, not every tick
+                self._rejected.add((model, color, key))
+                log.warning("metrics row %s of %s/%s is impossible (negative counts, more errors than requests "
+                            "or a missing field): not counted", key, model, color)
         return found
 
     def counts(self, model: str, color: Color, version: str) -> Counts:

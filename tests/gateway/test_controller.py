@@ -219,7 +219,8 @@ class Replica:
             rt.record(0.01, i >= errors)
 
 
-async def test_replicas_that_restart_go_stale_or_appear_mid_stage_leave_the_stage_counts_exact(tmp_path: Path) -> None:
+async def test_replicas_that_restart_go_stale_or_appear_mid_stage_leave_the_stage_counts_exact(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Real Redis, real publishers and merged metrics, the real controller: a stage's candidate counts equal the
     candidate traffic served since the stage started, whatever the replicas do meanwhile (issue 20)."""
     proc, port = start_redis(tmp_path)
@@ -256,12 +257,14 @@ async def test_replicas_that_restart_go_stale_or_appear_mid_stage_leave_the_stag
                 true += 70
                 await a.publisher.publish()
                 # A malformed row (a replica from another release, a bad write) is no evidence, never a crash.
-                await a.store.redis.hset(f"bluegreen:metrics:{MODEL}:green", "zz", b'{"t": "soon", "requests": -5}')
+                await a.store.redis.hset(f"bluegreen:metrics:{MODEL}:green", "zz",
+                                         f'{{"t": {time.time()}, "requests": -5}}'.encode())
                 await controller.tick()
                 tally = controller._tallies[MODEL]
                 counted = tally.total("green")
                 assert abs(counted.requests - true) <= 0.01 * true, (counted.requests, true)
                 assert counted.errors == 3 and counted.timed == counted.requests
+                assert "metrics row zz@0.0 of digits/green is impossible" in caplog.text
                 # The naive sum of the merged counters (what the stage used to be measured with) is far off.
                 naive = MergedMetrics(a.store, a.plane)
                 await naive.refresh()
