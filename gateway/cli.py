@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     # No argparse choices: Python 3.11 checks an empty nargs="*" list against them and refuses it; the runner
     # refuses unknown names itself.
     p.add_argument("suites", nargs="*", metavar="SUITE",
-                   help="serving, gateway, cache, telemetry or shadow (default: every one, in this order)")
+                   help="serving, gateway, cache, telemetry, shadow or locust (default: the first five, in this "
+                   "order; locust, a scenario of minutes, only when named)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per measured wrk run")
     p.add_argument("--out", type=Path, default=None, help="where to write JSON + markdown (default docs/)")
     p.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY)
