@@ -9,7 +9,7 @@ import functools
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -23,6 +23,22 @@ from tests.procs import free_port, routing, start_gateway, start_model_server, w
 pytestmark = pytest.mark.usefixtures("model_repo")
 
 CONCURRENCY = 64
+
+
+@pytest.fixture(scope="module")
+def blue_url(tmp_path_factory: pytest.TempPathFactory, model_repo: Path) -> Iterator[str]:
+    """Blue is never harmed here: one for the module (each gateway keeps its own breakers)."""
+    proc, url = start_model_server(tmp_path_factory.mktemp("blue"), ["digits:1"])
+    yield url
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def healthy_green_url(tmp_path_factory: pytest.TempPathFactory, model_repo: Path) -> Iterator[str]:
+    """A green that tests fault only through a proxy in front of it; the kill and the SIGSTOP start their own."""
+    proc, url = start_model_server(tmp_path_factory.mktemp("green"), ["digits:2"])
+    yield url
+    proc.stop()
 
 
 async def _load(data: str, fault_after: int, seconds_after: float, fault: Callable[[], object],
@@ -65,11 +81,10 @@ async def _load(data: str, fault_after: int, seconds_after: float, fault: Callab
     return log, before[0], unexpected
 
 
-def test_sigkill_green_at_50_50_under_64_clients_costs_no_request(tmp_path: Path, model_repo: Path) -> None:
+def test_sigkill_green_at_50_50_under_64_clients_costs_no_request(tmp_path: Path, blue_url: str) -> None:
     """Three runs: green is killed mid-load, then started again on its port. Requests in flight to it fail with a
     reset, which is green's own failure, so they move to blue outside the retry budget; new ones find green
     refusing connections. Between runs green's breaker (open 0.5 s) lets probes through and closes again."""
-    blue, blue_url = start_model_server(tmp_path, ["digits:1"])
     green_port = free_port()
     green, green_url = start_model_server(tmp_path, ["digits:2"], port=green_port)
     gw, data, _ = start_gateway(tmp_path, routing([blue_url], [green_url], weights=(50, 50)),
@@ -93,13 +108,11 @@ def test_sigkill_green_at_50_50_under_64_clients_costs_no_request(tmp_path: Path
     finally:
         green.stop()
         assert gw.stop() == 0
-        blue.stop()
 
 
-def test_sigstop_green_under_64_clients_costs_no_request(tmp_path: Path, model_repo: Path) -> None:
+def test_sigstop_green_under_64_clients_costs_no_request(tmp_path: Path, blue_url: str) -> None:
     """Green hangs (SIGSTOP): every request in flight to it times out together. The first few retries are
     rationed by the budget; by then green's breaker has opened, and the rest move to blue as green's failure."""
-    blue, blue_url = start_model_server(tmp_path, ["digits:1"])
     green, green_url = start_model_server(tmp_path, ["digits:2"])
     gw, data, _ = start_gateway(tmp_path, routing([blue_url], [green_url], weights=(50, 50)),
                                 {"BLUEGREEN_BREAKER__OPEN_S": "60", "BLUEGREEN_UPSTREAM__ATTEMPT_TIMEOUT_S": "0.5"})
@@ -114,16 +127,13 @@ def test_sigstop_green_under_64_clients_costs_no_request(tmp_path: Path, model_r
         os.kill(green.pid, signal.SIGCONT)
         assert gw.stop() == 0
         green.stop()
-        blue.stop()
 
 
-def test_a_client_deadline_shorter_than_the_attempt_timeout_still_fails_over(tmp_path: Path,
-                                                                            model_repo: Path) -> None:
+def test_a_client_deadline_shorter_than_the_attempt_timeout_still_fails_over(tmp_path: Path, blue_url: str,
+                                                                            healthy_green_url: str) -> None:
     """x-bluegreen-timeout-ms 800 with a 1 s attempt timeout: the hanging color gets half the time, the other
     color the rest — a failover, not a 503."""
-    blue, blue_url = start_model_server(tmp_path, ["digits:1"])
-    green, green_url = start_model_server(tmp_path, ["digits:2"])
-    proxy = FaultProxy(int(green_url.rsplit(":", 1)[1]))
+    proxy = FaultProxy(int(healthy_green_url.rsplit(":", 1)[1]))
     gw, data, _ = start_gateway(tmp_path, routing([blue_url], [proxy.url], weights=(50, 50)),
                                 {"BLUEGREEN_BREAKER__OPEN_S": "60", "BLUEGREEN_UPSTREAM__ATTEMPT_TIMEOUT_S": "1.0"})
     try:
@@ -143,17 +153,13 @@ def test_a_client_deadline_shorter_than_the_attempt_timeout_still_fails_over(tmp
     finally:
         assert gw.stop() == 0
         proxy.close()
-        green.stop()
-        blue.stop()
 
 
-def test_both_colors_hung_serve_the_stale_answer_after_the_first_attempt(tmp_path: Path,
-                                                                         model_repo: Path) -> None:
+def test_both_colors_hung_serve_the_stale_answer_after_the_first_attempt(tmp_path: Path, blue_url: str,
+                                                                         healthy_green_url: str) -> None:
     """With a stale entry at hand, the first attempt's timeout ends the forwarding: the stale answer comes after
     one attempt timeout (0.5 s here), not after the whole 2 s deadline."""
-    blue, blue_url = start_model_server(tmp_path, ["digits:1"])
-    green, green_url = start_model_server(tmp_path, ["digits:2"])
-    proxies = [FaultProxy(int(u.rsplit(":", 1)[1])) for u in (blue_url, green_url)]
+    proxies = [FaultProxy(int(u.rsplit(":", 1)[1])) for u in (blue_url, healthy_green_url)]
     env = {"BLUEGREEN_UPSTREAM__ATTEMPT_TIMEOUT_S": "0.5", "BLUEGREEN_UPSTREAM__DEADLINE_S": "2.0",
            "BLUEGREEN_CACHE__TTL_S": "0.2", "BLUEGREEN_BREAKER__OPEN_S": "60"}
     gw, data, _ = start_gateway(tmp_path, routing([proxies[0].url], [proxies[1].url], weights=(50, 50)), env)
@@ -174,5 +180,3 @@ def test_both_colors_hung_serve_the_stale_answer_after_the_first_attempt(tmp_pat
         assert gw.stop() == 0
         for p in proxies:
             p.close()
-        green.stop()
-        blue.stop()
