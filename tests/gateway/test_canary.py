@@ -181,7 +181,7 @@ def next_check(t: float) -> float:
 
 
 def test_a_slowdown_the_stable_color_shows_too_pauses_then_resumes_and_completes() -> None:
-    """Changed by issue 20: latency is judged as a proportion over the stage, so a short shared slowdown may not
+    """Changed: latency is judged as a proportion over the stage, so a short shared slowdown may not
     breach at all; where it does (the candidate's bound over the stage), the stable color's bound shows it too,
     and the rollout pauses, resumes when it clears, and completes. Never a rollback."""
     rng = np.random.default_rng(20240603)
@@ -212,7 +212,7 @@ def test_a_slowdown_of_the_candidate_alone_rolls_it_back() -> None:
         begin = float(rng.uniform(60, 600))
         run = simulate(rng, p95=slowdown(begin, math.inf, stable_too=False))
         assert run.status.phase == Phase.ROLLED_BACK and not run.promoted
-        # Changed by issue 20: judged over the stage as a proportion, the slowdown has to outweigh the stage's
+        # Changed: judged over the stage as a proportion, the slowdown has to outweigh the stage's
         # earlier requests; no longer at the first check that sees it in the window.
         assert run.status.finished_at is not None and begin < run.status.finished_at <= begin + 200
         assert run.status.last_decision is not None
@@ -398,7 +398,7 @@ def test_enough_errors_in_a_few_hundred_requests_roll_back() -> None:
 
 
 def test_latency_is_a_proportion_judged_with_the_exact_bound() -> None:
-    """Changed by issue 20: "p95 over 120 ms" is "more than 5% of requests slower", decided by the exact lower
+    """Changed: "p95 over 120 ms" is "more than 5% of requests slower", decided by the exact lower
     bound on the stage's timed requests (it was the window's p95 against the threshold, on min_requests)."""
     assert analyse(P, snap(color(timed=199, slow=199))).verdict == "rollback"  # every request slow: evidence
     few = analyse(P, snap(color(timed=100, slow=12)))  # 12% observed, too few to say
@@ -425,7 +425,7 @@ def test_a_breach_the_stable_color_shows_too_is_a_spike_otherwise_a_rollback() -
 
 
 def test_quality_is_judged_with_a_two_sample_bound_once_labels_flow() -> None:
-    """Changed by issue 20: quality is in force once the stable color's version has min_feedback labels (or the
+    """Changed: quality is in force once the stable color's version has min_feedback labels (or the
     policy requires it); in force, missing labels hold the stage ("wait", never a pass),
     and a rollback needs the two-sample bound: the margin (5% of stable's accuracy) is the null hypothesis."""
     n = P.min_feedback
@@ -457,7 +457,7 @@ def test_shadow_agreement_triggers_only_where_the_policy_sets_a_minimum() -> Non
     strict = dataclasses.replace(P, min_shadow_agreement=0.95)
     low = analyse(strict, snap(agreement=0.9, samples=strict.min_shadow_samples))
     assert low.verdict == "rollback" and low.reason.startswith("shadow agreement 0.900")
-    # Changed by issue 20: below the minimum sample (or without a figure) the shadow trigger has no evidence.
+    # Changed: below the minimum sample (or without a figure) the shadow trigger has no evidence.
     assert analyse(strict, snap(agreement=0.9, samples=strict.min_shadow_samples - 1)).verdict == "wait"
     assert analyse(strict, snap(agreement=None, samples=0)).verdict == "wait"
     assert analyse(strict, snap(agreement=0.96, samples=10_000)).verdict == "ok"
@@ -483,7 +483,7 @@ def test_stages_pass_on_hold_time_and_minimum_sample() -> None:
     status, _ = start(P, "green", 0.0)
     status, actions = drive(status, snap(color(P.min_requests - 1)), 100.0)
     assert (status.stage, actions) == (1, [])  # below the sample: holds however long
-    assert status.last_decision is not None  # past the hold, the missing evidence is shown (issue 20's wording)
+    assert status.last_decision is not None  # past the hold, the missing evidence is shown
     assert status.last_decision.reason == "inconclusive for 70s: 199 of 200 candidate requests in this stage; " \
                                           "199 of 200 timed candidate requests"
     status, actions = step(P, status, CLEAN, 110.0)
@@ -575,7 +575,7 @@ def test_no_data_counts_intervals_in_a_row() -> None:
 def test_a_spike_pauses_and_resumes_where_it_was_also_at_100_percent() -> None:
     """Regression: a rollout paused while promoting resumed as 'progressing' at stage 4 and the next step
     raised IndexError; while paused it reported the last stage's weight instead of 100.
-    Changed by issue 20: at 100% the stable color's figures from before the promotion (``reference``) are what
+    Changed: at 100% the stable color's figures from before the promotion (``reference``) are what
     the candidate is compared with (here: slow already), and paused time no longer counts toward the hold, so
     stage 2 needs its 30 s of unpaused time after the resume."""
     spike = snap(color(p95=200), color(p95=200))

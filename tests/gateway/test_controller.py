@@ -175,7 +175,7 @@ async def test_readings_are_kept_for_the_history_horizon_only(rig: Rig) -> None:
 
 
 async def test_a_candidate_failing_only_at_the_100_percent_stage_is_rolled_back(rig: Rig) -> None:
-    """Regression (issue 20): the 100% stage's baseline was taken at its first analysis, so that single analysis
+    """Regression: the 100% stage's baseline was taken at its first analysis, so that single analysis
     saw no errors and promoted a candidate failing only at full load."""
     await rig.controller.tick()
     rig.clock.advance(0.25)
@@ -222,7 +222,7 @@ class Replica:
 async def test_replicas_that_restart_go_stale_or_appear_mid_stage_leave_the_stage_counts_exact(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Real Redis, real publishers and merged metrics, the real controller: a stage's candidate counts equal the
-    candidate traffic served since the stage started, whatever the replicas do meanwhile (issue 20)."""
+    candidate traffic served since the stage started, whatever the replicas do meanwhile."""
     proc, port = start_redis(tmp_path)
     url = f"redis://127.0.0.1:{port}/0"
     policy = Policy(stages=(Stage(20, 3600.0),), interval_s=3600.0)  # no analysis: the counts are the subject

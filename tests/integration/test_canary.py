@@ -23,7 +23,7 @@ NO_CACHE = {"cache-control": "no-cache, no-store"}
 FAST = {"stages": [{"weight": 20, "hold_s": 1}, {"weight": 50, "hold_s": 1}], "interval_s": 1,
         "min_requests": 40, "max_no_data_intervals": 30,
         # A drill's evidence minimum: stages long enough to catch 5% errors (153 requests) or half the requests
-        # over the latency threshold, at the policy's confidence, 95% of the time (issue 20).
+        # over the latency threshold, at the policy's confidence, 95% of the time.
         "detect_error_rate": 0.05, "detect_slow_share": 0.5}
 
 

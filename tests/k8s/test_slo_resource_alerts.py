@@ -1,4 +1,4 @@
-"""The availability SLO, resource and info alerts of k8s/base/alerts.yaml (issue 18): their windows, factors and
+"""The availability SLO, resource and info alerts of k8s/base/alerts.yaml: their windows, factors and
 severities are the plan's, and ``promtool test rules`` shows each one firing on series that breach it and
 staying silent on series that do not — including the burn-rate windows: errors that stopped (the short window
 clears the alert), a spike too short for the long window, a burn old enough to have left the short window.
