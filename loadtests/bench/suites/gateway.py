@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -76,19 +77,10 @@ def keys_runs(ctx: base.SuiteContext, routing: Mapping[str, Any], server: server
     script = ctx.work_dir / "gateway-keys.lua"
     script.write_text(wrk.wrk_lua_script(body, {**steps.GATEWAY_REQUEST_HEADERS,
                                                 "Authorization": f"Bearer {BENCH_KEY}"}))
-    plain = ctx.work_dir / "gateway.lua"
     with servers.gateway_server(routing, ctx.work_dir, {"BLUEGREEN_CLIENT_KEYS_FILE": str(keys)},
                                 name="gateway-keys") as keyed:
-        keyed_url = url.replace(gateway.url, keyed.url)
-        runs = []
-        for n, target in enumerate(KEYS_ORDER, start=1):
-            proxy = keyed if target == "keys" else gateway
-            run = steps.saturate(n, target, keyed_url if target == "keys" else url,
-                                 script if target == "keys" else plain, duration_s,
-                                 {"model_server": server, "proxy": proxy})
-            run["proxy_cpu_us_per_request"] = steps.proxy_cpu_us_per_request(run)
-            runs.append(run)
-    return runs
+        return variant_runs(KEYS_ORDER, server, gateway, keyed, url, ctx.work_dir / "gateway.lua", script,
+                            duration_s)
 
 
 def payload_runs(ctx: base.SuiteContext, routing: Mapping[str, Any], server: servers.ServerProcess,
@@ -104,37 +96,51 @@ def payload_runs(ctx: base.SuiteContext, routing: Mapping[str, Any], server: ser
     script = ctx.work_dir / "gateway.lua"
     settings = {"BLUEGREEN_PAYLOAD_LOG__DIR": str(ctx.work_dir / "payloads")}
     with servers.gateway_server(logged, ctx.work_dir, settings, name="gateway-payload") as payload:
-        payload_url = url.replace(gateway.url, payload.url)
-        runs = []
-        for n, target in enumerate(PAYLOAD_ORDER, start=1):
-            proxy = payload if target == "payload" else gateway
-            run = steps.saturate(n, target, payload_url if target == "payload" else url, script, duration_s,
-                                 {"model_server": server, "proxy": proxy})
-            run["proxy_cpu_us_per_request"] = steps.proxy_cpu_us_per_request(run)
-            runs.append(run)
+        return variant_runs(PAYLOAD_ORDER, server, gateway, payload, url, script, script, duration_s)
+
+
+def variant_runs(order: tuple[str, ...], server: servers.ServerProcess, gateway: servers.ServerProcess,
+                 variant: servers.ServerProcess, url: str, plain_script: Path, variant_script: Path,
+                 duration_s: int) -> list[dict[str, Any]]:
+    """wrk runs in ``order`` (ABBA: "gateway" is the plain gateway, any other name the ``variant`` one, each with
+    its own script), every run with the CPU per request of the proxy it measured."""
+    runs = []
+    for n, target in enumerate(order, start=1):
+        plain = target == "gateway"
+        proxy = gateway if plain else variant
+        run = steps.saturate(n, target, url if plain else url.replace(gateway.url, variant.url),
+                             plain_script if plain else variant_script, duration_s,
+                             {"model_server": server, "proxy": proxy})
+        run["proxy_cpu_us_per_request"] = steps.proxy_cpu_us_per_request(run)
+        runs.append(run)
     return runs
 
 
+def cpu_medians(runs: list[dict[str, Any]], variant: str) -> tuple[float, float] | None:
+    """Median CPU µs per request of the plain gateway's runs and of the variant's, or None without both."""
+    cpu = {t: [r["proxy_cpu_us_per_request"] for r in runs if r["target"] == t
+               and r["proxy_cpu_us_per_request"] is not None] for t in ("gateway", variant)}
+    if not cpu["gateway"] or not cpu[variant]:
+        return None
+    return statistics.median(cpu["gateway"]), statistics.median(cpu[variant])
+
+
 def payload_ratios(runs: list[dict[str, Any]]) -> list[base.Ratio]:
-    by = {t: [r for r in runs if r["target"] == t] for t in ("gateway", "payload")}
-    cpu = {t: [r["proxy_cpu_us_per_request"] for r in by[t] if r["proxy_cpu_us_per_request"] is not None]
-           for t in by}
-    if not cpu["gateway"] or not cpu["payload"]:
+    medians = cpu_medians(runs, "payload")
+    if medians is None:
         return []
-    rps = {t: statistics.median(r["requests_per_s"] for r in by[t]) for t in by}
+    rps = {t: statistics.median(r["requests_per_s"] for r in runs if r["target"] == t) for t in ("gateway", "payload")}
     return [base.Ratio(f"requests/s with payload logging at {PAYLOAD_PERCENT}% / without (same run, ABBA)",
                        rps["payload"] / rps["gateway"] if rps["gateway"] else 0.0, None),
             base.Ratio(f"CPU µs per request added by payload logging at {PAYLOAD_PERCENT}% (same run, on − off)",
-                       statistics.median(cpu["payload"]) - statistics.median(cpu["gateway"]),
-                       TARGET_PAYLOAD_ADDED_CPU_US, at_most=True, unit=" µs")]
+                       medians[1] - medians[0], TARGET_PAYLOAD_ADDED_CPU_US, at_most=True, unit=" µs")]
 
 
 def keys_ratios(runs: list[dict[str, Any]]) -> list[base.Ratio]:
-    by = {t: [r["proxy_cpu_us_per_request"] for r in runs if r["target"] == t
-              and r["proxy_cpu_us_per_request"] is not None] for t in ("gateway", "keys")}
-    if not by["gateway"] or not by["keys"]:
+    medians = cpu_medians(runs, "keys")
+    if medians is None:
         return []
-    plain, keyed = statistics.median(by["gateway"]), statistics.median(by["keys"])
+    plain, keyed = medians
     return [base.Ratio("gateway CPU µs per request with client keys and a rate limit (median of 2 ABBA runs)",
                        keyed, None, unit=" µs"),
             base.Ratio("CPU µs per request added by client keys and rate limits (same run, keys − none)",
@@ -268,6 +274,20 @@ def run(ctx: base.SuiteContext) -> base.SuiteResult:
     )
 
 
+def variant_table(runs: list[dict[str, Any]], intro: str) -> list[str]:
+    """The ABBA runs of a gateway variant (client keys, payload logging) beside the plain gateway."""
+    if not runs:
+        return []
+    lines = ["", intro, "", "| Run | Target | requests/s | p50 ms | p99 ms | Non-2xx | Proxy CPU µs/request |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        flag = " ⚠" if r.get("flagged") else ""
+        lines.append(f"| {r['round']} | {r['target']}{flag} | {fmt_int(r['requests_per_s'])} | "
+                     f"{fmt_ms(r['latency_ms'].get('p50'))} | {fmt_ms(r['latency_ms'].get('p99'))} | "
+                     f"{r['non_2xx']:,} | {fmt_int(r.get('proxy_cpu_us_per_request'))} |")
+    return lines
+
+
 def render(doc: dict[str, Any]) -> list[str]:
     s = doc["settings"]
     half = doc["half_load"]
@@ -320,30 +340,14 @@ def render(doc: dict[str, Any]) -> list[str]:
               for r in doc["rounds"]]
     lines += ["", "| Ratio | Measured | Target | Result |", "|---|---:|---|---|"]
     lines += [base.ratio_row(r) for r in doc["ratios"]]
-    keyed = doc.get("client_keys") or []
-    if keyed:
-        lines += ["", "Client keys: the same gateway settings with and without `BLUEGREEN_CLIENT_KEYS_FILE` (one key, "
-                  "its rate limit far above wrk's rate: every request pays the key check and a token-bucket take, "
-                  f"none is refused), in the order {', '.join(KEYS_ORDER)}.", "",
-                  "| Run | Target | requests/s | p50 ms | Non-2xx | Proxy CPU µs/request |",
-                  "|---:|---|---:|---:|---:|---:|"]
-        for r in keyed:
-            flag = " ⚠" if r.get("flagged") else ""
-            lines.append(f"| {r['round']} | {r['target']}{flag} | {fmt_int(r['requests_per_s'])} | "
-                         f"{fmt_ms(r['latency_ms'].get('p50'))} | {r['non_2xx']:,} | "
-                         f"{fmt_int(r.get('proxy_cpu_us_per_request'))} |")
-    logged = doc.get("payload_logging") or []
-    if logged:
-        lines += ["", f"Payload logging: the same gateway settings with and without `payload_log_percent: "
-                  f"{PAYLOAD_PERCENT}` and a file sink (`BLUEGREEN_PAYLOAD_LOG__DIR`), in the order "
-                  f"{', '.join(PAYLOAD_ORDER)}.", "",
-                  "| Run | Target | requests/s | p50 ms | p99 ms | Non-2xx | Proxy CPU µs/request |",
-                  "|---:|---|---:|---:|---:|---:|---:|"]
-        for r in logged:
-            flag = " ⚠" if r.get("flagged") else ""
-            lines.append(f"| {r['round']} | {r['target']}{flag} | {fmt_int(r['requests_per_s'])} | "
-                         f"{fmt_ms(r['latency_ms'].get('p50'))} | {fmt_ms(r['latency_ms'].get('p99'))} | "
-                         f"{r['non_2xx']:,} | {fmt_int(r.get('proxy_cpu_us_per_request'))} |")
+    lines += variant_table(doc.get("client_keys") or [],
+                           "Client keys: the same gateway settings with and without `BLUEGREEN_CLIENT_KEYS_FILE` (one "
+                           "key, its rate limit far above wrk's rate: every request pays the key check and a "
+                           f"token-bucket take, none is refused), in the order {', '.join(KEYS_ORDER)}.")
+    lines += variant_table(doc.get("payload_logging") or [],
+                           f"Payload logging: the same gateway settings with and without `payload_log_percent: "
+                           f"{PAYLOAD_PERCENT}` and a file sink (`BLUEGREEN_PAYLOAD_LOG__DIR`), in the order "
+                           f"{', '.join(PAYLOAD_ORDER)}.")
     lines += [
         "",
         f"### Added latency at half load ({fmt_int(half['rate_per_s'])} requests/s)",
