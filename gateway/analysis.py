@@ -11,8 +11,13 @@ test whose null hypothesis is "the candidate is acceptable", rejected only at th
 - quality: the two-sample lower bound of (stable's accuracy less the margin) minus the candidate's above zero —
   the margin is the null hypothesis, so a candidate equal to stable is practically never rolled back and one
   inside the margin rarely; relative to stable's accuracy by default (``accuracy_drop``);
+- business outcome (conversions, revenue per answer): the lower bound of (stable's mean outcome less the relative
+  margin ``max_outcome_drop``) minus the candidate's above zero — the same construction as quality, on means with
+  each side's sample variance (``stats.outcome_lower_bound``);
 - shadow agreement below ``min_shadow_agreement`` (only where a policy sets one); an open breaker on every
   candidate backend: immediate rollback.
+- complaints (users', sent to the signals endpoint): the candidate's per request above ``max_complaint_ratio``
+  times the stable color's beyond doubt (``complaints.complaint_trigger``); the candidate's own, like quality.
 
 A breach of errors or latency is shared trouble (a dependency both colors use: "spike", never a rollback) when
 the stable color shows it too over the same stage — its observed rate over the threshold — and the candidate is
@@ -24,7 +29,8 @@ stand in, and with none the breach holds as well.
 
 No evidence, no progress: "ok" needs every trigger's minimum evidence in the stage — ``min_error_sample``
 requests, ``min_latency_sample`` timed requests, ``min_feedback`` labels on both colors where quality is in
-force, ``min_shadow_samples`` where shadow agreement is — otherwise "wait". Impossible inputs (negative counts,
+force, ``min_outcome_sample`` outcomes where the business metric is, ``min_shadow_samples`` where shadow
+agreement is — otherwise "wait". Impossible inputs (negative counts,
 more errors than requests, NaN) are no evidence either: "wait" with the reason, never an exception.
 """
 
@@ -34,8 +40,9 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from gateway.complaints import ComplaintSample, complaint_problems, complaint_trigger
 from gateway.policy import SLOW_SHARE, Policy
-from gateway.stats import difference_lower_bound, error_rate_lower_bound
+from gateway.stats import difference_lower_bound, error_rate_lower_bound, outcome_lower_bound
 
 __all__ = ["Analysis", "ColorSample", "Snapshot", "Verdict", "analyse", "problems"]
 
@@ -59,10 +66,19 @@ class ColorSample:
     correct: int = 0
     timed: int = 0
     slow: int = 0
+    outcomes: int = 0
+    """Business outcomes of the color's version (conversions 0/1, revenue): how many, their sum and sum of squares
+    (so a mean and a variance exist, and replicas' figures add up)."""
+    outcome_sum: float = 0.0
+    outcome_sq: float = 0.0
 
     @property
     def accuracy(self) -> float | None:
         return self.correct / self.feedback if self.feedback > 0 else None
+
+    @property
+    def outcome_mean(self) -> float | None:
+        return self.outcome_sum / self.outcomes if self.outcomes > 0 else None
 
     def as_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -86,6 +102,9 @@ class Snapshot:
     stable_recent: ColorSample | None = None
     """The stable color's counts over the recent window (the controller's history): shared trouble that began
     late in a long stage, and the reference kept for the 100% stage."""
+    complaints: ComplaintSample | None = None
+    """Complaints about the rollout and the requests they can be about (``canary.step`` fills it in from the
+    status, where the signals endpoint counts them); None: no complaints, nothing to judge."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +127,7 @@ def problems(snap: Snapshot) -> list[str]:
     """What makes a snapshot impossible (empty: none). Checked before anything is computed from it."""
     a = snap.shadow_agreement
     if _plausible(snap.candidate) and _plausible(snap.stable) \
+            and not _outcome_problems(snap.candidate) and not _outcome_problems(snap.stable) \
             and (snap.stable_recent is None or _plausible(snap.stable_recent)) \
             and type(snap.new_candidate_requests) is int and snap.new_candidate_requests >= 0 \
             and type(snap.shadow_samples) is int and snap.shadow_samples >= 0 \
@@ -124,6 +144,7 @@ def problems(snap: Snapshot) -> list[str]:
                 found.append(f"{name}.{what} {part!r} of {whole!r}")
         if not _count(s.window_count):
             found.append(f"{name}.window_count {s.window_count!r}")
+        found += [f"{name}.{p}" for p in _outcome_problems(s)]
         if s.p95_ms is not None and not (isinstance(s.p95_ms, int | float) and math.isfinite(s.p95_ms)):
             found.append(f"{name}.p95_ms {s.p95_ms!r}")
     if not _count(snap.new_candidate_requests):
@@ -139,12 +160,28 @@ def _count(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
+def _outcome_problems(s: ColorSample) -> list[str]:
+    """Outcome figures no set of real numbers gives: a negative or fractional count, sums that are not finite
+    numbers, a negative sum of squares, sums without outcomes, or a squared sum above count times the sum of
+    squares (Cauchy-Schwarz, with room for rounding)."""
+    n, total, sq = s.outcomes, s.outcome_sum, s.outcome_sq
+    if not _count(n):
+        return [f"outcomes {n!r}"]
+    if not all(type(v) in (int, float) and math.isfinite(v) for v in (total, sq)):
+        return [f"outcome sums {total!r}, {sq!r}"]
+    if sq < 0 or (n == 0 and (total != 0 or sq != 0)) or total * total > n * sq * (1 + 1e-9) + 1e-9:
+        return [f"outcome sums {total!r}, {sq!r} of {n} outcomes"]
+    return []
+
+
 def analyse(policy: Policy, snap: Snapshot, *, reference: ColorSample | None = None, at_full: bool = False,
             need_evidence: bool = True) -> Analysis:
     """Judge the candidate on one snapshot (no phase logic). ``at_full``: the 100% stage, where the stable color
     serves nothing and ``reference`` (its figures from before the promotion) stands in for it; without
     ``need_evidence`` (a forced promotion) missing evidence does not hold the rollout."""
     bad = problems(snap)
+    if snap.complaints is not None:
+        bad += complaint_problems(snap.complaints)
     if bad:
         return Analysis("wait", "impossible input, no evidence: " + "; ".join(bad), {"invalid": bad})
     c, s = snap.candidate, snap.stable
@@ -170,10 +207,23 @@ def analyse(policy: Policy, snap: Snapshot, *, reference: ColorSample | None = N
     evidence["quality"] = quality
     if quality.startswith("rollback: "):
         return Analysis("rollback", quality.removeprefix("rollback: "), evidence)
+    # The business metric likewise: its own trigger, a rollback in any phase.
+    outcome, missing_outcomes = _outcome(policy, c, s)
+    evidence["outcome"] = outcome
+    evidence["thresholds"].update(max_outcome_drop=policy.max_outcome_drop, min_outcomes=policy.min_outcomes,
+                                  detect_outcome_drop=policy.detect_outcome_drop,
+                                  require_outcomes=policy.require_outcomes)
+    if outcome["result"].startswith("rollback: "):
+        return Analysis("rollback", outcome["result"].removeprefix("rollback: "), evidence)
     if policy.min_shadow_agreement is not None and snap.shadow_samples >= policy.min_shadow_samples \
             and snap.shadow_agreement is not None and snap.shadow_agreement < policy.min_shadow_agreement:
         return Analysis("rollback", f"shadow agreement {snap.shadow_agreement:.3f} < "
                                     f"{policy.min_shadow_agreement}", evidence)
+    if snap.complaints is not None:  # the candidate's own, like quality: a rollback in any phase
+        judged = complaint_trigger(policy, snap.complaints)
+        evidence["complaints"] = judged.evidence
+        if judged.verdict == "rollback":
+            return Analysis("rollback", judged.reason, evidence)
 
     breaches: list[str] = []
     shared: list[bool] = []
@@ -204,6 +254,7 @@ def analyse(policy: Policy, snap: Snapshot, *, reference: ColorSample | None = N
     if c.timed < policy.min_latency_sample:
         missing.append(f"{c.timed} of {policy.min_latency_sample} timed candidate requests")
     missing += missing_labels
+    missing += missing_outcomes
     if policy.min_shadow_agreement is not None and snap.shadow_samples < policy.min_shadow_samples:
         missing.append(f"{snap.shadow_samples} of {policy.min_shadow_samples} shadow comparisons")
     if missing:
@@ -265,6 +316,52 @@ def _quality(policy: Policy, c: ColorSample, s: ColorSample) -> tuple[str, list[
     if c.feedback < need:
         return quality, [f"labels: {c.feedback} of {need} candidate"]
     return quality, []
+
+
+def _outcome(policy: Policy, c: ColorSample, s: ColorSample) -> tuple[dict[str, Any], list[str]]:
+    """(evidence with its ``result`` — "rollback: why" or a description —, missing evidence). The business metric:
+    null hypothesis "candidate mean >= (1 - ``max_outcome_drop``) x stable mean", rejected when the lower bound of
+    the excess drop (``stats.outcome_lower_bound``) at the policy's confidence is above zero. In force where the
+    policy requires outcomes or the stable color's version has ``min_outcomes`` of them; a relative drop means
+    nothing against a stable mean at or below zero, so that is reported and not judged."""
+    n = max(policy.min_outcomes, 2)  # a variance needs two
+    doc: dict[str, Any] = {"candidate": _outcome_side(c), "stable": _outcome_side(s)}
+    if not (policy.require_outcomes or s.outcomes >= n):
+        doc["result"] = "no outcomes: not judged"
+        return doc, []
+    if s.outcomes < n:
+        doc["result"] = "waiting for outcomes"
+        return doc, [f"outcomes: {c.outcomes} candidate and {s.outcomes} stable of {n} each"]
+    mean_s = s.outcome_sum / s.outcomes
+    var_s = max(s.outcome_sq - s.outcome_sum * mean_s, 0.0) / (s.outcomes - 1)
+    if mean_s <= 0:
+        doc["result"] = f"stable's mean outcome {mean_s:.4g} is not positive: a relative drop is not judged"
+        return doc, []
+    need = policy.min_outcome_sample(mean_s, var_s)
+    doc["needed"] = need
+    if c.outcomes < n:
+        doc["result"] = "waiting for outcomes"
+        return doc, [f"outcomes: {c.outcomes} of {need} candidate"]
+    mean_c = c.outcome_sum / c.outcomes
+    scale = 1.0 - policy.max_outcome_drop
+    text = f"mean outcome {mean_c:.4g} vs stable {mean_s:.4g}"
+    doc["result"] = text
+    if mean_c < scale * mean_s:  # only a candidate observed below the margin can breach it
+        low = float(outcome_lower_bound(s.outcomes, float(s.outcome_sum), float(s.outcome_sq), c.outcomes,
+                                        float(c.outcome_sum), float(c.outcome_sq), scale, policy.confidence))
+        doc["lower_bound"] = round(low, 6)
+        if low > 0:
+            doc["result"] = (f"rollback: {text}: lower by more than {policy.max_outcome_drop:.0%} of stable's "
+                             f"(lower bound of the excess {low:.4g})")
+            return doc, []
+    if c.outcomes < need:
+        return doc, [f"outcomes: {c.outcomes} of {need} candidate"]
+    return doc, []
+
+
+def _outcome_side(s: ColorSample) -> dict[str, Any]:
+    mean = s.outcome_mean
+    return {"outcomes": s.outcomes, "mean": None if mean is None else round(mean, 6)}
 
 
 def _describe(s: ColorSample, err_low: float, slow_low: float) -> dict[str, Any]:

@@ -7,7 +7,8 @@ stable color the rest; errors are binomial at the scenario's rate, latency is lo
 its shape) so each request is slower than the policy's ``max_p95_ms`` with the lognormal's tail probability, and
 a share of requests gets a label (correct with the color's accuracy) after ``label_delay_s``. ``step`` sees, like
 the controller builds them: counts since the stage started, the stable color's counts over the recent window
-(``window_s``), the interval's new candidate requests and the labels that have arrived. Every rate may depend on
+(``window_s``), the interval's new candidate requests and the labels that have arrived; with a ``conversion``
+rate every request also reports a 0/1 business outcome. Every rate may depend on
 the time and the candidate's weight (shared trouble, a fault only at 100%).
 """
 
@@ -27,8 +28,8 @@ from gateway.canary import ACTIVE, ColorSample, Decision, Phase, Policy, SetWeig
 from gateway.canary import start as start_rollout
 from gateway.canary import step as step_rollout
 
-__all__ = ["DEFAULT_20RPS", "DOCS_EXAMPLE", "PLAN_36X", "SHORT", "Outcome", "Scenario", "Traffic", "constant",
-           "run", "simulate", "slow_share", "table"]
+__all__ = ["CONVERSIONS", "DEFAULT_20RPS", "DOCS_EXAMPLE", "PLAN_36X", "SHORT", "Outcome", "Scenario", "Traffic",
+           "constant", "outcome_rows", "outcome_table", "run", "simulate", "slow_share", "table"]
 
 Rate = Callable[[float, int], float]
 """A rate as a function of (time, candidate weight)."""
@@ -62,6 +63,11 @@ class Scenario:
     p95_known: bool = True
     """False: the latency reading is missing (no timed requests; p95 NaN)."""
     candidate_traffic_until: float = math.inf
+    conversion: float | None = None
+    """The candidate's conversion rate: every answered request reports a 0/1 outcome at once. None: no outcomes."""
+    stable_conversion: float = 0.10
+    stable_outcomes: int = 100_000
+    """Outcomes the stable color's version already had before the rollout."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,9 @@ def simulate(rng: np.random.Generator, traffic: Traffic, scenario: Scenario, *, 
     if scenario.accuracy is not None:
         fb[2] = scenario.stable_labels
         fb[3] = _binomial(rng, scenario.stable_labels, scenario.stable_accuracy)
+    out_c, out_s = [0, 0], [0, 0]  # (outcomes, conversions) of each color's version
+    if scenario.conversion is not None:
+        out_s = [scenario.stable_outcomes, _binomial(rng, scenario.stable_outcomes, scenario.stable_conversion)]
     horizon = traffic.max_time_s if math.isfinite(traffic.max_time_s) else 400 * _rollout_s(policy) + 3600
     t, k = 0.0, 0
     while status.phase in ACTIVE and t < horizon:
@@ -158,6 +167,11 @@ def simulate(rng: np.random.Generator, traffic: Traffic, scenario: Scenario, *, 
             ln_c, ln_s = _binomial(rng, new_c, scenario.labelled), _binomial(rng, new_s, scenario.labelled)
             labels.append((t + scenario.label_delay_s, ln_c, _binomial(rng, ln_c, scenario.accuracy), ln_s,
                            _binomial(rng, ln_s, scenario.stable_accuracy)))
+        if scenario.conversion is not None:
+            out_c[0] += new_c
+            out_c[1] += _binomial(rng, new_c, scenario.conversion)
+            out_s[0] += new_s
+            out_s[1] += _binomial(rng, new_s, scenario.stable_conversion)
         while labels and labels[0][0] <= t:
             _, a, b, d, e = labels.popleft()
             fb[0] += a
@@ -168,9 +182,10 @@ def simulate(rng: np.random.Generator, traffic: Traffic, scenario: Scenario, *, 
         window = rsum[0]
         snap = Snapshot(
             ColorSample(c[0], c[1], new_c, p95_c(t, weight) if scenario.p95_known and new_c else None,
-                        False, fb[0], fb[1], c[2], c[3]),
+                        False, fb[0], fb[1], c[2], c[3], outcomes=out_c[0], outcome_sum=float(out_c[1]),
+                        outcome_sq=float(out_c[1])),
             ColorSample(s[0], s[1], window, p95_s(t, weight) if new_s else None, False, fb[2], fb[3],
-                        s[2], s[3]),
+                        s[2], s[3], outcomes=out_s[0], outcome_sum=float(out_s[1]), outcome_sq=float(out_s[1])),
             new_c, None, 0,
             ColorSample(window, rsum[1], 0, None, False, 0, 0, rsum[2], rsum[3]))
         status, actions = step_rollout(policy, status, snap, t)
@@ -227,6 +242,46 @@ DOCS_EXAMPLE = Traffic(Policy(stages=(Stage(5, 2), Stage(25, 2), Stage(50, 2, ap
                               min_requests=200), 200.0, approve_at_once=True)
 """docs/configuration.md's example policy at 200 requests/s, an operator approving at once."""
 
+CONVERSIONS = Traffic(Policy(stages=(Stage(10, 1200), Stage(50, 600)), interval_s=120, min_requests=200,
+                             detect_error_rate=None, detect_slow_share=None), 1000.0)
+"""The business metric's scenario: 1,000 requests/s, every answered request reporting a 0/1 conversion at once,
+the stable color converting 10% (100,000 outcomes before the rollout); stages of 10% for 20 min and 50% for
+10 min analysed every 2 min, the release plan's confidence, power and outcome margins (errors and latency are
+healthy and their power-derived minimums off, so the business metric alone decides)."""
+BASE_CONVERSION = 0.10
+
+
+def outcome_rows(rollouts: int = 1000, seed: int = 2026) -> list[dict[str, float]]:
+    """Per candidate (converting 10%, 5% and 2% worse than stable, or the same): the share of ``rollouts``
+    rolled back and promoted, the median candidate requests to a rollback, and the analyses per rollout (the
+    looks: at most one false rollback per look with probability 1 - confidence, for a candidate at the margin)."""
+    rows = []
+    for i, worse in enumerate((0.10, 0.05, 0.02, 0.0)):
+        scenario = Scenario(errors=0.0, stable_errors=0.0, p95=40.0, stable_p95=40.0,
+                            conversion=BASE_CONVERSION * (1 - worse), stable_conversion=BASE_CONVERSION)
+        outcomes = run(seed + 100 + i, CONVERSIONS, scenario, rollouts)
+        back = [o.candidate_requests for o in outcomes if o.rolled_back]
+        rows.append({"worse": worse, "rollouts": rollouts, "rolled_back": len(back) / rollouts,
+                     "promoted": sum(o.promoted for o in outcomes) / rollouts,
+                     "median_requests_to_rollback": statistics.median(back) if back else math.nan,
+                     "looks": statistics.mean(o.time / CONVERSIONS.policy.interval_s for o in outcomes)})
+    return rows
+
+
+def outcome_table(rollouts: int = 1000, seed: int = 2026) -> str:
+    """The business metric's table of docs/architecture.md (see :data:`CONVERSIONS`)."""
+    alpha = 1 - CONVERSIONS.policy.confidence
+    need = CONVERSIONS.policy.min_outcome_sample(BASE_CONVERSION, BASE_CONVERSION * (1 - BASE_CONVERSION))
+    lines = [f"Conversions: stable {BASE_CONVERSION:.0%}, {CONVERSIONS.rps:,.0f} requests/s, margin "
+             f"{CONVERSIONS.policy.max_outcome_drop:.0%}, {need:,} candidate outcomes before a stage can pass", "",
+             "| candidate | rollouts | rolled back | promoted | median candidate requests to the rollback | "
+             "analyses per rollout | 1 - confidence, summed over them |", "|---|---|---|---|---|---|---|"]
+    for r in outcome_rows(rollouts, seed):
+        median = "–" if math.isnan(r["median_requests_to_rollback"]) else f"{r['median_requests_to_rollback']:,.0f}"
+        lines.append(f"| converting {r['worse']:.0%} worse | {r['rollouts']:.0f} | {r['rolled_back']:.1%} | "
+                     f"{r['promoted']:.1%} | {median} | {r['looks']:.1f} | {alpha * r['looks']:.2%} |")
+    return "\n".join(lines)
+
 
 def _q(values: Sequence[int]) -> str:
     return f"{statistics.median(values):,.0f}" if values else "–"
@@ -262,11 +317,13 @@ def table(rollouts: int = 1000, seed: int = 2026) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Print the canary power table of docs/architecture.md.")
+    parser = argparse.ArgumentParser(description="Print the canary power tables of docs/architecture.md.")
     parser.add_argument("--rollouts", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=2026)
     args = parser.parse_args(argv)
     print(table(args.rollouts, args.seed))
+    print()
+    print(outcome_table(args.rollouts, args.seed))
 
 
 if __name__ == "__main__":

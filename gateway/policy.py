@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import math
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, TypeAdapter, ValidationError
 from pydantic import dataclasses as pdc
@@ -39,6 +40,30 @@ Gate = Annotated[str, Field(pattern=GATE_NAME)]
 """An approval gate's name (``security``, ``product-owner``); a token approves it with the role ``approve:<name>``."""
 
 
+def _confirm_url(value: Any) -> str:
+    """An http(s) URL with a host: where a confirm gate is asked. Loopback is allowed on purpose (a receiver on
+    the gateway's host, the tests'); the URL is shown in the rollout's status, so it should carry no secret."""
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    if len(value) > 2048:
+        raise ValueError("must be at most 2,048 characters")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError("must not contain spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- a port that is not a number raises here
+    except ValueError:
+        raise ValueError("must be an http or https URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http or https URL with a host")
+    return value
+
+
+ConfirmUrl = Annotated[str, BeforeValidator(_confirm_url)]
+"""A confirm gate: the controller POSTs the rollout's status there before it leaves a stage, and goes on only on a
+2xx answer (see ``gateway/confirm.py``)."""
+
+
 @pdc.dataclass(frozen=True, slots=True, config=_STRICT)
 class Stage:
     weight: Annotated[StrictInt, Field(ge=1, le=99)]
@@ -48,10 +73,18 @@ class Stage:
     approvals: tuple[Gate, ...] = ()
     """Named gates: pause after the hold until each is approved by a token holding ``approve:<gate>``, each by a
     different token."""
+    confirm_url: ConfirmUrl | None = None
+    """A confirm gate: when the controller would leave this stage, it first POSTs the rollout's status there and
+    leaves only on a 2xx answer; otherwise the rollout holds and asks again the next interval."""
 
     def __post_init__(self) -> None:
         if len(set(self.approvals)) != len(self.approvals):
             raise ValueError("approvals: a gate is named twice")
+        # A person's approval advances the stage by itself (the controller never leaves a stage that waits for
+        # people), so a confirm gate on such a stage would never be asked: refused rather than silently ignored.
+        if self.confirm_url is not None and self.gated:
+            raise ValueError("confirm_url: a stage waits either for people (approve, approvals) or for a confirm "
+                             "gate, not both")
 
     @property
     def gated(self) -> bool:
@@ -105,6 +138,30 @@ class Policy:
     require_feedback: StrictBool = False
     """Quality evidence (labels on both colors) is required even for a model whose stable color has no labels
     (otherwise it is required once the stable color's version has ``min_feedback`` labels)."""
+    promote_confirm_url: ConfirmUrl | None = None
+    """The promotion's confirm gate: asked before the controller moves the candidate to 100% (after the last
+    stage's own gate, if it has one)."""
+    confirm_timeout_s: Annotated[Number, Field(gt=0, le=30)] = 5.0
+    """How long a confirm gate may take to answer; no answer in time is a refusal (the rollout holds). Short, as
+    the controller analyses the models one after the other."""
+
+    max_outcome_drop: Annotated[Number, Field(ge=0, lt=1)] = 0.05
+    """The business metric's margin: the candidate's mean outcome (conversions, revenue per answer) may be this
+    share below the stable color's; rolled back only when it is lower beyond doubt (``analysis._outcome``)."""
+    min_outcomes: Annotated[StrictInt, Field(ge=0)] = 100
+    """Outcomes each color's version needs before the outcome trigger judges (and, once the stable color's
+    version has them, before a stage can pass)."""
+    detect_outcome_drop: Annotated[Number | None, Field(gt=0, lt=1)] = 0.10
+    """Likewise for the business metric (a share of stable's mean outcome): the candidate needs the outcomes on
+    which a drop this large is caught with ``power`` (``min_outcome_sample``). Null: ``min_outcomes`` alone."""
+    require_outcomes: StrictBool = False
+    """Outcome evidence is required even for a model whose stable color has no outcomes yet."""
+    max_complaint_ratio: Annotated[Number, Field(ge=1, le=1e6)] = 2.0
+    """Complaints (``POST /admin/v1/models/{m}/signals``): the candidate's complaints per request may be this many
+    times the stable color's; rolled back only when they are higher beyond doubt (``analysis.complaint_trigger``)."""
+    min_complaints: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = 5
+    """Complaints about the candidate before the complaint trigger may fire: a handful of angry users is not
+    judged, however small the stable color's count."""
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -116,6 +173,8 @@ class Policy:
             raise ValueError("detect_error_rate must be above max_error_rate")
         if self.detect_accuracy_drop is not None and self.detect_accuracy_drop <= self.max_accuracy_drop:
             raise ValueError("detect_accuracy_drop must be above max_accuracy_drop")
+        if self.detect_outcome_drop is not None and self.detect_outcome_drop <= self.max_outcome_drop:
+            raise ValueError("detect_outcome_drop must be above max_outcome_drop")
         if self.detect_slow_share is not None and self.detect_slow_share <= SLOW_SHARE:
             raise ValueError(f"detect_slow_share must be above {SLOW_SHARE} (the share over a p95)")
 
@@ -143,6 +202,18 @@ class Policy:
             return self.min_feedback
         z = float(ndtri(self.confidence) + ndtri(self.power))
         return max(self.min_feedback, math.ceil(z * z * worse * (1 - worse) / (excess * excess)))
+
+    def min_outcome_sample(self, stable_mean: float, stable_variance: float) -> int:
+        """Candidate outcomes a stage needs before it can pass: ``min_outcomes``, raised to the sample on which a
+        candidate whose mean is ``detect_outcome_drop`` below stable's is caught with ``power`` by the outcome
+        trigger (normal approximation; the candidate's variance taken as the stable color's, as the trigger does
+        at least, and the stable side's outcomes as plentiful)."""
+        n = max(self.min_outcomes, 1)
+        if self.detect_outcome_drop is None or not stable_mean > 0 or not math.isfinite(stable_variance):
+            return n
+        excess = (self.detect_outcome_drop - self.max_outcome_drop) * stable_mean
+        z = float(ndtri(self.confidence) + ndtri(self.power))
+        return max(n, math.ceil(z * z * max(stable_variance, 0.0) / (excess * excess)))
 
     @property
     def min_latency_sample(self) -> int:

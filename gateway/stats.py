@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
+import numpy as np
 from scipy.special import betaincinv, ndtri
 from scipy.stats import binom
 
 __all__ = ["check_counts", "difference_lower_bound", "error_rate_lower_bound", "error_rate_upper_bound",
-           "minimum_sample", "wilson"]
+           "minimum_sample", "outcome_lower_bound", "wilson"]
 
 
 def check_counts(k: int, n: int, what: str = "count") -> None:
@@ -79,6 +81,26 @@ def difference_lower_bound(k_s: int, n_s: int, k_c: int, n_c: int, scale: float,
     _, high_c = wilson(k_c, n_c, z)
     estimate = scale * ps - pc
     return estimate - math.sqrt((scale * (ps - low_s)) ** 2 + (high_c - pc) ** 2)
+
+
+def outcome_lower_bound(n_s: Any, sum_s: Any, sq_s: Any, n_c: Any, sum_c: Any, sq_c: Any, scale: float,
+                        confidence: float) -> Any:
+    """A one-sided lower confidence bound of ``scale * mean_s - mean_c`` for outcomes given as count, sum and sum
+    of squares per side (normal approximation, each side's sample variance): the business-metric trigger's
+    statistic. For 0/1 outcomes it is the two-proportion (Wald) bound.
+
+    The candidate's variance is taken as at least the stable color's: a candidate sample of rare events (a
+    handful of conversions in a hundred outcomes, or none) has a sample variance far below its true one, and the
+    plain bound then reads "no conversion yet" as proof of a drop. Under the null hypothesis the candidate is
+    like stable, so stable's variance is the honest floor; a candidate truly more variable keeps its own.
+
+    Written with numpy operations so that the simulation (``gateway.canary_outcomes``) evaluates thousands of
+    rollouts in one call with exactly the function the analysis uses; sides need at least one outcome."""
+    mean_s, mean_c = sum_s / n_s, sum_c / n_c
+    var_s = np.maximum(sq_s - sum_s * mean_s, 0.0) / np.maximum(n_s - 1, 1)
+    var_c = np.maximum(np.maximum(sq_c - sum_c * mean_c, 0.0) / np.maximum(n_c - 1, 1), var_s)
+    se = np.sqrt(scale * scale * var_s / n_s + var_c / n_c)
+    return scale * mean_s - mean_c - float(ndtri(confidence)) * se
 
 
 @functools.lru_cache(maxsize=256)
