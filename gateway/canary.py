@@ -33,6 +33,8 @@ Rules:
   or promote resets it.
 - impossible inputs (negative counts, more errors than requests, NaN) are no evidence: a hold with the reason,
   never an exception.
+- a confirm gate's refusal (the controller asks it, ``gateway/confirm.py``) is a hold (``held_at_gate``), never
+  inconclusive, never in the way of a rollback. An operator's command is not sent to a gate (its reason says so).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from gateway.analysis import Analysis, ColorSample, Snapshot, Verdict, analyse
+from gateway.complaints import ComplaintTally
 from gateway.policy import Policy, Stage
 from gateway.settings import Color, other
 from gateway.stats import error_rate_lower_bound
@@ -68,6 +71,7 @@ __all__ = [
     "analyse",
     "approve",
     "error_rate_lower_bound",
+    "held_at_gate",
     "operator",
     "start",
     "step",
@@ -147,6 +151,8 @@ class Status:
     at 100% is compared with."""
     forced: bool = False
     """Promoted by an operator with ``force``: the 100% stage waives the evidence minimum (triggers still fire)."""
+    complaints: ComplaintTally = field(default_factory=ComplaintTally)
+    """Users' complaints about this rollout (the signals endpoint) and the requests they can be about."""
 
     def held_s(self, now: float) -> float:
         """Time in the current stage, paused time excluded."""
@@ -178,7 +184,8 @@ class Status:
                 "policy": self.policy.as_json(), "approved": [dataclasses.asdict(a) for a in self.approved],
                 "waiting_for": self.pending_gates() if self.paused_by == "approval" else [],
                 "paused_at": self.paused_at, "paused_s": self.paused_s, "inconclusive_since": self.inconclusive_since,
-                "reference": self.reference.as_json() if self.reference is not None else None, "forced": self.forced}
+                "reference": self.reference.as_json() if self.reference is not None else None, "forced": self.forced,
+                "complaints": self.complaints.as_json()}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any] | None) -> Status:
@@ -192,7 +199,7 @@ class Status:
                    tuple(Approval(**a) for a in doc.get("approved") or ()),
                    _opt_float(doc.get("paused_at")), float(doc.get("paused_s") or 0.0),
                    _opt_float(doc.get("inconclusive_since")), ColorSample.from_json(doc.get("reference")),
-                   bool(doc.get("forced", False)))
+                   bool(doc.get("forced", False)), ComplaintTally.from_json(doc.get("complaints")))
 
 
 def _opt_float(v: Any) -> float | None:
@@ -238,9 +245,17 @@ def step(policy: Policy, status: Status, snap: Snapshot, now: float) -> tuple[St
         return status, []
     candidate = status.candidate
     at_full = status.stage > len(policy.stages)
+    # Complaints are judged on the requests since the rollout started: the ended stages' (in the tally) and this
+    # stage's, which the tally keeps as of this analysis (a stage ended by an approval adds them without a snap).
+    tally, c_n, s_n = status.complaints, snap.candidate.count, snap.stable.count
+    counted = type(c_n) is int and type(s_n) is int and c_n >= 0 and s_n >= 0
+    if counted and snap.complaints is None and (tally.candidate or tally.stable or tally.unattributed):
+        snap = dataclasses.replace(snap, complaints=tally.sample(c_n, s_n))
     result = analyse(policy, snap, reference=status.reference, at_full=at_full,
                      need_evidence=not (at_full and status.forced))
     valid = "invalid" not in result.evidence
+    if valid and counted and (tally.stage_candidate, tally.stage_stable) != (c_n, s_n):
+        tally = dataclasses.replace(tally, stage_candidate=c_n, stage_stable=s_n)
     # Paused, nothing can advance, so a quiet candidate proves nothing either way: the count of intervals
     # without data stands still (it would otherwise roll back a release waiting for approval over a lull).
     if not valid:
@@ -257,7 +272,8 @@ def step(policy: Policy, status: Status, snap: Snapshot, now: float) -> tuple[St
     def decide(kind: Result, reason: str, **changes: Any) -> Status:
         """The new status in one copy (the step runs thousands of times a second in simulations)."""
         return dataclasses.replace(status, last_analysis=now, no_data_intervals=no_data, reference=reference,
-                                   last_decision=Decision(now, kind, reason, result.evidence), **changes)
+                                   complaints=tally, last_decision=Decision(now, kind, reason, result.evidence),
+                                   **changes)
 
     def inconclusive(paused_at: float | None) -> tuple[Status, list[Action]]:
         """Held without a conclusion: hold (or stay paused) with the reason; past ``max_inconclusive_s`` pause
@@ -314,7 +330,8 @@ def step(policy: Policy, status: Status, snap: Snapshot, now: float) -> tuple[St
         waiting = f"waiting for approval: {', '.join(pending)}" if stage.approvals else "awaiting approval"
         return decide("pause", f"stage {status.stage} passed; {waiting}", phase=Phase.PAUSED, paused_by="approval",
                       paused_at=now, inconclusive_since=None), []
-    base = dataclasses.replace(status, last_analysis=now, no_data_intervals=no_data, reference=reference)
+    base = dataclasses.replace(status, last_analysis=now, no_data_intervals=no_data, reference=reference,
+                               complaints=tally)
     return advance(policy, base, now, result.evidence, f"stage {status.stage} passed")
 
 
@@ -337,9 +354,41 @@ def advance(policy: Policy, status: Status, now: float, evidence: dict[str, Any]
     full = nxt > len(policy.stages)
     st = dataclasses.replace(status, phase=Phase.PROMOTING if full else Phase.PROGRESSING, stage=nxt,
                              stage_started=now, paused_by=None, paused_at=None, paused_s=0.0, last_analysis=now,
-                             approved=(), inconclusive_since=None,
+                             approved=(), inconclusive_since=None, complaints=status.complaints.stage_ended(),
                              last_decision=Decision(now, "promote" if full else "advance", reason, evidence))
     return st, [SetWeight(status.candidate, 100 if full else policy.stages[nxt - 1].weight)]
+
+
+# ----------------------------------------------------------------------------------------------- confirm gates
+
+
+def held_at_gate(before: Status, after: Status, gate: str, answer: str) -> Status:
+    """The step's decision to leave a stage, refused by the confirm gate ``gate`` (``answer`` says how): a hold at
+    the stage instead, asked again at the next interval. Not inconclusive (the evidence is in; the wait is for
+    someone else's system, like an approval), so it never pauses the rollout for an operator by itself."""
+    decision = after.last_decision
+    assert decision is not None
+    where = "the promotion" if gate == "promotion" else f"stage {before.stage}"
+    why = f"waiting for the confirm gate of {where}: {answer} ({decision.reason})"
+    return dataclasses.replace(before, last_analysis=after.last_analysis, no_data_intervals=after.no_data_intervals,
+                               reference=after.reference, inconclusive_since=None,
+                               last_decision=Decision(decision.time, "hold", why,
+                                                      {**decision.evidence, "confirm_gate": gate}))
+
+
+def _unasked(decision: Decision, status: Status, to_stage: int) -> Decision:
+    """``decision``, an operator's command moving the rollout to ``to_stage``, noting the confirm gates it moves
+    past: a person's explicit decision is not sent to a gate, and its reason and audited evidence say so."""
+    policy = status.policy
+    names = [f"stage-{i}" for i in range(max(status.stage, 1), min(to_stage, len(policy.stages) + 1))
+             if policy.stages[i - 1].confirm_url]
+    if policy.promote_confirm_url and status.stage <= len(policy.stages) < to_stage:
+        names.append("promotion")
+    if not names:
+        return decision
+    return dataclasses.replace(decision, reason=f"{decision.reason}; confirm gates not asked (an operator's "
+                                                f"command): {', '.join(names)}",
+                               evidence={**decision.evidence, "confirm_gates_not_asked": names})
 
 
 # ----------------------------------------------------------------------------------------------- operators
@@ -374,8 +423,7 @@ def operator(command: Command, status: Status, now: float, who: str, *,
             raise ValueError(f"waiting for approval: {', '.join(pending)}; a resume cannot stand in for a named "
                              "approval (approve each gate with a token holding approve:<gate>)")
         if status.paused_by == "approval":
-            return advance(policy, dataclasses.replace(status, no_data_intervals=0), now, {},
-                           f"stage {status.stage} approved by {who}")
+            return _approved(status, now, {}, f"stage {status.stage} approved by {who}")
         return dataclasses.replace(status, no_data_intervals=0, inconclusive_since=None, last_decision=decision,
                                    **_unpaused(status, now, _running(policy, status))), []
     if command == "promote":
@@ -384,8 +432,9 @@ def operator(command: Command, status: Status, now: float, who: str, *,
             raise ValueError(f"stages ahead need named approvals ({', '.join(gated)}): a promotion cannot skip them")
         st = dataclasses.replace(status, phase=Phase.PROMOTING, stage=len(policy.stages) + 1, stage_started=now,
                                  paused_by=None, paused_at=None, paused_s=0.0, last_analysis=now, no_data_intervals=0,
-                                 last_decision=decision, approved=(), inconclusive_since=None,
-                                 forced=status.forced or force)
+                                 last_decision=_unasked(decision, status, len(policy.stages) + 1), approved=(),
+                                 inconclusive_since=None, forced=status.forced or force,
+                                 complaints=status.complaints.stage_ended())
         return st, [SetWeight(cand, 100)]
     if command == "abort":
         st = dataclasses.replace(status, phase=Phase.ROLLED_BACK, finished_at=now, paused_by=None, paused_at=None,
@@ -424,5 +473,11 @@ def approve(status: Status, gate: str, who: str, now: float) -> tuple[Status, li
         why = f"{gate} approved by {who}; waiting for approval: {', '.join(rest)}"
         return dataclasses.replace(st, last_decision=Decision(now, "approve", why, evidence)), []
     names = ", ".join(f"{a.gate} by {a.by}" for a in approved)
-    return advance(status.policy, dataclasses.replace(st, no_data_intervals=0), now, evidence,
-                   f"stage {status.stage} approved: {names}")
+    return _approved(st, now, evidence, f"stage {status.stage} approved: {names}")
+
+
+def _approved(status: Status, now: float, evidence: dict[str, Any], reason: str) -> tuple[Status, list[Action]]:
+    """The next stage, as people's approval decides: the promotion's confirm gate is not asked (noted)."""
+    st, actions = advance(status.policy, dataclasses.replace(status, no_data_intervals=0), now, evidence, reason)
+    assert st.last_decision is not None
+    return dataclasses.replace(st, last_decision=_unasked(st.last_decision, status, st.stage)), actions

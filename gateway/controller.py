@@ -5,7 +5,9 @@ model with an active rollout whose policy interval has passed, builds a :class:`
 ``step`` and applies the result with one compare-and-set write of the model's state (weights, canary status,
 candidate). The write names the revision the decision was based on, so a decision made on stale state — a
 second controller, an operator's write in between — is dropped, never applied twice. Decisions other than
-"hold" are audited with their evidence.
+"hold" are audited with their evidence. A decision to leave a stage that has a confirm gate (or to move to 100%
+past the promotion's) is applied only once the gate answers 2xx (``gateway/confirm.py``); otherwise it becomes
+a hold, and the gate is asked again at the next interval.
 
 A stage's counts are the counters now minus the last reading taken *before the stage started*; the requests
 "since the previous analysis" likewise start at the reading before ``last_analysis``. The controller keeps a
@@ -25,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway import canary
+from gateway import canary, confirm
 from gateway.canary import ACTIVE, ColorSample, Snapshot, Status
 from gateway.errors import PreconditionFailed
 from gateway.release import Release
@@ -219,6 +221,12 @@ class Controller:
         tally.analysed = snap.candidate.count
         if new == status:
             return
+        for gate, url in confirm.gates(status.policy, status, new):  # none for a rollback: it never waits
+            doc = confirm.body(state.name, gate, status, new)
+            refused = await confirm.ask(url, doc, status.policy.confirm_timeout_s)
+            if refused is not None:
+                new, actions = canary.held_at_gate(status, new, gate, refused), []
+                break
         key = (new.started_at, new.stage, new.stage_started)
         if key != tally.key:  # a stage this decision starts is counted from this very reading
             self._tallies[state.name] = Tally.starting_at(key, now)
