@@ -14,6 +14,8 @@ import numpy as np
 import orjson
 import pytest
 
+from gateway.admin_text import format_canary
+from tests.confirm_receiver import confirm_receiver
 from tests.integration.expect import describe, expect, expect_all
 from tests.procs import admin_headers, routing, start_gateway, start_model_server, start_redis, wait_until
 
@@ -394,3 +396,41 @@ def test_feedback_reaches_any_replica_through_redis(blue: str, tmp_path: Path) -
         a.stop()
         b.stop()
         rproc.stop()
+
+
+def test_a_stage_waits_for_its_confirm_gate_and_goes_on_when_it_says_yes(blue: str, tmp_path: Path) -> None:
+    """A real receiver on loopback answers 503: the healthy stage is held, the reason shows in the status and the
+    CLI's text; switched to 200, the next analysis advances. Only the controller's decisions are sent to it."""
+    green, green_url = start_model_server(tmp_path, ["digits:2"])
+    gw, data, admin = start_gateway(tmp_path, routing([blue], [green_url]))
+    load = Load(data)
+    with confirm_receiver(503) as gate:
+        try:
+            stages = [{**FAST["stages"][0], "confirm_url": gate.url()}, FAST["stages"][1]]  # type: ignore[index]
+            canary(admin, "start", {"force": True, "policy": {**FAST, "stages": stages}})
+            wait_until(lambda: "confirm gate" in (canary(admin)["last_decision"] or {}).get("reason", ""), 20,
+                       interval=0.1, what="a hold at the confirm gate")
+            status = canary(admin)
+            assert (status["phase"], status["stage"]) == ("progressing", 1)
+            assert status["weights"] == {"blue": 80, "green": 20}
+            decision = status["last_decision"]
+            assert decision["result"] == "hold" and decision["reason"].startswith(
+                f"waiting for the confirm gate of stage 1: {gate.url()} answered 503 (stage 1 passed)")
+            assert "answered 503" in format_canary({**status, "model": "digits"})  # what `bluegreen canary` prints
+            sent = gate.received()[0]
+            assert (sent["gate"], sent["model"], sent["candidate"], sent["weight"], sent["next_weight"]) == \
+                ("stage-1", "digits", "green", 20, 50)
+            assert sent["evidence"]["candidate"]["requests"] >= FAST["min_requests"]
+
+            gate.status = 200
+            wait_until(lambda: canary(admin)["stage"] == 2, 10, interval=0.1, what="the advance once the gate says yes")
+            status = canary(admin)
+            assert status["weights"] == {"blue": 50, "green": 50} and status["last_decision"]["result"] == "advance"
+            entry = next(e for e in audit(admin) if e["action"] == "canary_advance")
+            assert entry["who"] == "controller" and entry["reason"] == "stage 1 passed"
+            assert {b["gate"] for b in gate.received()} == {"stage-1"} and len(gate.received()) >= 2
+        finally:
+            load.stop()
+            gw.stop()
+            green.stop()
+    load.assert_no_failures("while held at the confirm gate")
