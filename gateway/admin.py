@@ -25,11 +25,13 @@ from gateway import release as core
 from gateway.auth import Authenticator, Principal
 from gateway.canary import COMMANDS, Command
 from gateway.dataplane import DataPlane
-from gateway.errors import BadRequest, Forbidden, NotFound, PreconditionRequired, render
+from gateway.errors import BadRequest, Forbidden, NotFound, PreconditionFailed, PreconditionRequired, render
 from gateway.history import History
+from gateway.notify import Notifier
 from gateway.policy import describe
 from gateway.release import ApproveBody, ColorBody, CommandBody, Release, ShadowBody, SplitBody, StartBody
 from gateway.settings import COLORS, Color
+from gateway.signals import LiftBody, SignalBody, Signals
 from gateway.state import ModelState
 from serving.errors import exception_handlers
 from serving.limits import BodyLimitMiddleware
@@ -77,8 +79,11 @@ async def _parse(request: Request, body: type[B], *, optional: bool = False) -> 
 
 
 def create_admin_app(release: Release, plane: DataPlane, auth: Authenticator, *,
-                     require_if_match: bool = True, history: History | None = None) -> Starlette:
+                     require_if_match: bool = True, history: History | None = None,
+                     notifier: Notifier | None = None) -> Starlette:
     """The admin API over ``release`` (the rules and the state) and ``plane`` (the live numbers it shows)."""
+
+    signals = Signals(release)
 
     def caller(request: Request) -> Principal:
         client = request.client.host if request.client else "unknown"
@@ -199,20 +204,50 @@ def create_admin_app(release: Release, plane: DataPlane, auth: Authenticator, *,
             state = await release.command(model, cast(Command, command), body, actor=actor, if_revision=revision)
         return tagged(canary_json(state), state)
 
+    async def post_signal(request: Request) -> Response:
+        """An outside signal (gateway/signals.py): no If-Match, signals are events rather than state edits."""
+        actor = caller(request)
+        model = model_of(request).name
+        doc = await signals.receive(model, await _parse(request, SignalBody), actor=actor)
+        if doc.get("failed"):  # an incident left some model unfrozen or not rolled back: say so loudly
+            return _json({"error": f"the incident could not be applied to {', '.join(doc['failed'])}; send it "
+                                   "again", **doc}, status=503)
+        return _json(doc)
+
+    async def freeze(request: Request) -> Response:
+        if request.method == "GET":
+            who(request)
+            return _json(signals.describe())
+        actor = caller(request)
+        if _if_match(request, require_if_match) is not None:
+            raise PreconditionFailed("the release freeze has no ETag: lift it with If-Match: *")
+        return _json(await signals.lift(await _parse(request, LiftBody, optional=True), actor=actor))
+
     async def cache_stats(request: Request) -> Response:
         who(request)
         cache = plane.cache
         return _json({"enabled": cache is not None, **(cache.stats() if cache is not None else {})})
 
-    async def audit(request: Request) -> Response:
-        who(request)
+    def limit_of(request: Request, most: int) -> int:
         try:
             limit = int(request.query_params.get("limit", "100"))
         except ValueError:
             raise BadRequest("limit must be an integer") from None
-        if not 1 <= limit <= 10_000:
-            raise BadRequest("limit must be 1-10000")
+        if not 1 <= limit <= most:
+            raise BadRequest(f"limit must be 1-{most}")
+        return limit
+
+    async def audit(request: Request) -> Response:
+        who(request)
+        limit = limit_of(request, 10_000)
         return _json({"entries": [e.as_json() for e in await release.store.read_audit(limit)]})
+
+    async def notifications(request: Request) -> Response:
+        who(request)
+        limit = limit_of(request, 500)
+        if notifier is None:
+            return _json({"sending": False, "sinks": [], "deliveries": []})
+        return _json(await notifier.status(limit))
 
     async def metrics(request: Request) -> Response:
         return Response(plane.telemetry.prometheus_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -231,7 +266,10 @@ def create_admin_app(release: Release, plane: DataPlane, auth: Authenticator, *,
         Route(f"{prefix}/models/{{model}}/drift", drift, methods=["GET"]),
         Route(f"{prefix}/models/{{model}}/canary", get_canary, methods=["GET"]),
         Route(f"{prefix}/models/{{model}}/canary/{{command}}", canary_command, methods=["POST"]),
+        Route(f"{prefix}/models/{{model}}/signals", post_signal, methods=["POST"]),
+        Route(f"{prefix}/freeze", freeze, methods=["GET", "DELETE"]),
         Route(f"{prefix}/audit", audit, methods=["GET"]),
+        Route(f"{prefix}/notifications", notifications, methods=["GET"]),
         Route(f"{prefix}/cache", cache_stats, methods=["GET"]),
         *console.routes(release, plane, auth, history),  # /ui, whoami, history, policy: gateway/console
     ]

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp
 from gateway.admin import create_admin_app
 from gateway.auth import Authenticator
 from gateway.breaker import STATE_CODES
+from gateway.breaker_watch import BreakerWatch
 from gateway.cache import PredictionCache, RedisL2
 from gateway.canary import Phase
 from gateway.controller import Controller
@@ -32,6 +33,7 @@ from gateway.data_app import VERSION, DataApp
 from gateway.dataplane import DataPlane
 from gateway.history import History
 from gateway.keys import ClientGate, RateLimiter, rate_redis
+from gateway.notify import Notifier
 from gateway.release import Release
 from gateway.settings import COLORS, GatewaySettings
 from gateway.sources import LocalMetrics, MergedMetrics, MetricsPublisher
@@ -62,6 +64,8 @@ class Gateway:
     gate: ClientGate | None = None
     _keys_refresh: Periodic | None = None
     history: History | None = None
+    notifier: Notifier | None = None
+    breakers: BreakerWatch | None = None
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> Gateway:
@@ -85,7 +89,7 @@ class Gateway:
         if isinstance(store, RedisStateStore):
             plane.feedback.redis = store.redis  # answers are shared, so feedback may reach any replica
             # Replicas share state; one of them, the lease holder, runs the rollouts on everyone's numbers.
-            lease = Lease(store)
+            lease = Lease(store, ttl_s=settings.controller_lease_ttl_s)
             store.fence = lease.current
             controller = Controller(release, MergedMetrics(store, plane), is_leader=lease.is_leader,
                                     window_s=settings.window_s)
@@ -102,6 +106,14 @@ class Gateway:
         source = MergedMetrics(store, plane) if isinstance(store, RedisStateStore) else LocalMetrics(plane)
         gateway.history = History(release, source, interval_s=settings.history_interval_s,
                                   window_s=settings.window_s)
+        # Notifications are sent by the lease holder (the only controller) from the shared audit stream.
+        gateway.notifier = Notifier(
+            store, routing.notifications, is_leader=gateway.lease.is_leader if gateway.lease else lambda: True,
+            redis=store.redis if isinstance(store, RedisStateStore) else None,
+            counter=telemetry.counter("bluegreen_notifications", "Notification deliveries by sink, event type and "
+                                      "outcome (delivered, retried, failed, dropped).", ("sink", "event", "outcome")))
+        gateway.breakers = BreakerWatch(plane, store, replica=store.replica if isinstance(store, RedisStateStore)
+                                        else None)
         gateway._register_gauges()
         return gateway
 
@@ -148,6 +160,15 @@ class Gateway:
                     if labelled:
                         yield (name, color), correct / labelled
 
+        def outcome_rate() -> Iterator[tuple[tuple[str, ...], float]]:
+            # Configured models and colors only; the version is the one the state points the color at.
+            for name, state in store.models.items():
+                for color in COLORS:
+                    version = state.colors[color].version
+                    n, total, _ = plane.feedback.outcome_counts(name, version)
+                    if n:
+                        yield (name, color, version), total / n
+
         t = self.telemetry
         t.gauge("bluegreen_canary_stage", "Current canary stage (1-based; 0 idle; stages+1 promoting).",
                 ("model",), canary_stage)
@@ -157,6 +178,8 @@ class Gateway:
                 ("model",), shadow_agreement)
         t.gauge("bluegreen_online_accuracy_ratio", "Accuracy from feedback, per color's current version.",
                 ("model", "color"), online_accuracy)
+        t.gauge("bluegreen_outcome_rate", "Mean business outcome (conversions, revenue per answer) from feedback, "
+                "per color's current version, on this replica.", ("model", "color", "version"), outcome_rate)
         t.gauge("bluegreen_breaker_state", "Circuit breaker per backend: 0 closed, 1 half-open, 2 open.",
                     ("model", "color", "backend"), breakers)
         t.gauge("bluegreen_split_weight", "Traffic weight per color, percent.", ("model", "color"), weights)
@@ -179,6 +202,10 @@ class Gateway:
         self.controller.start()
         if self.history is not None:
             self.history.start()
+        if self.notifier is not None:
+            await self.notifier.start()
+        if self.breakers is not None:
+            self.breakers.start()
 
     async def _reload_keys(self) -> None:
         assert self.gate is not None
@@ -190,6 +217,10 @@ class Gateway:
         if self.gate is not None and self.gate.limiter.redis is not None:
             await self.gate.limiter.redis.aclose()
         await self.controller.stop()
+        if self.notifier is not None:
+            await self.notifier.stop()
+        if self.breakers is not None:
+            await self.breakers.stop()
         if self.history is not None:
             await self.history.stop()
         if self.publisher is not None:
@@ -209,7 +240,8 @@ class Gateway:
 
     def admin_app(self) -> ASGIApp:
         return create_admin_app(self.release, self.plane, self.auth,
-                                require_if_match=self.settings.admin.require_if_match, history=self.history)
+                                require_if_match=self.settings.admin.require_if_match, history=self.history,
+                                notifier=self.notifier)
 
 
 async def run_gateway(settings: GatewaySettings) -> None:

@@ -7,6 +7,8 @@ signals) call these methods and nothing else to change routing state, so a rule 
 - a color is re-pointed to another version only while it carries no traffic, unless forced (audited as such);
 - a rollout starts only when none is active, on a candidate that does not already carry everything, and — with
   the validation gate on — only for a version whose report passed, unless forced (audited with the reason);
+- while an incident's freeze stands (``ModelState.frozen``, ``gateway/signals.py``) no rollout starts and a split
+  may only move traffic back to the stable color;
 - an operator's pause / resume / promote / abort is judged by the pure ``canary.operator``, a named approval by
   ``canary.approve``;
 - the controller's decision (``canary.step``) is applied with the weights and candidate it implies;
@@ -38,7 +40,7 @@ from gateway.canary import ACTIVE, Command, Policy, Status
 from gateway.errors import BadRequest, Conflict, PreconditionFailed
 from gateway.policy import Gate
 from gateway.settings import COLORS, Color, ColorConfig, other
-from gateway.state import ColorState, ModelState, StateStore
+from gateway.state import AuditEntry, ColorState, Freeze, ModelState, StateStore
 
 Reason = Annotated[str, Field(max_length=500)]
 
@@ -148,6 +150,11 @@ class Release:
             if s.canary.phase in ACTIVE:
                 raise Conflict(f"a canary rollout of {model!r} is {s.canary.phase.value}: abort it (or let it "
                                "finish) before setting weights by hand")
+            cand = s.candidate
+            if s.frozen is not None and weights[cand] > s.weights[cand]:
+                raise Conflict(f"{frozen_message(s.frozen)} (while frozen a split may only move traffic back to "
+                               f"the stable color {other(cand)}: {cand} would go from {s.weights[cand]}% to "
+                               f"{weights[cand]}%)")
             return dataclasses.replace(s, weights=weights)
 
         return await self._write(model, if_revision, change, actor, "set_weights", body.reason)
@@ -200,6 +207,8 @@ class Release:
         actor.require("admin", "starting a rollout")
         policy = self.policy_for(model, body.policy)
         state = self._at(model, if_revision)
+        if state.frozen is not None:
+            raise Conflict(frozen_message(state.frozen))
         if state.canary.phase in ACTIVE:
             raise Conflict(f"a rollout of {model!r} is already {state.canary.phase.value}")
         cand = body.candidate or state.candidate
@@ -209,6 +218,10 @@ class Release:
         version = state.colors[cand].version
         report = validation_report(self.validation_repo, model, version)
         if report is not True and not body.force:
+            # Refused, and told (audit, notifications): a release blocked by its gate is news for the release manager.
+            await self.store.append_audit(AuditEntry(
+                self.clock(), actor.name, "canary_start_refused", model, {}, {"candidate": cand, "version": version},
+                f"the validation gate refused {model}:{version}: {report}", None, actor.role_list))
             raise Conflict(f"{model}:{version} has no passing validation report ({report}); run "
                            f"`bluegreen validate --model {model}:{version}`, or start anyway with force")
         status, actions = canary.start(policy, cand, self.clock(), f"started by {actor.name}")
@@ -278,6 +291,13 @@ class Release:
 
     def time_in_stage(self, status: Status) -> float | None:
         return round(self.clock() - status.stage_started, 3) if status.phase in ACTIVE else None
+
+
+def frozen_message(freeze: Freeze) -> str:
+    """Why a release is refused while an incident's freeze stands, and how it ends."""
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(freeze.time))
+    return (f"releases are frozen since {since} by {freeze.by}: {freeze.reason}; an admin lifts the freeze with "
+            "DELETE /admin/v1/freeze")
 
 
 def validation_report(repo: Path | None, model: str, version: str) -> bool | str:

@@ -11,6 +11,7 @@ import json
 import ssl
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -291,9 +292,68 @@ class ModelRoute(BaseModel):
         return self
 
 
+EVENT_TYPES: tuple[str, ...] = (
+    "bluegreen.rollout.started", "bluegreen.rollout.advanced", "bluegreen.rollout.paused",
+    "bluegreen.rollout.resumed", "bluegreen.rollout.promoted", "bluegreen.rollout.rolled_back",
+    "bluegreen.weights.changed", "bluegreen.color.repointed", "bluegreen.breaker.opened", "bluegreen.breaker.closed",
+    "bluegreen.validation.refused", "bluegreen.signal.received", "bluegreen.freeze.set", "bluegreen.freeze.lifted")
+"""Every notification type (``gateway/notify.py`` maps audit entries to them)."""
+
+
+class NotificationSink(BaseModel):
+    """One webhook in the routing file's ``notifications:`` list. The secret itself never sits in the file: the
+    sink names the environment variable holding it (a Kubernetes Secret mounted as one)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    url: str = Field(max_length=2048)
+    format: Literal["cloudevents", "slack"] = "cloudevents"
+    secret_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+    """Name of the environment variable holding the HMAC key; unset: deliveries are not signed."""
+    events: tuple[str, ...] = ("*",)
+    """``*``, a family (``bluegreen.rollout.*``) or exact types."""
+    name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+    """The ``sink`` label and the name in ``GET /admin/v1/notifications``; default: the URL's host."""
+    timeout_s: float = Field(5.0, gt=0, le=60)
+    """One attempt's limit (connect, send, answer)."""
+    retry_for_s: float = Field(600.0, gt=0, le=86_400)
+    """How long an event is retried (exponential backoff with jitter) before it is given up as failed."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL with a host")
+        return v
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("at least one event (or \"*\")")
+        families = {t.rsplit(".", 1)[0] + ".*" for t in EVENT_TYPES}
+        for e in v:
+            if e != "*" and e not in EVENT_TYPES and e not in families:
+                raise ValueError(f"unknown event type {e[:80]!r}; known: {', '.join(EVENT_TYPES)}")
+        return v
+
+    def wants(self, event_type: str) -> bool:
+        return any(e == "*" or e == event_type or (e.endswith(".*") and event_type.startswith(e[:-1]))
+                   for e in self.events)
+
+
 class RoutingFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     models: dict[str, ModelRoute] = Field(min_length=1)
+    notifications: list[NotificationSink] = Field(default_factory=list, max_length=32)
+    """Webhooks told of every decision and event (``gateway/notify.py``)."""
+
+    @model_validator(mode="after")
+    def _sink_names(self) -> RoutingFile:
+        named = [s.name for s in self.notifications if s.name]
+        if len(set(named)) != len(named):
+            raise ValueError("notifications: two sinks have the same name")
+        return self
 
     @classmethod
     def load(cls, path: Path) -> RoutingFile:
@@ -351,6 +411,10 @@ class GatewaySettings(BaseSettings):
     redis_url: str | None = None
     """Redis (``redis://127.0.0.1:6379/0``) for the shared cache tier and the state replicas share (weights,
     colors, rollouts, audit stream, controller lease, feedback); unset: one process, in-memory state."""
+    controller_lease_ttl_s: float = Field(5.0, ge=0.5, le=300)
+    """With Redis: how long the controller lease lives unrenewed (renewed every third of it), so how long the
+    rollouts wait after their holder dies before another replica takes over. Shorter fails over sooner but lets
+    a stall of about 0.8 of it in the holder cost the lease; all replicas should use the same value."""
     validation_repo: Path | None = None
     """Where ``bluegreen validate`` reports live (``<repo>/<model>/<version>/validation.json``); when set,
     ``canary start`` refuses a candidate version without a passing report unless forced. ``bluegreen up``

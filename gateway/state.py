@@ -42,6 +42,24 @@ class ColorState:
 
 
 @dataclass(frozen=True, slots=True)
+class Freeze:
+    """Releases of a model frozen by an incident (``gateway/signals.py``): who froze them, when and why. While it
+    stands no rollout starts and no split moves traffic toward the candidate; an admin lifts it."""
+
+    by: str
+    time: float
+    reason: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"by": self.by, "time": self.time, "reason": self.reason,
+                "time_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.time))}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Freeze | None:
+        return cls(str(doc["by"]), float(doc["time"]), str(doc["reason"])) if isinstance(doc, dict) else None
+
+
+@dataclass(frozen=True, slots=True)
 class ModelState:
     """One model's routing state. Immutable: a write replaces it, so readers never see half an update."""
 
@@ -55,6 +73,8 @@ class ModelState:
     """The canary status, typed; it becomes JSON only where it is persisted (state file, Redis)."""
     payload_log_percent: int = 0
     """Share of answered requests logged as prediction records (gateway/payload_log.py)."""
+    frozen: Freeze | None = None
+    """Releases frozen by an incident (None: not frozen)."""
 
     @property
     def candidate(self) -> Color:
@@ -87,21 +107,23 @@ class ModelState:
         return {"name": self.name, "colors": {c: s.as_json() for c, s in self.colors.items()},
                 "weights": dict(self.weights), "candidate": self.candidate, "stable": self.stable,
                 "shadow_percent": self.shadow_percent, "payload_log_percent": self.payload_log_percent,
-                "revision": self.revision, "canary": self.canary.as_json()}
+                "revision": self.revision, "canary": self.canary.as_json(),
+                "frozen": self.frozen.as_json() if self.frozen else None}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> ModelState:
         colors = {c: ColorState(str(v["version"]), tuple(v["backends"])) for c, v in doc["colors"].items()}
         return cls(doc["name"], colors, dict(doc["weights"]), doc.get("candidate_override"),
                    int(doc.get("shadow_percent", 0)), int(doc.get("revision", 1)), Status.from_json(doc.get("canary")),
-                   int(doc.get("payload_log_percent", 0)))
+                   int(doc.get("payload_log_percent", 0)), Freeze.from_json(doc.get("frozen")))
 
     def persisted(self) -> dict[str, Any]:
         """The JSON kept in a state file or in Redis (``from_json`` reads it back)."""
         return {"name": self.name, "colors": {c: s.as_json() for c, s in self.colors.items()},
                 "weights": dict(self.weights), "candidate_override": self.candidate_override,
                 "shadow_percent": self.shadow_percent, "payload_log_percent": self.payload_log_percent,
-                "revision": self.revision, "canary": self.canary.as_json() if self.canary != Status() else None}
+                "revision": self.revision, "canary": self.canary.as_json() if self.canary != Status() else None,
+                "frozen": self.frozen.as_json() if self.frozen else None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +138,12 @@ class AuditEntry:
     evidence: Any = None
     roles: list[str] | None = None
     """The roles of the token that acted (None: an entry written before roles existed)."""
+    id: str | None = None
+    """The entry's place in the audit stream, ``<ms>-<seq>`` (Redis stream ids; the memory store counts the same
+    way): increasing, unique, and the id of every notification sent for the entry."""
+    rollout: dict[str, Any] | None = None
+    """Where the rollout stands after the write, for a write that changed it (``rollout_summary``): what a
+    notification says, without reading the state again later."""
 
     def as_json(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
@@ -135,6 +163,8 @@ class StateStore(Protocol):
     def get(self, name: str) -> ModelState: ...
     def subscribe(self, listener: Listener) -> None: ...
     async def read_audit(self, limit: int = 100) -> list[AuditEntry]: ...
+    async def read_audit_after(self, after: str | None, limit: int = 100) -> list[AuditEntry]: ...
+    async def append_audit(self, entry: AuditEntry) -> AuditEntry: ...
     async def update(self, name: str, if_revision: int | None, change: Callable[[ModelState], ModelState], *,
                      who: str, action: str, reason: str | None = None, evidence: Any = None,
                      audit: bool = True, fenced: bool = False, roles: tuple[str, ...] = ()) -> ModelState: ...
@@ -175,6 +205,27 @@ class MemoryStateStore:
     async def read_audit(self, limit: int = 100) -> list[AuditEntry]:
         return self.audit(limit)
 
+    async def read_audit_after(self, after: str | None, limit: int = 100) -> list[AuditEntry]:
+        """Entries after the one with id ``after`` (None: from the oldest kept), oldest first."""
+        key = id_key(after) if after else (-1, -1)
+        return [e for e in self.audit_log if e.id is not None and id_key(e.id) > key][:limit]
+
+    async def append_audit(self, entry: AuditEntry) -> AuditEntry:
+        """Record an event that is not a state write (a breaker opened, a signal, a refused start)."""
+        entry = dataclasses.replace(entry, id=self._next_id(entry.time))
+        self.audit_log.append(entry)
+        self._save_file()
+        return entry
+
+    def _next_id(self, t: float) -> str:
+        """``<ms>-<seq>``, increasing even when the clock steps back (as a Redis stream's ids are)."""
+        ms, seq = int(t * 1000), 0
+        if self.audit_log and self.audit_log[-1].id:
+            last_ms, last_seq = id_key(self.audit_log[-1].id)
+            if ms <= last_ms:
+                ms, seq = last_ms, last_seq + 1
+        return f"{ms}-{seq}"
+
     async def start(self) -> None:
         """Nothing to connect: the state was loaded (from the routing file and state file) at construction."""
 
@@ -201,7 +252,9 @@ class MemoryStateStore:
         self.models[name] = updated
         if audit:
             old, new = changes(current, updated)
-            self.audit_log.append(AuditEntry(time.time(), who, action, name, old, new, reason, evidence, list(roles)))
+            now = time.time()
+            self.audit_log.append(AuditEntry(now, who, action, name, old, new, reason, evidence, list(roles),
+                                             self._next_id(now), rollout_summary(current, updated)))
         self._save_file()
         for listener in self._listeners:
             listener(updated)
@@ -235,6 +288,26 @@ class MemoryStateStore:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._save_file()
+
+
+def id_key(entry_id: str) -> tuple[int, int]:
+    """An audit id as a sortable pair (``"1733300000000-2"`` → (1733300000000, 2)); (-1, -1) when malformed."""
+    ms, _, seq = entry_id.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return -1, -1
+
+
+def rollout_summary(before: ModelState, after: ModelState) -> dict[str, Any] | None:
+    """The rollout after a write that changed it: phase, stage, weight, the decision's result (None otherwise)."""
+    if before.canary == after.canary:
+        return None
+    st = after.canary
+    return {"phase": st.phase.value, "candidate": st.candidate, "stage": st.stage, "stages": len(st.policy.stages),
+            "weight": st.candidate_weight(), "paused_by": st.paused_by,
+            "result": st.last_decision.result if st.last_decision else None,
+            "waiting_for": st.pending_gates() if st.paused_by == "approval" else []}
 
 
 def changes(before: ModelState, after: ModelState) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -33,7 +33,7 @@ import orjson
 
 from gateway.errors import NotFound, PreconditionFailed
 from gateway.settings import COLORS, RoutingFile
-from gateway.state import AUDIT_LIMIT, AuditEntry, ColorState, Listener, ModelState, changes
+from gateway.state import AUDIT_LIMIT, AuditEntry, ColorState, Listener, ModelState, changes, rollout_summary
 from serving.lifecycle import FailureStreak, Periodic
 
 log = logging.getLogger(__name__)
@@ -214,12 +214,18 @@ class RedisStateStore:
         self._listeners.append(listener)
 
     async def read_audit(self, limit: int = 100) -> list[AuditEntry]:
-        rows: Any = await self.redis.xrevrange(AUDIT, count=limit)
-        entries = []
-        for _, fields in rows or []:
-            with contextlib.suppress(ValueError, TypeError, KeyError):
-                entries.append(AuditEntry(**orjson.loads(fields[b"entry"])))
-        return entries
+        return _entries(await self.redis.xrevrange(AUDIT, count=limit))
+
+    async def read_audit_after(self, after: str | None, limit: int = 100) -> list[AuditEntry]:
+        """Entries after the stream id ``after`` (None: from the oldest kept), oldest first."""
+        return _entries(await self.redis.xrange(AUDIT, min=f"({after}" if after else "-", count=limit))
+
+    async def append_audit(self, entry: AuditEntry) -> AuditEntry:
+        """Record an event that is not a state write (a breaker opened, a signal, a refused start)."""
+        doc = dataclasses.asdict(entry)
+        doc.pop("id", None)
+        sid = await self.redis.xadd(AUDIT, {"entry": orjson.dumps(doc)}, maxlen=AUDIT_LIMIT, approximate=True)
+        return dataclasses.replace(entry, id=sid.decode() if isinstance(sid, bytes) else str(sid))
 
     # ------------------------------------------------------------------ writes
 
@@ -243,8 +249,10 @@ class RedisStateStore:
             entry = b""
             if audit:
                 old, new = changes(current, updated)
-                entry = orjson.dumps(dataclasses.asdict(
-                    AuditEntry(time.time(), who, action, name, old, new, reason, evidence, list(roles))))
+                doc = dataclasses.asdict(AuditEntry(time.time(), who, action, name, old, new, reason, evidence,
+                                                    list(roles), rollout=rollout_summary(current, updated)))
+                doc.pop("id")  # the stream gives it
+                entry = orjson.dumps(doc)
             new_raw = _encode(updated)
             result = await self._cas(keys=[_state_key(name), AUDIT, EVENTS, LEADER],
                                      args=[raw, new_raw, entry, fence, name, AUDIT_LIMIT])
@@ -256,6 +264,17 @@ class RedisStateStore:
             if if_revision is not None:
                 raise PreconditionFailed(f"stale ETag: model {name!r} changed while this write was prepared")
         raise PreconditionFailed(f"model {name!r} kept changing; try again")
+
+
+def _entries(rows: Any) -> list[AuditEntry]:
+    """Stream rows as entries, each carrying its stream id (rows that do not parse are skipped)."""
+    entries = []
+    for sid, fields in rows or []:
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            doc = orjson.loads(fields[b"entry"])
+            doc["id"] = sid.decode() if isinstance(sid, bytes) else str(sid)
+            entries.append(AuditEntry(**doc))
+    return entries
 
 
 class Lease:

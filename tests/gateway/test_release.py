@@ -180,12 +180,23 @@ async def test_no_start_on_a_color_that_already_carries_everything() -> None:
     await refused(r, Conflict, "blue already carries 100%", started(r, candidate="blue"))
 
 
+async def gate_refused(r: Release, match: str) -> None:
+    """A start the validation gate refuses changes no state but is told: one ``canary_start_refused`` entry
+    (the notifications' ``bluegreen.validation.refused``) naming the version and why."""
+    before, audited = r.get(M), len(await r.store.read_audit(10_000))
+    with pytest.raises(Conflict, match=match):
+        await started(r)
+    assert r.get(M) is before and len(await r.store.read_audit(10_000)) == audited + 1
+    entry = await last_audit(r)
+    assert entry["action"] == "canary_start_refused" and entry["who"] == "alice"
+    assert entry["new"] == {"candidate": "green", "version": "2"} and "validation gate refused" in entry["reason"]
+
+
 async def test_the_validation_gate_refuses_unless_forced(tmp_path: Path) -> None:
     r = release(tmp_path, gate=True)
-    await refused(r, Conflict, r"digits:2 has no passing validation report \(no report at .*\).*with force",
-                  started(r))
+    await gate_refused(r, r"digits:2 has no passing validation report \(no report at .*\).*with force")
     report(tmp_path, "2", passed=False)
-    await refused(r, Conflict, r"did not pass \(failed: accuracy\)", started(r))
+    await gate_refused(r, r"did not pass \(failed: accuracy\)")
     state = await started(r, force=True, reason="hotfix")
     assert state.canary.phase == Phase.PROGRESSING
     entry = await last_audit(r)
