@@ -5,6 +5,8 @@ Roles: ``viewer`` reads everything; ``operator`` also sets the split and the sha
 aborts rollouts; ``admin`` also re-points colors, starts and promotes rollouts and forces what a rule refuses.
 Each includes the ones before it. ``approve:<gate>`` approves one named approval gate of a rollout and nothing
 else — ``admin`` does not include it: a gate exists so that someone other than the people who ship signs off.
+``signals`` sends outside signals (complaints, incidents) and nothing else, not even reads: the token a support
+desk or a paging system holds (``operator`` and above may send them too).
 
 Tokens are compared against every configured token (no early exit on the first match), so timing does not tell
 which one matched or how much of one did. An address with ``max_failures`` failed attempts in the last
@@ -30,7 +32,7 @@ from gateway.errors import Forbidden, TooManyRequests, Unauthorized
 _TRACKED_ADDRESSES = 10_000
 Level = Literal["viewer", "operator", "admin"]
 _RANK: dict[str, int] = {"viewer": 0, "operator": 1, "admin": 2}
-Role = Annotated[str, Field(pattern=r"^(viewer|operator|admin|approve:[a-z0-9][a-z0-9_-]{0,62})$")]
+Role = Annotated[str, Field(pattern=r"^(viewer|operator|admin|signals|approve:[a-z0-9][a-z0-9_-]{0,62})$")]
 """A role as the tokens file names it."""
 
 
@@ -51,6 +53,12 @@ class Principal:
     def require(self, role: str, doing: str) -> None:
         if not self.may(role):
             raise Forbidden(f"{doing} needs the {role!r} role; {self.name!r} has {', '.join(sorted(self.roles))}")
+
+    def require_any(self, roles: tuple[str, ...], doing: str) -> None:
+        """Holds one of ``roles`` (a dedicated role, or the level that includes what it grants)."""
+        if not any(self.may(r) for r in roles):
+            raise Forbidden(f"{doing} needs one of the roles {', '.join(map(repr, roles))}; {self.name!r} has "
+                            f"{', '.join(sorted(self.roles))}")
 
     @property
     def role_list(self) -> list[str]:
