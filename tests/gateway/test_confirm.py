@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 
 from gateway import canary
+from gateway.app import Gateway
 from gateway.canary import Policy, Stage
 from tests.confirm_receiver import ConfirmReceiver, confirm_receiver
-from tests.gateway.support import FakeClock
+from tests.gateway.support import ALICE as ALICE_TOKEN
+from tests.gateway.support import FakeClock, client
 from tests.gateway.test_controller import ALICE, MODEL, POLICY, Rig
 from tests.procs import free_port
 
@@ -181,3 +183,19 @@ def test_a_confirm_url_must_be_http_or_https_with_a_host_and_round_trips() -> No
     for timeout in (0, 31, "5"):
         with pytest.raises(ValueError, match="confirm_timeout_s"):
             Policy.from_json({"confirm_timeout_s": timeout})
+
+
+async def test_a_start_with_a_bad_confirm_url_is_a_400_naming_it_and_changes_nothing(gateway: Gateway) -> None:
+    headers = {"authorization": f"Bearer {ALICE_TOKEN}", "if-match": "*"}
+    start = "/admin/v1/models/digits/canary/start"
+    before = gateway.store.get("digits")
+    async with client(gateway.admin_app()) as admin:
+        r = await admin.post(start, headers=headers, json={"policy": {"promote_confirm_url": "file:///etc/passwd"}})
+        assert r.status_code == 400 and "promote_confirm_url: must be an http or https URL" in r.json()["error"]
+        assert gateway.store.get("digits").revision == before.revision
+        good = {"stages": [{"weight": 10, "confirm_url": "http://127.0.0.1:9/confirm"}], "confirm_timeout_s": 1}
+        r = await admin.post(start, headers=headers, json={"force": True, "policy": good})
+        assert r.status_code == 200, r.text
+        policy = (await admin.get("/admin/v1/models/digits/canary", headers=headers)).json()["policy"]
+        assert policy["stages"][0]["confirm_url"] == "http://127.0.0.1:9/confirm"
+        assert (policy["promote_confirm_url"], policy["confirm_timeout_s"]) == (None, 1)
