@@ -78,15 +78,17 @@ class Tally:
                 self.last[k] = counts
 
     def total(self, color: Color) -> Counts:
-        """The stage's counts of ``color``; feedback is the color's version's labels (all of them, not since the
-        stage: labels judge the version, and they arrive late)."""
+        """The stage's counts of ``color``; feedback is the color's version's labels and outcomes (all of them, not
+        since the stage: they judge the version, and they arrive late)."""
         total = Counts()
         labels = Counts()
         for (c, inc), counts in self.last.items():
             if c == color:
                 total = total + (counts - self.base[(c, inc)])
-                labels = labels + Counts(feedback=counts.feedback, correct=counts.correct)
-        return Counts(total.requests, total.errors, labels.feedback, labels.correct, total.timed, total.slow)
+                labels = labels + Counts(feedback=counts.feedback, correct=counts.correct, outcomes=counts.outcomes,
+                                         outcome_sum=counts.outcome_sum, outcome_sq=counts.outcome_sq)
+        return Counts(total.requests, total.errors, labels.feedback, labels.correct, total.timed, total.slow,
+                      outcomes=labels.outcomes, outcome_sum=labels.outcome_sum, outcome_sq=labels.outcome_sq)
 
 
 def _since(now: Reading, then: Reading, color: Color) -> Counts:
@@ -204,7 +206,8 @@ class Controller:
             win: WindowSnapshot = self.source.window(state.name, color, span)
             p95 = win.quantile(0.95)
             return ColorSample(counts.requests, counts.errors, win.count, None if p95 is None else p95 * 1000,
-                               breaker, counts.feedback, counts.correct, counts.timed, counts.slow)
+                               breaker, counts.feedback, counts.correct, counts.timed, counts.slow,
+                               outcomes=counts.outcomes, outcome_sum=counts.outcome_sum, outcome_sq=counts.outcome_sq)
 
         stage_c = tally.total(cand)
         recent = _since(now, self._before(state.name, now.time - self.window_s), stab)

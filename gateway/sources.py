@@ -21,6 +21,7 @@ pod's pid 1 — is a new incarnation), and the controller keeps a baseline per i
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -52,10 +53,16 @@ class Counts:
     timed: int = 0
     slow: int = 0
     since: float = 0.0
+    outcomes: int = 0
+    """Business outcomes of the version: how many, their sum and sum of squares (like labels, version totals)."""
+    outcome_sum: float = 0.0
+    outcome_sq: float = 0.0
 
     def __add__(self, other: Counts) -> Counts:
         return Counts(self.requests + other.requests, self.errors + other.errors, self.feedback + other.feedback,
-                      self.correct + other.correct, self.timed + other.timed, self.slow + other.slow)
+                      self.correct + other.correct, self.timed + other.timed, self.slow + other.slow,
+                      outcomes=self.outcomes + other.outcomes, outcome_sum=self.outcome_sum + other.outcome_sum,
+                      outcome_sq=self.outcome_sq + other.outcome_sq)
 
     def __sub__(self, other: Counts) -> Counts:
         """The counts since ``other`` (an earlier reading of the same incarnation), never negative."""
@@ -71,7 +78,13 @@ def _plain(doc: dict[str, Any], threshold_ms: float, version: str) -> Counts | N
         same = doc.get("version") == version
         counts = Counts(int(doc["requests"]), int(doc["errors"]), int(doc["feedback"]) if same else 0,
                         int(doc["correct"]) if same else 0, int(timed), int(slow), float(doc.get("since", 0.0)))
+        if same and doc.get("outcomes"):  # absent in rows of replicas from before outcomes existed
+            counts = replace(counts, outcomes=int(doc["outcomes"]), outcome_sum=float(doc["outcome_sum"]),
+                             outcome_sq=float(doc["outcome_sq"]))
     except (KeyError, TypeError, ValueError):
+        return None
+    if counts.outcomes < 0 or counts.outcome_sq < 0 or not math.isfinite(counts.outcome_sum) \
+            or not math.isfinite(counts.outcome_sq):
         return None
     if min(counts.requests, counts.errors, counts.feedback, counts.correct, counts.timed, counts.slow) < 0 \
             or counts.errors > counts.requests or counts.slow > counts.timed or counts.correct > counts.feedback:
@@ -122,7 +135,8 @@ class LocalMetrics:
     def counts(self, model: str, color: Color, version: str) -> Counts:
         rt = self.plane.runtime(model, color)
         labelled, correct = self.plane.feedback.counts(model, version)
-        return Counts(rt.requests, rt.errors, labelled, correct)
+        n, total, squares = self.plane.feedback.outcome_counts(model, version)
+        return Counts(rt.requests, rt.errors, labelled, correct, outcomes=n, outcome_sum=total, outcome_sq=squares)
 
     def rows(self, model: str, color: Color, version: str, threshold_ms: float) -> dict[str, Counts]:
         rt = self.plane.runtime(model, color)
@@ -168,11 +182,13 @@ class MetricsPublisher:
         version = self.store.get(model).colors[color].version
         labelled, correct = self.plane.feedback.counts(model, version)
         compared, agreed = self.plane.shadow.counts(model)
+        outcomes, outcome_sum, outcome_sq = self.plane.feedback.outcome_counts(model, version)
         status = self.store.get(model).canary
         if status.phase in ACTIVE:  # count the rollout's latency threshold exactly from now on
             rt.window.watch(status.policy.max_p95_ms)
         return {"t": now, "since": self.since, "requests": rt.requests, "errors": rt.errors, "version": version,
                 "feedback": labelled, "correct": correct, "shadow": [compared, agreed], "over": rt.window.watched(),
+                "outcomes": outcomes, "outcome_sum": outcome_sum, "outcome_sq": outcome_sq,
                 "window": {"span": win.span_s, "count": win.count, "errors": win.errors,
                            "buckets": {str(k): v for k, v in win.buckets.items()}}}
 
@@ -244,7 +260,10 @@ class MergedMetrics:
         rows = self._docs.get((model, color), [])
         same = [d for d in rows if d.get("version") == version]
         return Counts(sum(d["requests"] for d in rows), sum(d["errors"] for d in rows),
-                      sum(d["feedback"] for d in same), sum(d["correct"] for d in same))
+                      sum(d["feedback"] for d in same), sum(d["correct"] for d in same),
+                      outcomes=sum(int(d.get("outcomes", 0)) for d in same),
+                      outcome_sum=sum(float(d.get("outcome_sum", 0.0)) for d in same),
+                      outcome_sq=sum(float(d.get("outcome_sq", 0.0)) for d in same))
 
     def window(self, model: str, color: Color, span_s: float) -> Snapshot:
         merged = Snapshot(span_s=0.0)
