@@ -34,6 +34,8 @@ def _format_model(model: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
     lines = [f"{model['name']}  weights {format_weights(model['weights'])}  stable {model.get('stable', '?')}  "
              f"candidate {model.get('candidate', '?')}  revision {model.get('revision', '?')}",
              f"  canary {_canary_summary(canary)}"]
+    if model.get("frozen"):
+        lines.append(f"  {format_frozen(model['frozen'])}")
     rows = [("color", "version", "weight", "p50 ms", "p95 ms", "p99 ms", "errors", "rps", "requests", "breakers")]
     for color in COLORS:
         c = model["colors"][color]
@@ -107,6 +109,22 @@ def format_canary(doc: Mapping[str, Any]) -> str:
         if last.get("evidence"):
             lines.append(f"  evidence {compact(last['evidence'])}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ freeze
+
+
+def format_frozen(frozen: Mapping[str, Any]) -> str:
+    return f"releases frozen since {frozen.get('time_iso', '?')} by {frozen.get('by', '?')}: {frozen.get('reason')}"
+
+
+def format_freeze(doc: Mapping[str, Any]) -> str:
+    """``GET /admin/v1/freeze``: one line per model, and how a freeze ends."""
+    models = doc.get("models") or {}
+    lines = [f"{name}: {format_frozen(f) if isinstance(f, dict) else 'not frozen'}" for name, f in models.items()]
+    if doc.get("frozen"):
+        lines.append("an admin lifts the freeze on every model: bluegreen freeze lift --reason TEXT")
+    return "\n".join(lines) if lines else "no models configured"
 
 
 # ------------------------------------------------------------------------------------------ audit

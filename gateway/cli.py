@@ -142,6 +142,22 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                         lambda c: operator.audit(c, args.limit, args.model, as_json=args.json))
 
 
+def _cmd_signal(args: argparse.Namespace) -> int:
+    from gateway import admin_client as operator
+    from gateway import signals_client
+
+    return operator.run(args.admin_url, args.token_file, lambda c: signals_client.signal(
+        c, args.model, args.kind, color=args.color, count=args.count, reason=args.reason, as_json=args.json))
+
+
+def _cmd_freeze(args: argparse.Namespace) -> int:
+    from gateway import admin_client as operator
+    from gateway import signals_client
+
+    return operator.run(args.admin_url, args.token_file,
+                        lambda c: signals_client.freeze(c, args.action, reason=args.reason, as_json=args.json))
+
+
 def _cmd_keys_new(args: argparse.Namespace) -> int:
     from gateway.keys import new_key
 
@@ -159,8 +175,8 @@ def _cmd_keys_new(args: argparse.Namespace) -> int:
 
 DESCRIPTION = ("bluegreen: an inference gateway that splits predictions between a blue and a green model "
                "server, and the tools around it. One sub-command per verb; 'bluegreen COMMAND --help' for its "
-               "options. The operator verbs (status, weights, shadow, canary, audit) call the admin API at "
-               "$BLUEGREEN_ADMIN_URL with the token in $BLUEGREEN_ADMIN_TOKEN; 'bluegreen up' prints both.")
+               "options. The operator verbs (status, weights, shadow, canary, audit, signal, freeze) call the admin "
+               "API at $BLUEGREEN_ADMIN_URL with the token in $BLUEGREEN_ADMIN_TOKEN; 'bluegreen up' prints both.")
 
 
 def _add(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str) -> argparse.ArgumentParser:
@@ -286,6 +302,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the admin API's JSON instead")
     _admin_options(p)
     p.set_defaults(func=_cmd_audit)
+
+    p = _add(sub, "signal", "send an outside signal: complaints about a model's rollout, or an incident (rolls "
+             "back every rollout and freezes releases)")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("kind", choices=["complaint", "incident"])
+    p.add_argument("--color", choices=["blue", "green"], help="complaint: the color complained about (default: "
+                   "unattributed, shown but not judged)")
+    p.add_argument("--count", type=int, metavar="N", help="complaint: how many (1-100000)")
+    p.add_argument("--reason", help="incident: what happened (required; shown with the freeze)")
+    p.add_argument("--json", action="store_true", help="print the admin API's JSON instead")
+    _admin_options(p)
+    p.set_defaults(func=_cmd_signal)
+
+    p = _add(sub, "freeze", "show the release freeze an incident set, or lift it on every model (admin)")
+    p.add_argument("action", nargs="?", choices=["lift"], help="omit to show the freeze per model")
+    p.add_argument("--reason", help="lift: recorded in the audit log")
+    p.add_argument("--json", action="store_true", help="print the admin API's JSON instead")
+    _admin_options(p)
+    p.set_defaults(func=_cmd_freeze)
     return parser
 
 
