@@ -13,6 +13,7 @@ round goes on with the next model. The timeout bounds how long one model's gate 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -53,10 +54,12 @@ async def ask(url: str, doc: dict[str, Any], timeout_s: float) -> str | None:
     """POST ``doc`` to the gate at ``url``: None when it answers 2xx (go on), else why not, in words that end up
     in the rollout's last decision (``http://... answered 503``). Redirects are not followed: a 3xx is a no."""
     try:
-        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
+        # httpx's timeout is per phase (connect, each read...): a gate dripping its answer byte by byte would
+        # outlast it, so the whole exchange is bounded too.
+        async with asyncio.timeout(timeout_s), httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
             response = await client.post(url, content=orjson.dumps(doc),
                                          headers={"content-type": "application/json", "user-agent": USER_AGENT})
-    except httpx.TimeoutException:
+    except (httpx.TimeoutException, TimeoutError):
         why = f"{url} timed out after {timeout_s:g}s"
     except httpx.ConnectError:
         why = f"{url} refused the connection or could not be reached"

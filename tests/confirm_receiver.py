@@ -1,9 +1,10 @@
 """A confirm gate for tests: a real HTTP server on a loopback port, in a thread of the test process.
 
 It answers every POST with the status the test sets (``receiver.status = 200``), after ``delay_s`` if set (a
-gate that answers too late), and keeps every JSON body it got, so a test shows both sides: what the gateway
-sent and what the rollout did with the answer. A thread, not the test's event loop, so the same receiver
-serves an in-process controller (which awaits the call on that loop) and a gateway process alike.
+gate that answers too late) or a byte every ``drip_s`` (a gate that never quite stops answering), and keeps
+every JSON body it got, so a test shows both sides: what the gateway sent and what the rollout did with the
+answer. A thread, not the test's event loop, so the same receiver serves an in-process controller (which awaits
+the call on that loop) and a gateway process alike.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class ConfirmReceiver:
     def __init__(self, status: int = 503) -> None:
         self.status = status
         self.delay_s = 0.0
+        self.drip_s = 0.0
         self.bodies: list[dict[str, Any]] = []
         self.paths: list[str] = []
         self._lock = threading.Lock()
@@ -46,14 +48,19 @@ class ConfirmReceiver:
                 with receiver._lock:
                     receiver.bodies.append(orjson.loads(raw))
                     receiver.paths.append(self.path)
-                    status, delay = receiver.status, receiver.delay_s
+                    status, delay, drip = receiver.status, receiver.delay_s, receiver.drip_s
                 if delay:
                     time.sleep(delay)
+                body = b"{}" if not drip else b" " * 60 + b"{}"
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
-                self.send_header("content-length", "2")
+                self.send_header("content-length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(b"{}")
+                for i in range(len(body)):  # dripping: one byte every drip_s, each read well within a timeout
+                    if drip:
+                        self.wfile.flush()
+                        time.sleep(drip)
+                    self.wfile.write(body[i:i + 1])
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gateway import canary
+from gateway import canary, confirm
 from gateway.app import Gateway
 from gateway.canary import Policy, Stage
 from tests.confirm_receiver import ConfirmReceiver, confirm_receiver
@@ -152,6 +152,17 @@ async def test_a_gate_that_answers_too_late_or_not_at_all_holds_within_the_timeo
     assert time.monotonic() - t0 < 5.0  # no waiting on a closed port
     assert reason(rig).startswith(f"hold: waiting for the confirm gate of stage 1: {closed} refused the connection")
     assert rig.status().phase == "progressing"
+
+
+async def test_a_gate_dripping_its_answer_is_cut_off_at_the_timeout(receiver: ConfirmReceiver) -> None:
+    """httpx's timeout is per read: a byte every 0.1 s never trips a 0.4 s one, but the whole exchange is bounded."""
+    receiver.status, receiver.drip_s = 200, 0.1
+    t0 = time.monotonic()
+    answer = await confirm.ask(receiver.url(), {"gate": STAGE_1}, 0.4)
+    assert answer == f"{receiver.url()} timed out after 0.4s"
+    assert 0.3 < time.monotonic() - t0 < 3.0  # the whole answer would take 6 s
+    receiver.drip_s = 0.0
+    assert await confirm.ask(receiver.url(), {"gate": STAGE_1}, 0.4) is None
 
 
 async def test_an_operators_promote_is_not_sent_to_the_gates_and_says_so(rig: Rig,
