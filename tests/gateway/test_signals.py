@@ -7,6 +7,7 @@ Every refusal is checked to change nothing: same revisions, no new audit entry.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -224,3 +225,40 @@ async def test_http_incident_freeze_and_lift(http: httpx.AsyncClient, gateway: G
     audit = [e["action"] for e in (await http.get(f"{API}/audit", headers=auth(VIEWER_T))).json()["entries"]]
     assert audit[:2] == ["canary_start", "freeze_lifted"]
     assert {"signal_received", "freeze_set", "canary_rollback"} <= set(audit)
+
+
+# ----------------------------------------------------------------------------------------------- with Redis
+
+
+async def test_with_redis_every_replica_sees_the_complaints_and_the_freeze(tmp_path: Path) -> None:
+    """Two replicas' stores on one real redis-server: what one records through a signal, the other reads (the
+    controller may run on either), and racing complaints from both are all counted."""
+    import asyncio
+
+    from gateway.state_redis import RedisStateStore
+    from tests.procs import start_redis
+
+    proc, port = start_redis(tmp_path)
+    routing = RoutingFile.model_validate(routing_doc())
+    stores = [RedisStateStore(f"redis://127.0.0.1:{port}/0", routing, refresh_s=3600, replica=r) for r in "ab"]
+    try:
+        for st in stores:
+            await st.start()
+        a, b = (Signals(Release(st, None, {"digits": QUICK}, clock=FakeClock())) for st in stores)
+        await a.release.start("digits", StartBody(), actor=ADMIN)
+        complaint = signal({"kind": "complaint", "color": "green", "count": 1})
+        await asyncio.gather(*(s.receive("digits", complaint, actor=DESK) for s in (a, b) for _ in range(10)))
+        for s in (a, b):
+            await s.release.store.reload()  # type: ignore[attr-defined]
+            assert s.release.get("digits").canary.complaints.candidate == 20
+        await b.receive("digits", signal({"kind": "incident", "reason": "pager"}), actor=DESK)
+        await a.release.store.reload()  # type: ignore[attr-defined]
+        assert a.describe()["models"]["digits"]["reason"] == "pager"
+        assert a.release.get("digits").canary.phase == Phase.ROLLED_BACK
+        await unchanged(a, Conflict, "releases are frozen", a.release.start("digits", StartBody(), actor=ADMIN))
+        actions = [e.action for e in await a.release.store.read_audit(100)]
+        assert actions.count("signal_complaint") == 20 and actions.count("signal_received") == 21
+    finally:
+        for st in stores:
+            await st.aclose()
+        proc.stop()
