@@ -6,6 +6,8 @@ lives in the core (reads need the ``viewer`` role, checked here). Every write is
 ``If-Match`` with the ETag its author read (428 without one, unless ``BLUEGREEN_ADMIN__REQUIRE_IF_MATCH=false``;
 ``If-Match: *`` is an explicit unconditional write) and is audited with the token's name and roles; a refused
 request changes nothing.
+Outside signals (``POST /admin/v1/models/{m}/signals``) are events, not edits of a state read, and need no
+If-Match; lifting the release freeze (``DELETE /admin/v1/freeze``) takes ``If-Match: *`` (the freeze has no ETag).
 """
 
 from __future__ import annotations
