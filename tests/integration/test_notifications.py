@@ -1,0 +1,193 @@
+"""Notifications end to end: two real gateways sharing a real Redis send each decision of a real rollout once,
+signed, in order, to a real receiver on loopback — even one that is down for the first 5 s — and a sink that never
+answers slows neither predictions nor the rollout."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.integration.expect import expect
+from tests.integration.test_canary import FAST, INFER, NO_CACHE, Load, audit, body, canary
+from tests.procs import admin_headers, free_port, routing, start_gateway, start_model_server, start_redis, wait_until
+
+pytestmark = pytest.mark.usefixtures("model_repo")
+SECRET = "hook-secret-for-the-test"
+ROLLOUT = {"bluegreen.rollout.started", "bluegreen.rollout.advanced", "bluegreen.rollout.rolled_back",
+           "bluegreen.rollout.promoted", "bluegreen.rollout.paused", "bluegreen.rollout.resumed"}
+
+
+class Receiver:
+    """A webhook receiver in a thread of the test: keeps every request's headers and raw body, answers 200."""
+
+    def __init__(self, port: int) -> None:
+        self.got: list[tuple[dict[str, str], bytes]] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("content-length", "0")))
+                with receiver._lock:
+                    receiver.got.append(({k.lower(): v for k, v in self.headers.items()}, raw))
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+
+    def events(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [orjson.loads(b) for _, b in self.got]
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+class Blackhole:
+    """A sink that accepts connections and never answers (held open until the end of the test)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 120
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                self.held.append(self.sock.accept()[0])
+            except TimeoutError:
+                continue
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for s in [*self.held, self.sock]:
+            s.close()
+
+
+def verified(headers: dict[str, str], raw: bytes) -> bool:
+    ts = headers["x-bluegreen-timestamp"]
+    want = "sha256=" + hmac.new(SECRET.encode(), f"{ts}.".encode() + raw, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(want, headers.get("x-bluegreen-signature", ""))
+
+
+def notifications(admin: str) -> dict[str, Any]:
+    return expect(httpx.get(f"{admin}/admin/v1/notifications", headers=admin_headers())).json()  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def blue(tmp_path_factory: pytest.TempPathFactory, model_repo: Path) -> Iterator[str]:
+    proc, url = start_model_server(tmp_path_factory.mktemp("blue"), ["digits:1"])
+    yield url
+    proc.stop()
+
+
+def test_a_faulty_rollout_is_told_once_in_order_signed_through_a_receiver_outage(blue: str, tmp_path: Path) -> None:
+    rproc, rport = start_redis(tmp_path)
+    green, green_url = start_model_server(tmp_path, ["digits:2"], extra=["--fault-error-rate", "0.05"])
+    hook_port = free_port()  # nobody listens there yet: the receiver is down
+    doc = {**routing([blue], [green_url]),
+           "notifications": [{"url": f"http://127.0.0.1:{hook_port}/hook", "secret_env": "HOOK_SECRET",
+                              "events": ["bluegreen.rollout.*", "bluegreen.validation.refused"], "timeout_s": 1}]}
+    env = {"BLUEGREEN_REDIS_URL": f"redis://127.0.0.1:{rport}/0", "HOOK_SECRET": SECRET}
+    a, data_a, admin_a = start_gateway(tmp_path, doc, env, name="a")
+    b, data_b, admin_b = start_gateway(tmp_path, doc, env, name="b")
+    loads = [Load(data_a, 2), Load(data_b, 2)]
+    receiver = None
+    try:
+        down_since = time.monotonic()
+        canary(admin_b, "start", {"force": True, "policy": FAST})
+        wait_until(lambda: canary(admin_a)["phase"] == "rolled_back", 30, interval=0.1, what="the rollback")
+        time.sleep(max(0.0, 5.0 - (time.monotonic() - down_since)))  # the receiver stays down 5 s in all
+        receiver = Receiver(hook_port)
+        wait_until(lambda: any(e["type"] == "bluegreen.rollout.rolled_back" for e in receiver.events()), 30,
+                   interval=0.1, what="the rolled-back event after the receiver came up")
+        time.sleep(1.0)  # time for a duplicate, if a second replica were sending
+        events, got = receiver.events(), list(receiver.got)
+        told = [e for e in audit(admin_a) if e["action"].startswith("canary_")][::-1]
+        status_a, status_b = notifications(admin_a), notifications(admin_b)
+    finally:
+        for load in loads:
+            load.stop()
+        if receiver is not None:
+            receiver.stop()
+        a.stop()
+        b.stop()
+        green.stop()
+        rproc.stop()
+
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "bluegreen.rollout.started" and kinds[-1] == "bluegreen.rollout.rolled_back", kinds
+    assert set(kinds[1:-1]) <= {"bluegreen.rollout.advanced"}, kinds
+    ids = [e["id"] for e in events]
+    assert len(ids) == len(set(ids)), f"an event was delivered twice: {ids}"
+    assert ids == [e["id"] for e in told], "every audited decision, in the audit's order, each once"
+    assert all(verified(h, raw) for h, raw in got), "every body verifies against the secret"
+    assert all(e["specversion"] == "1.0" and e["subject"] == "digits" and e["source"] for e in events)
+    rolled = events[-1]["data"]
+    assert rolled["rollout"]["phase"] == "rolled_back" and "error rate" in rolled["reason"]
+    assert rolled["evidence"]["candidate"]["errors"] > 0
+    assert rolled["evidence"]["thresholds"]["max_error_rate"] == 0.001
+    # One replica sent (the lease holder); both list its deliveries from Redis; the first needed retries.
+    assert [s["sending"] for s in (status_a, status_b)].count(True) == 1
+    delivered = {d["event_id"]: d for d in status_a["deliveries"] if d["outcome"] == "delivered"}
+    assert set(delivered) == set(ids) and delivered[ids[0]]["attempts"] > 1
+    assert status_a["deliveries"] == status_b["deliveries"]
+
+
+def test_a_sink_that_never_answers_slows_neither_predictions_nor_the_rollout(blue: str, tmp_path: Path) -> None:
+    """A healthy rollout with a sink that accepts connections and never answers (each attempt waits out its 2 s):
+    the rollout promotes, and a probe of the gateway every 50 ms never waits anywhere near an attempt's 2 s — the
+    event loop that serves predictions and runs the controller is never held by the sink."""
+    hole = Blackhole()
+    green, green_url = start_model_server(tmp_path, ["digits:2"])
+    sinks = [{"url": f"http://127.0.0.1:{hole.port}/", "timeout_s": 2, "retry_for_s": 3}]
+    gw, data, admin = start_gateway(tmp_path, {**routing([blue], [green_url]), "notifications": sinks})
+    load = Load(data, 2)
+    probes: list[float] = []
+    try:
+        canary(admin, "start", {"force": True, "policy": FAST})
+        with httpx.Client(base_url=data, timeout=10) as c:
+            deadline = time.monotonic() + 40
+            while canary(admin)["phase"] not in ("promoted", "rolled_back") and time.monotonic() < deadline:
+                s = time.perf_counter()
+                expect(c.post(INFER, content=body(len(probes)), headers=NO_CACHE))
+                probes.append(time.perf_counter() - s)
+                time.sleep(0.05)
+        status, told = canary(admin), notifications(admin)
+    finally:
+        load.stop()
+        gw.stop()
+        green.stop()
+        hole.stop()
+    load.assert_no_failures("while the sink hung")
+    assert status["phase"] == "promoted", status["last_decision"]
+    assert len(hole.held) >= 1, "the gateway did try the hung sink"
+    assert told["sinks"][0]["last_error"] is not None and "no answer within 2s" in told["sinks"][0]["last_error"]
+    assert len(probes) >= 20 and max(probes) < 1.0, f"slowest probe {max(probes) * 1000:.0f} ms of {len(probes)}"
