@@ -39,9 +39,11 @@ const Views = {
   policy(p) {
     const stages = (p.stages || []).map((s, i) => h("li", {
       text: `stage ${i + 1}: ${s.weight}% for ${fmt.dur(s.hold_s)}` +
-        (s.approvals && s.approvals.length ? `, then approval by ${s.approvals.join(", ")}` : s.approve ? ", then an operator's resume" : ""),
+        (s.approvals && s.approvals.length ? `, then approval by ${s.approvals.join(", ")}` : s.approve ? ", then an operator's resume" : "") +
+        (s.confirm_url ? `, then the confirm gate ${s.confirm_url}` : ""),
     }));
-    return h("div", {}, h("ol", { className: "stages" }, ...stages, h("li", { text: "then 100% (promote)" })),
+    const full = "then 100% (promote)" + (p.promote_confirm_url ? `, once the confirm gate ${p.promote_confirm_url} says yes` : "");
+    return h("div", {}, h("ol", { className: "stages" }, ...stages, h("li", { text: full })),
       h("p", { className: "muted", text: `analysed every ${fmt.dur(p.interval_s)}; rolls back when the error rate's ` +
         `lower bound > ${fmt.pct(p.max_error_rate, 3)} (confidence ${p.confidence}), p95 > ${p.max_p95_ms} ms on ` +
         `≥ ${p.min_requests} requests, accuracy drops > ${p.max_accuracy_drop}` +
@@ -66,10 +68,12 @@ const Views = {
     const left = stage.hold_s - (c.time_in_stage_s || 0);
     if (left > 0) parts.push(`time: ${fmt.dur(left)} of hold left`);
     const d = c.last_decision;
-    if (d && d.result === "hold") parts.push("evidence: " + d.reason);
+    // A hold at a confirm gate is a wait for another system, not for evidence: its reason is shown as it is.
+    if (d && d.result === "hold") parts.push((d.evidence && d.evidence.confirm_gate ? "" : "evidence: ") + d.reason);
     else parts.push(`the first analysis of this stage, in ${fmt.dur(c.last_analysis + c.policy.interval_s - serverNow)}`);
     if (stage.approvals.length) parts.push("then approval: " + stage.approvals.join(", "));
     else if (stage.approve) parts.push("then an operator's resume");
+    if (stage.confirm_url) parts.push("then the confirm gate " + stage.confirm_url);
     return parts.join("; ");
   },
 
