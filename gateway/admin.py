@@ -132,6 +132,11 @@ def create_admin_app(release: Release, plane: DataPlane, auth: Authenticator, *,
         who(request)
         return _json({"models": [model_json(release.get(name)) for name in release.store.models]})
 
+    async def get_model(request: Request) -> Response:
+        who(request)
+        state = model_of(request)
+        return tagged(model_json(state), state)
+
     async def get_split(request: Request) -> Response:
         who(request)
         state = model_of(request)
@@ -258,6 +263,7 @@ def create_admin_app(release: Release, plane: DataPlane, auth: Authenticator, *,
     routes = [
         Route("/metrics", metrics, methods=["GET"]),
         Route(f"{prefix}/models", list_models, methods=["GET"]),
+        Route(f"{prefix}/models/{{model}}", get_model, methods=["GET"]),
         Route(f"{prefix}/models/{{model}}/split", get_split, methods=["GET"]),
         Route(f"{prefix}/models/{{model}}/split", put_split, methods=["PUT"]),
         Route(f"{prefix}/models/{{model}}/colors/{{color}}", put_color, methods=["PUT"]),

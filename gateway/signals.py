@@ -84,8 +84,8 @@ class Signals:
         signal = body.root
         doc = signal.model_dump()
         await self.release.store.append_audit(AuditEntry(
-            self.release.clock(), actor.name, "signal_received", model, {}, {}, doc.get("reason"),
-            {"signal": doc}, actor.role_list))
+            self.release.clock(), actor.name, "signal_received", model, {}, doc, doc.get("reason"), None,
+            actor.role_list))
         if isinstance(signal, ComplaintBody):
             return await self.complaint(model, signal, actor)
         return await self.incident(signal, actor)

@@ -63,7 +63,7 @@ async def test_a_complaint_without_a_rollout_is_recorded_and_changes_nothing_els
     assert doc["counted"] is False and s.release.get("digits") is before
     entry = (await s.release.store.read_audit(1))[0]
     assert (entry.action, entry.who, entry.model) == ("signal_received", "support-desk", "digits")
-    assert entry.evidence == {"signal": {"kind": "complaint", "color": "green", "count": 3}}
+    assert entry.new == {"kind": "complaint", "color": "green", "count": 3}  # the body, as the notifier reads it
 
 
 async def test_complaints_accumulate_per_color_of_the_active_rollout() -> None:
@@ -206,6 +206,9 @@ async def test_http_incident_freeze_and_lift(http: httpx.AsyncClient, gateway: G
     assert (frozen["by"], frozen["reason"]) == ("ci", "5xx spike") and frozen["time_iso"].endswith("Z")
     model = (await http.get(f"{API}/models", headers=auth(VIEWER_T))).json()["models"][0]
     assert model["frozen"]["reason"] == "5xx spike"
+    r = await http.get(f"{API}/models/digits", headers=auth(VIEWER_T))
+    assert r.json()["frozen"] == model["frozen"] and r.headers["etag"] == model["etag"]
+    assert (await http.get(f"{API}/models/nope", headers=auth(VIEWER_T))).status_code == 404
     r = await http.post(f"{API}/models/digits/canary/start", headers={**auth(ALICE), "if-match": "*"})
     assert r.status_code == 409 and r.json()["error"].startswith("releases are frozen since ")
     before = state_of(gateway)
