@@ -351,8 +351,8 @@ def test_sixteen_bodies_of_the_maximum_size_keep_memory_bounded_and_health_fast(
         if health["worst_s"] >= 0.1:
             # Known miss, reported when the hostile-traffic limits were closed: each 16 MiB body costs the event
             # loop ~15 ms to join its chunks and ~45 ms to scan for its skeleton (C loops over the bytes, under
-            # contention on these 2 cores), and bodies that complete in the same loop turn are joined back to back; the probe
-            # saw 250-400 ms at worst. Memory and answers above are asserted, not excused.
+            # contention on these 2 cores), and bodies that complete in the same loop turn are joined back to
+            # back; the probe saw 250-400 ms at worst. Memory and answers above are asserted, not excused.
             pytest.xfail(f"/v2/health/live took {measured['health_worst_ms']} ms at worst (bound 100 ms)")
     finally:
         assert gw.stop() == 0
