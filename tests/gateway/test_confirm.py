@@ -210,3 +210,15 @@ async def test_a_start_with_a_bad_confirm_url_is_a_400_naming_it_and_changes_not
         policy = (await admin.get("/admin/v1/models/digits/canary", headers=headers)).json()["policy"]
         assert policy["stages"][0]["confirm_url"] == "http://127.0.0.1:9/confirm"
         assert (policy["promote_confirm_url"], policy["confirm_timeout_s"]) == (None, 1)
+
+
+def test_an_approval_of_the_last_stage_moves_past_the_promotion_gate_and_says_so() -> None:
+    """Pure: people's approval is their decision; the promotion's gate is not asked, and the evidence says so."""
+    policy = Policy(stages=(Stage(20, 0.0, approvals=("security",)),), promote_confirm_url="http://127.0.0.1:9/p")
+    status, _ = canary.start(policy, "green", 1000.0)
+    status = dataclasses.replace(status, phase=canary.Phase.PAUSED, paused_by="approval", paused_at=1001.0)
+    done, actions = canary.approve(status, "security", "sec-team", 1002.0)
+    assert done.phase == "promoting" and actions == [canary.SetWeight("green", 100)]
+    assert done.last_decision is not None and done.last_decision.reason == \
+        "stage 1 approved: security by sec-team; confirm gates not asked (an operator's command): promotion"
+    assert done.last_decision.evidence["confirm_gates_not_asked"] == ["promotion"]
