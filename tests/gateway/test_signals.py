@@ -265,3 +265,29 @@ async def test_with_redis_every_replica_sees_the_complaints_and_the_freeze(tmp_p
         for st in stores:
             await st.aclose()
         proc.stop()
+
+
+# ----------------------------------------------------------------------------------------------- the CLI's checks
+
+
+@pytest.mark.parametrize(("kind", "options", "flag"), [
+    ("complaint", {}, "--count N"), ("complaint", {"count": 0}, "--count must be 1-100000"),
+    ("complaint", {"count": 2, "reason": "x"}, "--reason goes with `signal MODEL incident`"),
+    ("incident", {}, "--reason TEXT"), ("incident", {"reason": " "}, "--reason TEXT"),
+    ("incident", {"reason": "x", "color": "green", "count": 1}, "--color, --count go with"),
+    ("rumour", {}, "complaint or incident")])
+def test_the_cli_refuses_options_that_do_not_fit_before_sending(kind: str, options: dict[str, Any],
+                                                                flag: str) -> None:
+    from gateway.admin_client import UsageError
+    from gateway.signals_client import signal_body
+
+    with pytest.raises(UsageError, match=flag.replace("(", r"\(")):
+        signal_body(kind, **options)
+
+
+def test_the_servers_field_names_become_the_cli_flags() -> None:
+    from gateway.admin_client import AdminError
+    from gateway.signals_client import _flags
+
+    exc = _flags(AdminError(400, "invalid body: complaint.count: Input should be less than or equal to 100000"))
+    assert str(exc) == "invalid body: --count: Input should be less than or equal to 100000" and exc.status == 400
