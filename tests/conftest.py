@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gc
 import os
 import signal
 import subprocess
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pluggy
@@ -27,10 +29,66 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture(scope="session")
-def model_repo() -> os.PathLike[str]:
-    """The default repository with every bundled model built (idempotent: only missing ones are built)."""
-    build_all(DEFAULT_REPOSITORY)
+def model_repo(request: pytest.FixtureRequest) -> os.PathLike[str]:
+    """The default repository with every bundled model built (idempotent: only missing ones are built).
+
+    Session-scoped, so each xdist worker runs it once: a file lock makes the first one build and the others wait
+    and then find the models current (two builders would write the same ``model.onnx.tmp``)."""
+    folder = _run_dir(request.config)
+    if folder is None:
+        build_all(DEFAULT_REPOSITORY)
+    else:
+        with open(folder / "build-models.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            build_all(DEFAULT_REPOSITORY)
     return DEFAULT_REPOSITORY
+
+
+# --------------------------------------------------------------------- parallel runs (pytest-xdist workers)
+
+
+def _run_dir(config: pytest.Config) -> Path | None:
+    """The folder every xdist worker of this run shares (the controller's basetemp: each worker's own is a
+    ``popen-gwN`` folder inside it), or None outside a worker: a serial run has no one to coordinate with."""
+    if not hasattr(config, "workerinput"):
+        return None
+    return Path(config.option.basetemp).parent
+
+
+@contextlib.contextmanager
+def _turn(folder: Path, exclusive: bool) -> Iterator[None]:
+    """A readers-writer lock across the workers: every test holds ``tests.lock`` shared, an ``exclusive`` test
+    holds it alone. ``flock`` alone would let a stream of overlapping shared holders starve a waiting exclusive
+    one, so each taker first passes a turnstile (``turnstile.lock``, held only while taking the main lock): a
+    waiting exclusive test keeps the turnstile, and the other worker's next test queues behind it.
+
+    Unlocked explicitly rather than by closing: a lock belongs to the open file, and a child forked during the
+    test would otherwise keep it."""
+    with open(folder / "turnstile.lock", "a") as gate, open(folder / "tests.lock", "a") as main:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(main, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(main, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
+    """Under xdist, a test marked ``exclusive`` (its assertions are about time or rates) runs while no other
+    worker runs a test; the others share. The whole protocol is covered — set-up, call and teardown — since
+    module fixtures start and stop their servers inside the first and last test's set-up and teardown, and that
+    load is what an exclusive test must not see. Outermost (``tryfirst``), so that the wait for the lock does
+    not count against the test's own timeout."""
+    folder = _run_dir(item.config)
+    if folder is None:
+        yield
+        return
+    with _turn(folder, item.get_closest_marker("exclusive") is not None):
+        yield
 
 
 _LOG_TAIL_LINES = 40

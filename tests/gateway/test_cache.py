@@ -465,6 +465,7 @@ async def test_a_failed_probe_opens_the_breaker_again(clock: FakeClock, mono: Fa
     assert l2.gets == before + 1
 
 
+@pytest.mark.exclusive
 async def test_a_hanging_l2_read_is_a_miss_within_the_timeout(clock: FakeClock, mono: FakeClock, l2: MemoryL2) -> None:
     cache = make(clock, mono, l2, redis_timeout_s=0.05)
     l2.fault = "hang"

@@ -197,6 +197,7 @@ async def test_a_pinned_request_is_never_answered_by_the_other_color(pin: dict[s
         assert "blue: circuit open" in str(refused.value) and r.green.calls == 0
 
 
+@pytest.mark.exclusive
 async def test_a_hanging_color_leaves_the_other_one_time_within_the_deadline() -> None:
     async with rig(upstream=UpstreamSettings(deadline_s=1.2, attempt_timeout_s=1.0)) as r:
         r.blue.behaviour = "hang"

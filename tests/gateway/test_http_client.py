@@ -434,6 +434,7 @@ def test_an_interim_1xx_answer_is_refused(run: Callable[..., None]) -> None:
 # ------------------------------------------------------------------------------------------ limits and deadlines
 
 
+@pytest.mark.exclusive
 @pytest.mark.parametrize("where", ["headers", "body"])
 def test_a_slow_answer_fails_at_the_deadline(run: Callable[..., None], where: str) -> None:
     async def case() -> None:
@@ -513,6 +514,7 @@ def test_an_oversized_body(run: Callable[..., None], framing: str) -> None:
 # ------------------------------------------------------------------------------------------ connecting
 
 
+@pytest.mark.exclusive
 def test_a_refused_connection_is_not_sent(run: Callable[..., None]) -> None:
     async def case() -> None:
         ep = endpoint(f"http://127.0.0.1:{free_port()}")
@@ -556,6 +558,7 @@ def full_backlog() -> Iterator[int]:
         listener.close()
 
 
+@pytest.mark.exclusive
 @pytest.mark.parametrize("limit", ["connect-timeout", "deadline"])
 def test_a_connect_that_hangs_is_not_sent(run: Callable[..., None], full_backlog: int, limit: str) -> None:
     async def case() -> None:
@@ -715,6 +718,7 @@ def test_the_pool_limit_bounds_connections(run: Callable[..., None]) -> None:
     run(case)
 
 
+@pytest.mark.exclusive
 def test_a_waiter_without_a_connection_by_its_deadline_is_not_sent(run: Callable[..., None]) -> None:
     async def case() -> None:
         async def slow(peer: Peer) -> None:
@@ -795,6 +799,7 @@ def test_a_request_cancelled_by_its_caller_closes_its_connection(run: Callable[.
     run(case)
 
 
+@pytest.mark.exclusive
 def test_closing_the_pool_fails_requests_in_flight(run: Callable[..., None]) -> None:
     async def case() -> None:
         async def never(peer: Peer) -> None:  # reads the request, never answers (then waits for the close)

@@ -124,6 +124,7 @@ def records_text(directory: Path) -> list[str]:
     return [json.dumps(r) for r in records(directory)]
 
 
+@pytest.mark.exclusive
 async def test_a_full_queue_drops_and_counts_without_waiting(tmp_path: Path) -> None:
     telemetry = Telemetry()
     log = PayloadLog(PayloadLogSettings(dir=tmp_path, queue_size=5), telemetry, {})  # writer not started

@@ -55,6 +55,7 @@ def keys_gateway(tmp_path: Path, backend: str, keys: Path, env: dict[str, str] |
     return proc, data
 
 
+@pytest.mark.exclusive
 def test_refusals_are_fast_and_reach_no_model_server(tmp_path: Path, backend: str) -> None:
     keys = tmp_path / "keys.yaml"
     keys.write_text(yaml.safe_dump({"fast": entry(FAST, ["digits"]), "slow": entry(SLOW, ["wide"], 1, 1)}))
@@ -85,6 +86,7 @@ def test_refusals_are_fast_and_reach_no_model_server(tmp_path: Path, backend: st
         proc.stop()
 
 
+@pytest.mark.exclusive
 def test_an_edited_keys_file_takes_effect_within_two_seconds(tmp_path: Path, backend: str) -> None:
     keys = tmp_path / "keys.yaml"
     keys.write_text(yaml.safe_dump({"fast": entry(FAST, ["*"])}))
@@ -128,6 +130,7 @@ async def _drive(urls: list[str], key: str, seconds: float, per_second: float) -
     return counts, time.monotonic() - start
 
 
+@pytest.mark.exclusive
 def test_a_keys_rate_holds_across_two_replicas_and_per_replica_without_redis(tmp_path: Path, backend: str) -> None:
     """50/s through two replicas (each offered 100/s) over 10 s: 50 +- 5 answered per second (the burst of 10
     comes on top once). Then Redis is killed: no 5xx, each replica limits on its own."""

@@ -271,10 +271,14 @@ def test_shadow_traffic_never_fails_a_client_and_its_agreement_matches_offline(b
 # ------------------------------------------------------------------------------------------ two replicas
 
 
+@pytest.mark.exclusive
 def test_two_gateways_on_one_redis_share_state_and_one_controller(blue: str, tmp_path: Path) -> None:
     rproc, rport = start_redis(tmp_path)
     green, green_url = start_model_server(tmp_path, ["digits:2"])
-    env = {"BLUEGREEN_REDIS_URL": f"redis://127.0.0.1:{rport}/0"}
+    # A 1.5 s controller lease instead of the default 5 s: the survivor takes over that much sooner after the
+    # kill, and the takeover (lease lapse, new epoch, the stage resumed once) is the same; renewed every 0.5 s, it
+    # is kept unless a replica stalls for 0.7 s, which the exclusive mark keeps this test's machine from doing.
+    env = {"BLUEGREEN_REDIS_URL": f"redis://127.0.0.1:{rport}/0", "BLUEGREEN_CONTROLLER_LEASE_TTL_S": "1.5"}
     doc = routing([blue], [green_url])
     a, data_a, admin_a = start_gateway(tmp_path, doc, env, name="a")
     b, data_b, admin_b = start_gateway(tmp_path, doc, env, name="b")
@@ -315,6 +319,7 @@ def test_two_gateways_on_one_redis_share_state_and_one_controller(blue: str, tmp
         import redis as redis_client
 
         holder = redis_client.Redis(port=rport).get("bluegreen:leader").decode()
+        assert 0 < redis_client.Redis(port=rport).pttl("bluegreen:leader") <= 1500  # the setting reached the lease
         victim, survivor_admin = (a, admin_b) if str(a.pid) in holder else (b, admin_a)
         stage_at_kill = canary(survivor_admin)["stage"]
         victim.signal(signal.SIGKILL)

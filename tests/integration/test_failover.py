@@ -81,6 +81,7 @@ async def _load(data: str, fault_after: int, seconds_after: float, fault: Callab
     return log, before[0], unexpected
 
 
+@pytest.mark.exclusive
 def test_sigkill_green_at_50_50_under_64_clients_costs_no_request(tmp_path: Path, blue_url: str) -> None:
     """Three runs: green is killed mid-load, then started again on its port. Requests in flight to it fail with a
     reset, which is green's own failure, so they move to blue outside the retry budget; new ones find green
@@ -129,6 +130,7 @@ def test_sigstop_green_under_64_clients_costs_no_request(tmp_path: Path, blue_ur
         green.stop()
 
 
+@pytest.mark.exclusive
 def test_a_client_deadline_shorter_than_the_attempt_timeout_still_fails_over(tmp_path: Path, blue_url: str,
                                                                             healthy_green_url: str) -> None:
     """x-bluegreen-timeout-ms 800 with a 1 s attempt timeout: the hanging color gets half the time, the other
@@ -155,6 +157,7 @@ def test_a_client_deadline_shorter_than_the_attempt_timeout_still_fails_over(tmp
         proxy.close()
 
 
+@pytest.mark.exclusive
 def test_both_colors_hung_serve_the_stale_answer_after_the_first_attempt(tmp_path: Path, blue_url: str,
                                                                          healthy_green_url: str) -> None:
     """With a stale entry at hand, the first attempt's timeout ends the forwarding: the stale answer comes after

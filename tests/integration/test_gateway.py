@@ -255,6 +255,7 @@ def test_hanging_green_hits_the_deadline_while_blue_keeps_serving(servers: Serve
         proxy.close()
 
 
+@pytest.mark.exclusive
 def test_both_colors_down_answer_503_fast_and_the_gateway_stays_ready(tmp_path: Path) -> None:
     dead = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
     proc, data, _ = start_gateway(tmp_path, routing([dead[0]], [dead[1]], weights=(50, 50)))
@@ -278,6 +279,7 @@ def test_both_colors_down_answer_503_fast_and_the_gateway_stays_ready(tmp_path: 
 # ------------------------------------------------------------------------------------------ hostile input
 
 
+@pytest.mark.exclusive
 def test_hostile_bodies_are_refused_and_never_reach_a_backend(servers: Servers, tmp_path: Path) -> None:
     proxy = FaultProxy(int(servers.blue.rsplit(":", 1)[1]))
     proc, data, _ = start_gateway(tmp_path, routing([proxy.url], [proxy.url]),

@@ -218,6 +218,7 @@ def test_bad_requests_are_refused_clearly(server: str, body: bytes, status: int,
     ([[0.0] * 63 + ["1"]], "found string"),
     ([1e39] + [0.0] * 63, "overflows FP32"),
 ])
+@pytest.mark.exclusive
 def test_strict_values_are_refused_before_any_run(server: str, data: list, needle: str) -> None:  # type: ignore[type-arg]
     before = httpx.get(f"{server}/v2/models/digits/versions/2/stats").json()["model_stats"][0]["execution_count"]
     started = time.monotonic()
