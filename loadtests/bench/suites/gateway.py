@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import statistics
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +13,7 @@ import numpy as np
 
 from loadtests.bench import base, servers, steps, wrk
 from loadtests.bench.base import fmt_added, fmt_cores, fmt_int, fmt_ms, fmt_ms2, fmt_share
+from loadtests.bench.variants import cpu_medians, notify_ratios, notify_runs, render_notify, variant_runs, variant_table
 from serving.machine import machine_line
 
 #: Order of the wrk runs, one tuple per round: alternating, so drift on the shared machine favours neither side.
@@ -99,32 +99,6 @@ def payload_runs(ctx: base.SuiteContext, routing: Mapping[str, Any], server: ser
         return variant_runs(PAYLOAD_ORDER, server, gateway, payload, url, script, script, duration_s)
 
 
-def variant_runs(order: tuple[str, ...], server: servers.ServerProcess, gateway: servers.ServerProcess,
-                 variant: servers.ServerProcess, url: str, plain_script: Path, variant_script: Path,
-                 duration_s: int) -> list[dict[str, Any]]:
-    """wrk runs in ``order`` (ABBA: "gateway" is the plain gateway, any other name the ``variant`` one, each with
-    its own script), every run with the CPU per request of the proxy it measured."""
-    runs = []
-    for n, target in enumerate(order, start=1):
-        plain = target == "gateway"
-        proxy = gateway if plain else variant
-        run = steps.saturate(n, target, url if plain else url.replace(gateway.url, variant.url),
-                             plain_script if plain else variant_script, duration_s,
-                             {"model_server": server, "proxy": proxy})
-        run["proxy_cpu_us_per_request"] = steps.proxy_cpu_us_per_request(run)
-        runs.append(run)
-    return runs
-
-
-def cpu_medians(runs: list[dict[str, Any]], variant: str) -> tuple[float, float] | None:
-    """Median CPU µs per request of the plain gateway's runs and of the variant's, or None without both."""
-    cpu = {t: [r["proxy_cpu_us_per_request"] for r in runs if r["target"] == t
-               and r["proxy_cpu_us_per_request"] is not None] for t in ("gateway", variant)}
-    if not cpu["gateway"] or not cpu[variant]:
-        return None
-    return statistics.median(cpu["gateway"]), statistics.median(cpu[variant])
-
-
 def payload_ratios(runs: list[dict[str, Any]]) -> list[base.Ratio]:
     medians = cpu_medians(runs, "payload")
     if medians is None:
@@ -202,6 +176,7 @@ def run(ctx: base.SuiteContext) -> base.SuiteResult:
         rounds = steps.round_ratios(runs)
         keyed_runs = keys_runs(ctx, routing, server, gateway, urls["gateway"], body, duration_s)
         logged_runs = payload_runs(ctx, routing, server, gateway, urls["gateway"], duration_s)
+        notified = notify_runs(ctx, routing, server, gateway, urls["gateway"], duration_s)
         gateway_rps = statistics.median(r["gateway_rps"] for r in rounds)
         if gateway_rps <= 0:
             raise base.SuiteError("the gateway answered no request at saturation")
@@ -230,6 +205,7 @@ def run(ctx: base.SuiteContext) -> base.SuiteResult:
                          TARGET_GATEWAY_VS_DIRECT, STRETCH_GATEWAY_VS_DIRECT))
     ratios += keys_ratios(keyed_runs)
     ratios += payload_ratios(logged_runs)
+    ratios += notify_ratios(notified)
     medians = steps.median_latency_ms(half)
     timing = steps.server_timing_medians([r for r in half if r["target"] == "gateway"])
     notes = [GATEWAY_SHARED_CORES_NOTE, steps.FIXED_RATE_NOTE,
@@ -267,25 +243,13 @@ def run(ctx: base.SuiteContext) -> base.SuiteResult:
             "server_timing_ms": timing,
             "client_keys": keyed_runs,
             "payload_logging": logged_runs,
+            "notifications": notified,
         },
         ratios=ratios,
-        ok=not (any(r["flagged"] for r in [*runs, *keyed_runs, *logged_runs]) or any(d["flagged"] for d in half)),
+        ok=not (any(r["flagged"] for r in [*runs, *keyed_runs, *logged_runs, *notified["runs"]])
+                or any(d["flagged"] for d in half)),
         notes=notes,
     )
-
-
-def variant_table(runs: list[dict[str, Any]], intro: str) -> list[str]:
-    """The ABBA runs of a gateway variant (client keys, payload logging) beside the plain gateway."""
-    if not runs:
-        return []
-    lines = ["", intro, "", "| Run | Target | requests/s | p50 ms | p99 ms | Non-2xx | Proxy CPU µs/request |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
-    for r in runs:
-        flag = " ⚠" if r.get("flagged") else ""
-        lines.append(f"| {r['round']} | {r['target']}{flag} | {fmt_int(r['requests_per_s'])} | "
-                     f"{fmt_ms(r['latency_ms'].get('p50'))} | {fmt_ms(r['latency_ms'].get('p99'))} | "
-                     f"{r['non_2xx']:,} | {fmt_int(r.get('proxy_cpu_us_per_request'))} |")
-    return lines
 
 
 def render(doc: dict[str, Any]) -> list[str]:
@@ -348,6 +312,7 @@ def render(doc: dict[str, Any]) -> list[str]:
                            f"Payload logging: the same gateway settings with and without `payload_log_percent: "
                            f"{PAYLOAD_PERCENT}` and a file sink (`BLUEGREEN_PAYLOAD_LOG__DIR`), in the order "
                            f"{', '.join(PAYLOAD_ORDER)}.")
+    lines += render_notify(doc.get("notifications"))
     lines += [
         "",
         f"### Added latency at half load ({fmt_int(half['rate_per_s'])} requests/s)",
