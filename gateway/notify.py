@@ -180,6 +180,7 @@ class Notifier:
     _position: str | None = field(init=False, default=None)
     _saved: str | None = field(init=False, default=None)
     _active: bool = field(init=False, default=False)
+    _sharing: set[asyncio.Task[None]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self.sinks = []
@@ -212,6 +213,8 @@ class Notifier:
     async def stop(self) -> None:
         await self._loop.stop()
         await self._deactivate()
+        if self._sharing:
+            await asyncio.wait(set(self._sharing), timeout=2.0)
         await self._client.aclose()
 
     async def _latest(self) -> str | None:
@@ -356,9 +359,15 @@ class Notifier:
         if outcome != "delivered":
             log.warning("notification %s %s to %s: %s", entry.id, outcome, sink.name, error)
         self._log.appendleft(record)
-        if self.redis is not None:
+        if self.redis is not None and len(self._sharing) < 100:  # bounded: Redis away must not pile up tasks
             task = asyncio.get_running_loop().create_task(self._share(record))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._sharing.add(task)
+            task.add_done_callback(self._shared)
+
+    def _shared(self, task: asyncio.Task[None]) -> None:
+        self._sharing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("notifications: delivery record not shared through Redis: %s", task.exception())
 
     async def _share(self, record: dict[str, Any]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:

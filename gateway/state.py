@@ -208,7 +208,12 @@ class MemoryStateStore:
     async def read_audit_after(self, after: str | None, limit: int = 100) -> list[AuditEntry]:
         """Entries after the one with id ``after`` (None: from the oldest kept), oldest first."""
         key = id_key(after) if after else (-1, -1)
-        return [e for e in self.audit_log if e.id is not None and id_key(e.id) > key][:limit]
+        newer: list[AuditEntry] = []
+        for e in reversed(self.audit_log):  # from the newest back: a reader that keeps up reads one or two
+            if e.id is None or id_key(e.id) <= key:
+                break
+            newer.append(e)
+        return newer[::-1][:limit]
 
     async def append_audit(self, entry: AuditEntry) -> AuditEntry:
         """Record an event that is not a state write (a breaker opened, a signal, a refused start)."""

@@ -312,6 +312,7 @@ async def test_one_sender_among_replicas_and_the_next_resumes_where_it_stopped(r
         await receiver.wait_for(3)
         await asyncio.sleep(0.2)
         cursor = (await stores[0].redis.get(CURSOR)).decode()
+        shared = await notifiers[0].recent()  # the delivery log is shared: any replica lists the holder's records
     finally:
         for n in notifiers:
             await n.stop()
@@ -321,5 +322,4 @@ async def test_one_sender_among_replicas_and_the_next_resumes_where_it_stopped(r
     assert len(ids) == len(set(ids)) == 3, "every event once"
     assert [e["data"]["changed"]["to"]["weights"]["green"] for e in receiver.events()] == [10, 20, 30]
     assert cursor == ids[-1]
-    shared = await notifiers[0].recent()  # the delivery log is shared: any replica lists the holders' records
     assert sorted(d["event_id"] for d in shared) == sorted(ids)
