@@ -55,6 +55,7 @@ PLAN = {
     "BluegreenCacheHitRatioLow": ("<", 0.7, "warning"),
     "BluegreenModelServerQueueDeep": (">", 100.0, "warning"),
     "BluegreenOnlineAccuracyDrop": (">", 0.03, "warning"),
+    "BluegreenOutcomeDrop": ("<", 0.9, "warning"),
     "BluegreenCpuUtilizationHigh": (">", 0.8, "warning"),
     "BluegreenMemoryUtilizationHigh": (">", 0.8, "warning"),
     "BluegreenGpuUtilizationHigh": (">", 0.8, "warning"),
@@ -163,6 +164,7 @@ def test_alert_thresholds_and_severities_are_the_plans() -> None:
     assert 'bluegreen_cache_requests_total{result="hit"}' in source("BluegreenCacheHitRatioLow")
     assert "bluegreen_serving_queue_depth" in source("BluegreenModelServerQueueDeep")
     assert "bluegreen_online_accuracy_ratio" in source("BluegreenOnlineAccuracyDrop")
+    assert "bluegreen_outcome_rate" in source("BluegreenOutcomeDrop")
     for alert in alerts.values():
         assert alert["annotations"]["runbook_url"] == f"docs/operations.md#{alert['alert'].lower()}"
 
@@ -216,6 +218,19 @@ def alert_test_inputs() -> list[Obj]:
                                 gauge(weights[color])))
                 s.append(series("bluegreen_online_accuracy_ratio", {"model": model, "color": color, "pod": pod},
                                 gauge(value)))
+    # Outcome rate (conversions), per gateway replica: ratios to the heavier color's 0.85 fires, 0.93 does not.
+    for model, weights, rate in (
+            ("shop", {"blue": 75, "green": 25}, {"blue": (0.10, 0.10), "green": (0.086, 0.084)}),  # 15% below
+            ("shop2", {"blue": 75, "green": 25}, {"blue": (0.10, 0.10), "green": (0.093, 0.093)}),  # 7%: no
+            ("shop3", {"blue": 100, "green": 0}, {"blue": (0.10, 0.10), "green": (0.01, 0.01)}),    # no traffic
+            ("shop4", {"blue": 10, "green": 90}, {"blue": (0.08, 0.08), "green": (0.10, 0.10)})):   # blue new
+        for color in COLORS:
+            for pod, value in zip(("a", "b"), rate[color], strict=True):
+                s.append(series("bluegreen_split_weight", {"model": model, "color": color, "pod": pod},
+                                gauge(weights[color])))
+                s.append(series("bluegreen_outcome_rate", {"model": model, "color": color,
+                                                           "version": "2" if color == "green" else "1", "pod": pod},
+                                gauge(value)))
     for backend, state in (("http://10.0.0.1:8000", 2), ("http://10.0.0.2:8000", 1)):
         s.append(series("bluegreen_breaker_state", {"model": "digits", "color": "green", "backend": backend,
                                                     "pod": "a"}, gauge(state)))
@@ -252,6 +267,8 @@ EXPECTED_ALERTS = {
     "BluegreenBreakerOpen": [{"model": "digits", "color": "green", "backend": "http://10.0.0.1:8000",
                               "severity": "warning"}],
     "BluegreenCanaryRolledBack": [{"model": "digits", "severity": "warning"}],
+    "BluegreenOutcomeDrop": [{"model": "shop", "color": "green", "severity": "warning"},
+                             {"model": "shop4", "color": "blue", "severity": "warning"}],
     "BluegreenAuthFailureSpike": [{"listener": "data", "severity": "warning"}],
     "BluegreenInputDrift": [{"model": "digits", "color": "green", "severity": "warning"}],
 }
@@ -426,9 +443,9 @@ def _prometheus(tmp: Path, rule_groups_: list[Obj], admin: str, models: dict[str
 
 
 def _traffic(stack: Stack, rounds: int) -> None:
-    """Predictions (new inputs: misses; repeated ones: hits), feedback for each, and a few requests whose
-    deadline cannot be met (server-side errors), all through the gateway's data port; and one admin request
-    with a wrong token (a refused credential for the security alert's counter)."""
+    """Predictions (new inputs: misses; repeated ones: hits), feedback (a label and an outcome) for each, and a
+    few requests whose deadline cannot be met (server-side errors), all through the gateway's data port; and one
+    admin request with a wrong token (a refused credential for the security alert's counter)."""
     refused = httpx.get(f"{stack.admin}/admin/v1/models/digits/split", timeout=10,
                         headers={"authorization": "Bearer not-a-token-of-this-gateway"})
     assert refused.status_code == 401, refused.text
@@ -441,7 +458,8 @@ def _traffic(stack: Stack, rounds: int) -> None:
                 r = client.post("/v2/models/digits/infer", content=orjson.dumps(body),
                                 headers={"x-bluegreen-key": rid})
                 assert r.status_code == 200, r.text
-                f = client.post("/feedback/v1/models/digits", content=orjson.dumps({"id": rid, "label": i % 10}))
+                f = client.post("/feedback/v1/models/digits", content=orjson.dumps(
+                    {"id": rid, "label": i % 10, "outcome": i % 2}))  # a label and a conversion
                 assert f.status_code == 200, f.text
         for _ in range(2):
             r = client.post("/v2/models/digits/infer", content=orjson.dumps(
