@@ -304,7 +304,10 @@ async def test_one_sender_among_replicas_and_the_next_resumes_where_it_stopped(r
         await set_split(r2, 20)  # written through the other replica: still sent once, by the leader
         await receiver.wait_for(2)
         leader.update(r1=False)  # the lease lapses; the stream goes on while nobody sends
-        await asyncio.sleep(0.1)
+        deadline = time.monotonic() + 5
+        while (await notifiers[0].status())["sending"]:
+            assert time.monotonic() < deadline, "r1 went on sending without the lease"
+            await asyncio.sleep(0.01)
         await set_split(r2, 30)
         await asyncio.sleep(0.2)
         assert len(receiver.got) == 2
