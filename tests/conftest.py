@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import gc
 import os
 import signal
 import subprocess
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from pathlib import Path
 
 import pluggy
@@ -55,25 +54,42 @@ def _run_dir(config: pytest.Config) -> Path | None:
     return Path(config.option.basetemp).parent
 
 
-@contextlib.contextmanager
-def _turn(folder: Path, exclusive: bool) -> Iterator[None]:
+class _Turns:
     """A readers-writer lock across the workers: every test holds ``tests.lock`` shared, an ``exclusive`` test
     holds it alone. ``flock`` alone would let a stream of overlapping shared holders starve a waiting exclusive
     one, so each taker first passes a turnstile (``turnstile.lock``, held only while taking the main lock): a
     waiting exclusive test keeps the turnstile, and the other worker's next test queues behind it.
 
-    Unlocked explicitly rather than by closing: a lock belongs to the open file, and a child forked during the
+    Unlocked explicitly rather than by closing: a lock belongs to the open file, and a child forked during a
     test would otherwise keep it."""
-    with open(folder / "turnstile.lock", "a") as gate, open(folder / "tests.lock", "a") as main:
-        fcntl.flock(gate, fcntl.LOCK_EX)
+
+    def __init__(self, folder: Path) -> None:
+        self.gate = open(folder / "turnstile.lock", "a")  # open for the worker's life
+        self.main = open(folder / "tests.lock", "a")
+        self.held: int | None = None
+
+    def take(self, mode: int) -> None:
+        if self.held == mode:
+            return
+        self.release()
+        fcntl.flock(self.gate, fcntl.LOCK_EX)
         try:
-            fcntl.flock(main, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            fcntl.flock(self.main, mode)
         finally:
-            fcntl.flock(gate, fcntl.LOCK_UN)
-        try:
-            yield
-        finally:
-            fcntl.flock(main, fcntl.LOCK_UN)
+            fcntl.flock(self.gate, fcntl.LOCK_UN)
+        self.held = mode
+
+    def release(self) -> None:
+        if self.held is not None:
+            fcntl.flock(self.main, fcntl.LOCK_UN)
+            self.held = None
+
+
+_TURNS: dict[Path, _Turns] = {}
+
+
+def _exclusive(item: pytest.Item | None) -> bool:
+    return item is not None and item.get_closest_marker("exclusive") is not None
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -82,13 +98,23 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     worker runs a test; the others share. The whole protocol is covered — set-up, call and teardown — since
     module fixtures start and stop their servers inside the first and last test's set-up and teardown, and that
     load is what an exclusive test must not see. Outermost (``tryfirst``), so that the wait for the lock does
-    not count against the test's own timeout."""
+    not count against the test's own timeout.
+
+    A shared hold ends with its test, so that a waiting exclusive test gets in at the next boundary; an
+    exclusive hold carries on into the next test when that one is exclusive too (a file's run of them), rather
+    than queueing again behind whatever the other worker started meanwhile."""
     folder = _run_dir(item.config)
     if folder is None:
         yield
         return
-    with _turn(folder, item.get_closest_marker("exclusive") is not None):
+    turns = _TURNS.get(folder) or _TURNS.setdefault(folder, _Turns(folder))
+    exclusive = _exclusive(item)
+    turns.take(fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    try:
         yield
+    finally:
+        if not (exclusive and _exclusive(nextitem)):
+            turns.release()
 
 
 _LOG_TAIL_LINES = 40

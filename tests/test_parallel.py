@@ -35,6 +35,7 @@ def test_an_exclusive_test_overlaps_no_other_and_shared_tests_overlap_each_other
         "import pytest\nfrom inner import record\n\n"
         "@pytest.mark.parametrize('i', range(6))\ndef test_shared(i): record(f'a{i}')\n\n"
         "@pytest.mark.exclusive\ndef test_alone(): record('exclusive-a')\n\n"
+        "@pytest.mark.exclusive\ndef test_alone_too(): record('exclusive-a2')\n\n"  # held on from the one before
         "@pytest.mark.parametrize('i', range(3))\ndef test_after(i): record(f'a-after{i}')\n")
     (tmp_path / "test_b.py").write_text(
         "import pytest\nfrom inner import record\n\n"
@@ -48,12 +49,12 @@ def test_an_exclusive_test_overlaps_no_other_and_shared_tests_overlap_each_other
     assert run.returncode == 0, run.stdout + run.stderr
     rows = [line.split() for line in intervals.read_text().splitlines()]
     ran = [(name, worker, float(start), float(end)) for name, worker, start, end in rows]
-    assert len(ran) == 19 and {worker for _, worker, _, _ in ran} == {"gw0", "gw1"}, ran
+    assert len(ran) == 20 and {worker for _, worker, _, _ in ran} == {"gw0", "gw1"}, ran
 
     def overlapping(name: str) -> list[str]:
         _, worker, start, end = next(r for r in ran if r[0] == name)
         return [n for n, w, s, e in ran if w != worker and s < end and start < e]
 
-    assert overlapping("exclusive-a") == [] and overlapping("exclusive-b") == [], ran
+    assert [overlapping(name) for name in ("exclusive-a", "exclusive-a2", "exclusive-b")] == [[], [], []], ran
     # The lock is not a plain mutex: unmarked tests of the two files did run at the same time.
     assert any(overlapping(name) for name, _, _, _ in ran if not name.startswith("exclusive")), ran
