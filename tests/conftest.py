@@ -7,6 +7,7 @@ import gc
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Generator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from models.build import DEFAULT_REPOSITORY, build_all
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _send_turns(session.config)
     if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
@@ -67,21 +69,29 @@ class _Turns:
         self.gate = open(folder / "turnstile.lock", "a")  # open for the worker's life
         self.main = open(folder / "tests.lock", "a")
         self.held: int | None = None
+        self.waited_s = self.alone_s = 0.0  # what the lock cost this worker, for the run's summary line
+        self.exclusive_tests = 0
+        self._alone_since = 0.0
 
     def take(self, mode: int) -> None:
         if self.held == mode:
             return
         self.release()
+        started = time.monotonic()
         fcntl.flock(self.gate, fcntl.LOCK_EX)
         try:
             fcntl.flock(self.main, mode)
         finally:
             fcntl.flock(self.gate, fcntl.LOCK_UN)
+        self._alone_since = time.monotonic()
+        self.waited_s += self._alone_since - started
         self.held = mode
 
     def release(self) -> None:
         if self.held is not None:
             fcntl.flock(self.main, fcntl.LOCK_UN)
+            if self.held == fcntl.LOCK_EX:
+                self.alone_s += time.monotonic() - self._alone_since
             self.held = None
 
 
@@ -110,11 +120,37 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     turns = _TURNS.get(folder) or _TURNS.setdefault(folder, _Turns(folder))
     exclusive = _exclusive(item)
     turns.take(fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    turns.exclusive_tests += exclusive
     try:
         yield
     finally:
         if not (exclusive and _exclusive(nextitem)):
             turns.release()
+
+
+_TURNS_KEY = "bluegreen_turns"
+_TURNS_SEEN: list[tuple[float, float, int]] = []
+
+
+def _send_turns(config: pytest.Config) -> None:
+    """A worker's lock figures go to the controller in xdist's ``workeroutput``."""
+    output = getattr(config, "workeroutput", None)
+    if output is not None and _TURNS:
+        output[_TURNS_KEY] = [(t.waited_s, t.alone_s, t.exclusive_tests) for t in _TURNS.values()]
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent under -p no:xdist
+def pytest_testnodedown(node: object, error: object) -> None:
+    _TURNS_SEEN.extend(tuple(t) for t in getattr(node, "workeroutput", {}).get(_TURNS_KEY, []))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line on what running tests alone cost the run: the time exclusive tests held the lock (the other
+    worker idle) and the time workers waited to take it. Which tests to mark is a trade against these."""
+    if _TURNS_SEEN:
+        waited, alone, count = (sum(column) for column in zip(*_TURNS_SEEN, strict=True))
+        terminalreporter.write_line(f"xdist lock: {count:.0f} exclusive test(s) ran alone for {alone:.0f} s; "
+                                    f"workers waited {waited:.0f} s in all to take the lock")
 
 
 _LOG_TAIL_LINES = 40
