@@ -191,3 +191,62 @@ def test_a_sink_that_never_answers_slows_neither_predictions_nor_the_rollout(blu
     assert len(hole.held) >= 1, "the gateway did try the hung sink"
     assert told["sinks"][0]["last_error"] is not None and "no answer within 2s" in told["sinks"][0]["last_error"]
     assert len(probes) >= 20 and max(probes) < 1.0, f"slowest probe {max(probes) * 1000:.0f} ms of {len(probes)}"
+
+
+def test_every_kind_of_decision_and_event_reaches_the_receiver_in_order(blue: str, tmp_path: Path) -> None:
+    """One gateway, a CloudEvents sink and a Slack sink on one receiver: a manual split, a start the validation
+    gate refuses, a forced start, a complaint, an incident (rollback and freeze), the freeze lifted, a re-pointed
+    color and a breaker opening on a dead green — each arrives as its event, in the order it happened."""
+    green, green_url = start_model_server(tmp_path, ["digits:2"])
+    port = free_port()
+    receiver = Receiver(port)
+    sinks = [{"url": f"http://127.0.0.1:{port}/ce", "secret_env": "HOOK_SECRET", "name": "ce"},
+             {"url": f"http://127.0.0.1:{port}/slack", "format": "slack", "name": "chat",
+              "events": ["bluegreen.rollout.*", "bluegreen.freeze.*"]}]
+    (tmp_path / "validation").mkdir()
+    gw, data, admin = start_gateway(tmp_path, {**routing([blue], [green_url]), "notifications": sinks},
+                                    {"HOOK_SECRET": SECRET, "BLUEGREEN_VALIDATION_REPO": str(tmp_path / "validation")})
+    api = f"{admin}/admin/v1"
+    hold = {"stages": [{"weight": 20, "hold_s": 600}], "interval_s": 1, "min_requests": 0}
+    try:
+        expect(httpx.put(f"{api}/models/digits/split", json={"blue": 90, "green": 10}, headers=admin_headers()))
+        expect(httpx.put(f"{api}/models/digits/split", json={"blue": 100, "green": 0}, headers=admin_headers()))
+        expect(httpx.post(f"{api}/models/digits/canary/start", json={"policy": hold}, headers=admin_headers()), 409)
+        canary(admin, "start", {"force": True, "policy": hold})
+        signals = f"{api}/models/digits/signals"
+        expect(httpx.post(signals, json={"kind": "complaint", "color": "green", "count": 2}, headers=admin_headers()))
+        expect(httpx.post(signals, json={"kind": "incident", "reason": "checkout is down"}, headers=admin_headers()))
+        expect(httpx.delete(f"{api}/freeze", headers=admin_headers()))
+        expect(httpx.put(f"{api}/models/digits/colors/green", json={"version": "2", "backends": [green_url]},
+                         headers=admin_headers()))
+        green.stop()  # green dies; half the traffic goes its way until its breaker opens
+        expect(httpx.put(f"{api}/models/digits/split", json={"blue": 50, "green": 50}, headers=admin_headers()))
+        with httpx.Client(base_url=data, timeout=10) as c:
+            for i in range(60):
+                c.post(INFER, content=body(i), headers=NO_CACHE)
+        wait_until(lambda: any(e.get("type") == "bluegreen.breaker.opened" for e in receiver.events()), 15,
+                   interval=0.1, what="the breaker's event")
+        wait_until(lambda: len([h for h, _ in receiver.got if h.get("content-type") == "application/json"]) >= 4,
+                   10, interval=0.1, what="the chat sink's messages")
+        got = list(receiver.got)
+    finally:
+        gw.stop()
+        green.stop()
+        receiver.stop()
+
+    signed = [(h, raw) for h, raw in got if h["content-type"].startswith("application/cloudevents")]
+    assert all(verified(h, raw) for h, raw in signed)
+    cloud = [(h, orjson.loads(raw)) for h, raw in signed]
+    chat = [orjson.loads(raw)["text"] for h, raw in got if h["content-type"] == "application/json"]
+    kinds = [e["type"].removeprefix("bluegreen.") for _, e in cloud]
+    assert kinds == ["weights.changed", "weights.changed", "validation.refused", "rollout.started",
+                     "signal.received", "signal.received", "freeze.set", "rollout.rolled_back", "freeze.lifted",
+                     "color.repointed", "weights.changed", "breaker.opened"], kinds
+    assert not any("x-bluegreen-signature" in h for h, raw in got if (h, raw) not in signed), "no secret: unsigned"
+    events = {e["type"].removeprefix("bluegreen."): e["data"] for _, e in cloud}
+    assert "no report at" in events["validation.refused"]["reason"]
+    assert events["rollout.rolled_back"]["reason"] == "incident: checkout is down"
+    assert events["freeze.set"]["by"] == events["freeze.lifted"]["by"]
+    assert events["breaker.opened"]["changed"]["to"]["color"] == "green"
+    assert [c.split(": ", 1)[1].split(" (by ")[0] for c in chat] == [
+        "rollout of green started at 20%", "releases frozen", "green rolled back to 0%", "release freeze lifted"], chat
