@@ -46,13 +46,17 @@ KINDS = {"label": "l", "outcome": "o"}
 FORMAT = '{"id": "<request id>", "label": <int>, "outcome": <finite number>} with a label, an outcome or both'
 
 # Claims every answer of a body for one kind: returns each answer, or false where it is unknown (expired) or
-# its marker exists (that kind was given already). KEYS: answer and marker keys in turn; ARGV[1]: marker TTL ms.
+# its marker exists (that kind was given already); an answer that has had both kinds is deleted (the markers
+# expire with the TTL). KEYS: per answer its key, this kind's marker, the other kind's; ARGV[1]: marker TTL ms.
 _CLAIM = """
 local found = {}
-for i = 1, #KEYS, 2 do
+for i = 1, #KEYS, 3 do
   local answer = redis.call('GET', KEYS[i])
   if answer and redis.call('SET', KEYS[i + 1], '1', 'NX', 'PX', ARGV[1]) then
     found[#found + 1] = answer
+    if redis.call('EXISTS', KEYS[i + 2]) == 1 then
+      redis.call('DEL', KEYS[i])
+    end
   else
     found[#found + 1] = false
   end
@@ -137,9 +141,11 @@ class FeedbackStore:
             return None
         if self._writes:  # this replica's own recent answers must be in Redis before we look
             await asyncio.wait(list(self._writes), timeout=1.0)
+        other = next(k for k in KINDS if k != kind)
         keys = []
         for i in ids:
-            keys += [f"{ANSWER_PREFIX}{model}:{i}", f"{CLAIM_PREFIX}{kind}:{model}:{i}"]
+            keys += [f"{ANSWER_PREFIX}{model}:{i}", f"{CLAIM_PREFIX}{kind}:{model}:{i}",
+                     f"{CLAIM_PREFIX}{other}:{model}:{i}"]
         try:
             values = await self.redis.eval(_CLAIM, len(keys), *keys, int(self.ttl_s * 1000))
         except Exception as exc:

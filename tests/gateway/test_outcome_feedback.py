@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from gateway.app import DataApp
 from gateway.controller import Reading, Tally
 from gateway.errors import BadRequest
-from gateway.feedback import FeedbackStore
+from gateway.feedback import ANSWER_PREFIX, FeedbackStore
 from gateway.sources import Counts, LocalMetrics, MergedMetrics, MetricsPublisher, _plain
 from gateway.state_redis import RedisStateStore
 from tests.gateway.support import client
@@ -127,8 +127,10 @@ async def test_an_outcome_lands_on_another_replica_once_and_apart_from_the_label
     a.remember(MODEL, "r", "green", "2", answer(2), None)
     await a.close()  # the shared copy is written
     assert await b.record(MODEL, {"id": "r", "label": 2}) == {"matched": 1, "unknown": 0, "unlabelled": 0}
+    assert await a.redis.exists(f"{ANSWER_PREFIX}{MODEL}:r") == 1
     # The label did not use the answer up: its outcome lands on the answering replica, then nowhere again.
     assert (await a.record(MODEL, {"id": "r", "outcome": 30.0}))["outcomes"] == 1
+    assert await a.redis.exists(f"{ANSWER_PREFIX}{MODEL}:r") == 0  # both kinds in: the answer is deleted
     assert (await b.record(MODEL, {"id": "r", "outcome": 30.0}))["unknown"] == 1
     assert (await a.record(MODEL, {"id": "r", "outcome": 30.0}))["unknown"] == 1
     assert a.outcome_counts(MODEL, "2") == (1, 30.0, 900.0) and b.outcome_counts(MODEL, "2") == (0, 0.0, 0.0)
