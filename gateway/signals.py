@@ -76,9 +76,13 @@ class _Nothing(Exception):
 
 @dataclass
 class Signals:
+    """The signal rules over the release core's store and clock (``release``): the admin API's only way in."""
+
     release: Release
 
     async def receive(self, model: str, body: SignalBody, *, actor: Principal) -> dict[str, Any]:
+        """Audit the signal as received (before acting on it: a signal that fails halfway is still on record),
+        then act on it."""
         actor.require_any(("operator", "signals"), "sending a signal")
         self.release.get(model)  # an unknown model is 404 before anything is recorded
         signal = body.root
