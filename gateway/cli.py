@@ -158,6 +158,14 @@ def _cmd_freeze(args: argparse.Namespace) -> int:
                         lambda c: signals_client.freeze(c, args.action, reason=args.reason, as_json=args.json))
 
 
+def _cmd_notifications(args: argparse.Namespace) -> int:
+    from gateway import admin_client as operator
+    from gateway import signals_client
+
+    return operator.run(args.admin_url, args.token_file,
+                        lambda c: signals_client.notifications(c, args.limit, as_json=args.json))
+
+
 def _cmd_keys_new(args: argparse.Namespace) -> int:
     from gateway.keys import new_key
 
@@ -321,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the admin API's JSON instead")
     _admin_options(p)
     p.set_defaults(func=_cmd_freeze)
+
+    p = _add(sub, "notifications", "the webhook sinks and their latest deliveries, newest first")
+    p.add_argument("--limit", type=int, default=20, help="deliveries to show (1-500, default 20)")
+    p.add_argument("--json", action="store_true", help="print the admin API's JSON instead")
+    _admin_options(p)
+    p.set_defaults(func=_cmd_notifications)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""The ``bluegreen signal`` and ``bluegreen freeze`` verbs as calls to the admin API.
+"""The verbs about the world outside the gateway — ``bluegreen signal``, ``bluegreen freeze`` and ``bluegreen
+notifications`` — as calls to the admin API.
 
 Apart from :mod:`gateway.admin_client` (the other verbs; this uses its :class:`~gateway.admin_client.AdminClient`
 and error tree) so that module stays one screenful per verb. A signal carries no ETag (it is an event, not an edit
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 from gateway.admin_client import AdminClient, AdminError, UsageError, _json, _seg
@@ -88,3 +90,32 @@ def freeze(client: AdminClient, action: str | None, *, reason: str | None = None
         raise _flags(exc) from None
     print(json.dumps(doc, indent=2) if as_json else f"lifted the release freeze on {', '.join(doc['lifted'])}")
     return 0
+
+
+def notifications(client: AdminClient, limit: int, *, as_json: bool = False) -> int:
+    """The sinks (URLs without their path) and the latest deliveries with their outcome, newest first."""
+    if not 1 <= limit <= 500:
+        raise UsageError("--limit must be 1-500")
+    doc = client.get("/notifications", params={"limit": str(limit)})
+    print(json.dumps(doc, indent=2) if as_json else format_notifications(doc))
+    return 0
+
+
+def format_notifications(doc: dict[str, Any]) -> str:
+    sinks = doc.get("sinks") or []
+    if not sinks:
+        return "no notification sinks (the routing file's notifications: list is empty)"
+    lines = [f"sinks ({'this replica sends' if doc.get('sending') else 'another replica sends, or none yet'}):"]
+    for s in sinks:
+        signed = "signed" if s.get("signed") else "unsigned"
+        error = f"; last error: {s['last_error']}" if s.get("last_error") else ""
+        lines.append(f"  {s['name']}  {s['url']}  {s['format']}  {signed}  queued {s.get('queued', 0)}{error}")
+    deliveries = doc.get("deliveries") or []
+    lines.append("deliveries, newest first:" if deliveries else "no deliveries yet")
+    for d in deliveries:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.get("time") or 0))
+        tries = d.get("attempts")
+        how = f"{tries} attempt{'s' if tries != 1 else ''}" + (f", {d['status']}" if d.get("status") else "")
+        error = f" ({d['error']})" if d.get("error") and d.get("outcome") != "delivered" else ""
+        lines.append(f"  {when}  {d['sink']}  {d['type']}  {d.get('model') or '-'}  {d['outcome']}  {how}{error}")
+    return "\n".join(lines)

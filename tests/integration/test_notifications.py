@@ -18,9 +18,19 @@ import httpx
 import orjson
 import pytest
 
+from gateway.cli import main
 from tests.integration.expect import expect
 from tests.integration.test_canary import FAST, INFER, NO_CACHE, Load, audit, body, canary
-from tests.procs import admin_headers, free_port, routing, start_gateway, start_model_server, start_redis, wait_until
+from tests.procs import (
+    ADMIN_TOKEN,
+    admin_headers,
+    free_port,
+    routing,
+    start_gateway,
+    start_model_server,
+    start_redis,
+    wait_until,
+)
 
 pytestmark = pytest.mark.usefixtures("model_repo")
 SECRET = "hook-secret-for-the-test"
@@ -193,7 +203,9 @@ def test_a_sink_that_never_answers_slows_neither_predictions_nor_the_rollout(blu
     assert len(probes) >= 20 and max(probes) < 1.0, f"slowest probe {max(probes) * 1000:.0f} ms of {len(probes)}"
 
 
-def test_every_kind_of_decision_and_event_reaches_the_receiver_in_order(blue: str, tmp_path: Path) -> None:
+def test_every_kind_of_decision_and_event_reaches_the_receiver_in_order(blue: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """One gateway, a CloudEvents sink and a Slack sink on one receiver: a manual split, a start the validation
     gate refuses, a forced start, a complaint, an incident (rollback and freeze), the freeze lifted, a re-pointed
     color and a breaker opening on a dead green — each arrives as its event, in the order it happened."""
@@ -229,10 +241,20 @@ def test_every_kind_of_decision_and_event_reaches_the_receiver_in_order(blue: st
         wait_until(lambda: len([h for h, _ in receiver.got if h.get("content-type") == "application/json"]) >= 4,
                    10, interval=0.1, what="the chat sink's messages")
         got = list(receiver.got)
+        monkeypatch.setenv("BLUEGREEN_ADMIN_URL", admin)
+        monkeypatch.setenv("BLUEGREEN_ADMIN_TOKEN", ADMIN_TOKEN)
+        capsys.readouterr()
+        assert main(["notifications", "--limit", "3"]) == 0
+        shown = capsys.readouterr().out
     finally:
         gw.stop()
         green.stop()
         receiver.stop()
+    # What `bluegreen notifications` prints: both sinks (URLs without their path), the newest deliveries.
+    assert f"ce  http://127.0.0.1:{port}/…  cloudevents  signed  queued 0" in shown
+    assert f"chat  http://127.0.0.1:{port}/…  slack  unsigned" in shown
+    assert "deliveries, newest first:" in shown
+    assert "bluegreen.breaker.opened  digits  delivered  1 attempt, 200" in shown
 
     signed = [(h, raw) for h, raw in got if h["content-type"].startswith("application/cloudevents")]
     assert all(verified(h, raw) for h, raw in signed)
