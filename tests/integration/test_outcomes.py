@@ -4,7 +4,7 @@ candidate whose answers convert clearly worse is rolled back by the controller o
 
 What is compressed and why it stays a real test: one 50% stage analysed every second instead of hours-long
 stages (the hold is an hour, so the rollout can only end by a rollback: nothing passes by waiting), and a few
-hundred outcomes instead of the ~110,000 a stage needs before it can *pass* at a 10% conversion rate. The
+hundred outcomes instead of the 28,599 a stage would need before it could *pass* at stable's 30%. The
 release plan's confidence (99.995% per look), 5% margin and 100-outcome minimum are kept: stable converting 30%
 and the candidate 10% is a drop the bound proves on ~200 candidate outcomes, while 100 alone are not enough —
 so the rollback needs the outcomes to flow through the answer records in Redis, every replica's published
