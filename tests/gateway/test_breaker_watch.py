@@ -3,7 +3,7 @@ plane's real breakers, tripped and healed by recorded calls, and a real memory s
 
 from __future__ import annotations
 
-import time
+import asyncio
 
 from gateway.breaker_watch import BreakerWatch
 from gateway.dataplane import DataPlane
@@ -34,14 +34,14 @@ async def test_opened_and_closed_are_audited_once_each_with_the_backend_and_repl
     assert opened.new == {"color": "green", "backend": backend.url, "breaker": "open", "replica": "r1"}
     assert opened.id is not None
 
-    time.sleep(0.06)  # open_s passed: the next call probes (half-open) and fails: open again, which is not news
+    await asyncio.sleep(0.06)  # open_s passed: the next call probes (half-open) and fails: open again, which is not news
     permit = breaker.acquire()
     assert permit is not None and breaker.state == "half_open"
     breaker.record(permit, False, 0.01)
     await watch.tick()
     assert len(store.audit()) == 1
 
-    time.sleep(0.06)  # a successful probe closes it
+    await asyncio.sleep(0.06)  # a successful probe closes it
     permit = breaker.acquire()
     assert permit is not None
     breaker.record(permit, True, 0.01)
