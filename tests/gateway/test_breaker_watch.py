@@ -34,7 +34,7 @@ async def test_opened_and_closed_are_audited_once_each_with_the_backend_and_repl
     assert opened.new == {"color": "green", "backend": backend.url, "breaker": "open", "replica": "r1"}
     assert opened.id is not None
 
-    await asyncio.sleep(0.06)  # open_s passed: the next call probes (half-open) and fails: open again, which is not news
+    await asyncio.sleep(0.06)  # open_s passed: the next call probes (half-open), fails: open again, not news
     permit = breaker.acquire()
     assert permit is not None and breaker.state == "half_open"
     breaker.record(permit, False, 0.01)
