@@ -63,11 +63,15 @@ PLAN = {
 }
 # Label values the code produces (docs/configuration.md "Telemetry"; outcomes from the data plane, phases from
 # the canary).
-LABEL_VALUES = {
+LABEL_VALUES: dict[str, set[str]] = {
     "outcome": {*_OUTCOMES.values(), "cancelled"},
     "result": {"hit", "miss", "stale", "bypass"},
     "phase": {p.value for p in Phase},
     "color": set(COLORS),
+}
+# Metrics whose label of the same name takes other values: the notifications' outcomes (gateway/notify.py).
+METRIC_LABEL_VALUES: dict[str, dict[str, set[str]]] = {
+    "bluegreen_notifications_total": {"outcome": {"delivered", "retried", "failed", "dropped"}},
 }
 # Labels that Prometheus and the ServiceMonitors add to every scraped series.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "container"}
@@ -250,6 +254,14 @@ def alert_test_inputs() -> list[Obj]:
     # Input drift per color (gateway/drift.py): green's inputs 0.3 from the reference fire, blue's 0.2 do not.
     for color, value in (("green", 0.3), ("blue", 0.2)):
         s.append(series("bluegreen_input_drift", {"model": "digits", "color": color, "pod": "a"}, gauge(value)))
+    # Notifications: "down" gives 3 events up at minute 51 (fires); "late" drops one at minute 50 in a series that
+    # the drop created (fires: increase() alone cannot see a series' first value); "ok" only delivers and retries
+    # now, its one failure at minute 11 is older than the window (does not fire).
+    for sink, outcome, values in (("down", "failed", "0+0x50 3+0x20"), ("down", "delivered", counter(2)),
+                                  ("late", "dropped", "_x50 1+0x20"), ("ok", "delivered", counter(10)),
+                                  ("ok", "retried", counter(3)), ("ok", "failed", "0+0x10 1+0x60")):
+        s.append(series("bluegreen_notifications_total", {"sink": sink, "event": "bluegreen.rollout.advanced",
+                                                          "outcome": outcome, "pod": "a"}, values))
     # The SLO, resource and info alerts' series (imported here: that module imports this one).
     from tests.k8s.test_slo_resource_alerts import inputs
 
@@ -271,6 +283,7 @@ EXPECTED_ALERTS = {
                              {"model": "shop4", "color": "blue", "severity": "warning"}],
     "BluegreenAuthFailureSpike": [{"listener": "data", "severity": "warning"}],
     "BluegreenInputDrift": [{"model": "digits", "color": "green", "severity": "warning"}],
+    "BluegreenNotificationsFailing": [{"sink": "down", "severity": "warning"}, {"sink": "late", "severity": "warning"}],
 }
 
 
@@ -488,6 +501,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         # has a series), the tokens Secret, and the validation reports laid out by the init container's script.
         routing = yaml.safe_load(named(objs, "ConfigMap", "bluegreen-routing")["data"]["routing.yaml"])
         routing["models"]["digits"]["shadow_percent"] = 100
+        # A notification sink where nothing listens, given up at once: the split set below is its failed event.
+        routing["notifications"] = [{"url": f"http://127.0.0.1:{free_port()}/hook", "name": "nowhere",
+                                     "retry_for_s": 0.1}]
         (tmp / "routing.yaml").write_text(yaml.safe_dump(routing))
         (tmp / "tokens.yaml").write_text(secret_data(objs, "bluegreen-admin-tokens")["tokens.yaml"])
         reports, repo = tmp / "validation-reports", tmp / "validation"
@@ -579,16 +595,17 @@ def test_every_metric_the_rules_and_dashboard_use_is_exported(stack: Stack) -> N
             assert name in labels, f"{where}: {name} is not exported by the gateway or the model server"
             for label, op, value in _MATCHER.findall(matchers):
                 assert label in labels[name], f"{where}: {name} has no label {label!r}"
-                if label in LABEL_VALUES:
+                known = METRIC_LABEL_VALUES.get(name, {}).get(label) or LABEL_VALUES.get(label)
+                if known is not None:
                     wanted = set(value.split("|")) if "~" in op else {value}
-                    assert wanted <= LABEL_VALUES[label], f"{where}: {label}{op}{value!r} matches no value"
+                    assert wanted <= known, f"{where}: {label}{op}{value!r} matches no value"
     for metric in ("bluegreen_request_duration_seconds_bucket", "bluegreen_requests_total",
                    "bluegreen_cache_requests_total", "bluegreen_breaker_state", "bluegreen_split_weight",
                    "bluegreen_canary_stage", "bluegreen_canary_phase", "bluegreen_online_accuracy_ratio",
                    "bluegreen_serving_queue_depth", "process_cpu_seconds_total", "process_resident_memory_bytes",
                    "process_open_fds", "bluegreen_cpu_limit_cores", "bluegreen_memory_limit_bytes",
                    "bluegreen_gpu_utilization_ratio", "bluegreen_gpu_memory_used_bytes",
-                   "bluegreen_serving_busy_seconds_total", "bluegreen_backends"):
+                   "bluegreen_serving_busy_seconds_total", "bluegreen_backends", "bluegreen_notifications_total"):
         assert metric in used, f"nothing uses {metric}"
 
 
