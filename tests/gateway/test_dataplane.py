@@ -185,6 +185,17 @@ async def test_a_color_whose_breakers_are_all_open_is_skipped_without_an_attempt
         assert r.blue.calls == 0 and r.plane.runtime(MODEL, "blue").requests == 0
 
 
+@pytest.mark.parametrize("timeout_ms", ["0.001", "0.9"])
+async def test_a_deadline_under_a_millisecond_is_exceeded_before_any_attempt(timeout_ms: str) -> None:
+    """The loop's timers count whole milliseconds: an attempt given 1 µs could come back 200 within the timer's
+    millisecond, a deadline the client set and the gateway did not keep. Under 1 ms left, nothing is sent."""
+    async with rig() as r:
+        with pytest.raises(Unavailable, match="blue: deadline exceeded before the attempt"):
+            await r.infer(timeout_ms=timeout_ms)
+        assert (r.blue.calls, r.green.calls) == (0, 0)
+        assert (await r.infer(timeout_ms="1000")).status == 200
+
+
 @pytest.mark.parametrize("pin", [{"version": "1"}, {"forced_color": "blue"}])
 async def test_a_pinned_request_is_never_answered_by_the_other_color(pin: dict[str, str]) -> None:
     async with rig(dead_blue=True, allow_color_override=True) as r:
