@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -115,6 +116,20 @@ def start_gateway(tmp_path: Path, routing_doc: dict, env: dict[str, str] | None 
         proc.stop()
         raise
     return proc, data, admin
+
+
+@contextmanager
+def digits_stack(tmp_path: Path) -> Iterator[tuple[str, str, str, str]]:
+    """Blue (digits:1) and green (digits:2) model servers with a gateway in front (blue 100, green 0): the data URL,
+    the admin URL and the two colors' URLs; everything stops when the block ends, whatever raised."""
+    with ExitStack() as stack:
+        blue, blue_url = start_model_server(tmp_path, ["digits:1"])
+        stack.callback(blue.stop)
+        green, green_url = start_model_server(tmp_path, ["digits:2"])
+        stack.callback(green.stop)
+        gw, data, admin = start_gateway(tmp_path, routing([blue_url], [green_url]))
+        stack.callback(gw.stop)
+        yield data, admin, blue_url, green_url
 
 
 def admin_headers() -> dict[str, str]:

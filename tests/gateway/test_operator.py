@@ -19,10 +19,10 @@ from gateway.cli import build_parser, main
 from tests.procs import (
     ADMIN_TOKEN,
     admin_headers,
+    digits_stack,
     free_port,
     routing,
     start_gateway,
-    start_model_server,
     wait_until,
 )
 
@@ -56,20 +56,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, model_repo: Path) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("operator")
-    blue, blue_url = start_model_server(tmp, ["digits:1"])
-    try:
-        green, green_url = start_model_server(tmp, ["digits:2"])
-        try:
-            gw, data, admin = start_gateway(tmp, routing([blue_url], [green_url]))
-            try:
-                yield Stack(data, admin, (blue_url, green_url))
-            finally:
-                gw.stop()
-        finally:
-            green.stop()
-    finally:
-        blue.stop()
+    with digits_stack(tmp_path_factory.mktemp("operator")) as (data, admin, blue_url, green_url):
+        yield Stack(data, admin, (blue_url, green_url))
 
 
 @pytest.fixture(autouse=True)

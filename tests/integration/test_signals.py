@@ -15,7 +15,7 @@ import pytest
 from gateway.cli import main
 from tests.integration.expect import expect
 from tests.integration.test_canary import Load
-from tests.procs import ADMIN_TOKEN, admin_headers, routing, start_gateway, start_model_server, wait_until
+from tests.procs import ADMIN_TOKEN, admin_headers, digits_stack, wait_until
 
 API = "/admin/v1"
 # One long stage: nothing but a trigger ends it within the test. Interval 1 s: complaints are judged within ~1 s.
@@ -43,20 +43,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, model_repo: Path) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("signals")
-    blue, blue_url = start_model_server(tmp, ["digits:1"])
-    try:
-        green, green_url = start_model_server(tmp, ["digits:2"])
-        try:
-            gw, data, admin = start_gateway(tmp, routing([blue_url], [green_url]))
-            try:
-                yield Stack(data, admin)
-            finally:
-                gw.stop()
-        finally:
-            green.stop()
-    finally:
-        blue.stop()
+    with digits_stack(tmp_path_factory.mktemp("signals")) as (data, admin, _, _):
+        yield Stack(data, admin)
 
 
 @pytest.fixture(autouse=True)
