@@ -289,6 +289,10 @@ def run(settings: GatewaySettings) -> int:
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # httpx logs every request's full URL at INFO: a Slack webhook's path is its secret (notifications,
+    # confirm gates). What failed is logged by our own code, with the URL shown without its path.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     _tune_process()
     tune_gc()
     uvloop.run(run_gateway(settings))

@@ -45,6 +45,12 @@ class Breaker:
             self._transition("half_open")
         return self._state
 
+    @property
+    def settled_state(self) -> State:
+        """The state as last set, without the move to half-open that reading :attr:`state` makes once ``open_s``
+        has passed: what a watcher reads, so that watching never changes the breaker."""
+        return self._state
+
     def acquire(self) -> int | None:
         """Ask to make a call: a permit (pass it to :meth:`record`) or None when the call is refused."""
         state = self.state

@@ -3,9 +3,12 @@
 A breaker changes state inside a request; writing an audit entry there would put a Redis round trip (or a file
 write) on that request. Instead every replica polls its own breakers twice a second and appends
 ``breaker_opened`` / ``breaker_closed`` for each change it sees, off the request path. Half-open is a probe, not
-news: open → half-open → open says nothing new, and open → half-open → closed is "closed". A cycle shorter than
-the poll (open and closed again within half a second) goes unreported; the breaker gauge and its counters still
-show it. Each replica reports its own breakers (they are per replica), named in the entry.
+news: the breaker is "open" from the moment it leaves closed until it is closed again, so open → half-open → open
+says nothing new, and open → half-open → closed is "closed". The watcher reads the state as last set
+(``settled_state``): reading ``state`` would itself move an open breaker to half-open once its open time has
+passed. A cycle shorter than the poll (open and closed again within half a second) goes unreported; the breaker
+gauge and its counters still show it. Each replica reports its own breakers (they are per replica), named in the
+entry.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class BreakerWatch:
     async def tick(self) -> None:
         """Compare every backend's breaker with the last round; append one entry per change. A change is
         remembered only once its entry is written, so a failed write (Redis away) is retried next round."""
-        now: dict[tuple[str, str, str], bool] = {(rt.model, rt.color, b.url): b.breaker.state == "open"
+        now: dict[tuple[str, str, str], bool] = {(rt.model, rt.color, b.url): b.breaker.settled_state != "closed"
                for rt in self.plane.runtimes() for b in rt.backends}
         if self._open is None:
             self._open = {k: False for k in now}  # the start is all closed: a breaker open already is news

@@ -34,9 +34,12 @@ async def test_opened_and_closed_are_audited_once_each_with_the_backend_and_repl
     assert opened.new == {"color": "green", "backend": backend.url, "breaker": "open", "replica": "r1"}
     assert opened.id is not None
 
-    await asyncio.sleep(0.06)  # open_s passed: the next call probes (half-open), fails: open again, not news
-    permit = breaker.acquire()
+    await asyncio.sleep(0.06)  # open_s passed, no call yet: still open to the watcher, and watching changes nothing
+    await watch.tick()
+    assert len(store.audit()) == 1 and breaker.settled_state == "open"
+    permit = breaker.acquire()  # the next call probes (half-open) and fails: open again, not news
     assert permit is not None and breaker.state == "half_open"
+    await watch.tick()
     breaker.record(permit, False, 0.01)
     await watch.tick()
     assert len(store.audit()) == 1
