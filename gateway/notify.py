@@ -8,16 +8,18 @@ a :class:`Notifier` reads the stream behind them.
 
 Once across replicas: only the controller's lease holder reads and sends. Its read position is kept in Redis
 (``bluegreen:notify:cursor``) as the last entry every sink has finished with (delivered, given up, or not wanted),
-so a new lease holder starts where the old one stopped; the event that was in flight when a holder died may be
-sent twice — at least once across a fail-over, exactly once otherwise — and the stable event id (the audit id)
-lets a receiver drop the repeat. Before any holder runs, the first replica to start sets the cursor to the end of
-the stream, so events from before the first start are not replayed and none after it is missed.
+so a new lease holder starts where the old one stopped. Delivery is at least once: the event in flight when a
+holder died is sent again by the next, and a 2xx that arrives after ``timeout_s`` is retried; the stable event id
+(the audit id) lets a receiver drop the repeat. Before any holder runs, the first replica to start sets the cursor
+to the end of the stream, so events from before the first start are not replayed and none after it is missed.
 
-Per sink: a bounded in-memory queue (overflow is dropped and counted, never blocking the reader) and one worker,
-so a sink receives its events in order; a failed attempt (connection error, timeout, 408, 425, 429, 5xx) is
-retried with exponential backoff and jitter (``Retry-After`` honoured) until ``retry_for_s``; any other 4xx is the
-receiver refusing the event (a bad signature, say), recorded as failed without retrying. A sink that never
-answers holds only its own queue: each attempt ends at ``timeout_s``.
+Per sink: a bounded in-memory queue and one worker, so a sink receives its events in order. A full queue stops
+the reader (the cursor keeps its place; the next round goes on) while the sink makes progress — a backlog after a
+fail-over is delivered, not dropped — but a sink that has finished nothing for longer than its ``timeout_s`` is
+stuck, and its overflow is dropped and counted rather than holding every other sink back (so a sink that never
+answers holds the others for one ``timeout_s`` at most). A failed attempt (connection error, timeout, 408, 425,
+429, 5xx) is retried with exponential backoff and jitter (``Retry-After`` honoured) until ``retry_for_s``; any
+other 4xx is the receiver refusing the event (a bad signature, say), recorded as failed without retrying.
 
 Signing: ``x-bluegreen-signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">`` and
 ``x-bluegreen-timestamp`` (Unix seconds), recomputed per attempt, so a receiver can refuse a replayed body by its
@@ -158,6 +160,12 @@ class Sink:
     """The last entry this sink finished with, while it has entries pending (where a new holder resumes)."""
     last_error: str | None = None
     task: asyncio.Task[None] | None = None
+    progress_at: float = 0.0
+    """When the worker last took or finished an entry (monotonic): a full queue with no progress for longer than
+    the sink's ``timeout_s`` is a stuck sink."""
+
+    def stuck(self) -> bool:
+        return self.queue.full() and time.monotonic() - self.progress_at > self.config.timeout_s
 
 
 @dataclass
@@ -224,9 +232,12 @@ class Notifier:
     async def _activate(self) -> None:
         if self.redis is not None:
             raw = await self.redis.get(CURSOR)
-            self._position = self._saved = raw.decode() if isinstance(raw, bytes) else (raw or "0-0")
+            if raw is None:  # deleted or evicted: start at the end, as the first replica did (never replay)
+                log.warning("notifications: no cursor in Redis; starting after the newest audit entry")
+                raw = await self._latest() or "0-0"
+            self._position = self._saved = raw.decode() if isinstance(raw, bytes) else raw
         for sink in self.sinks:
-            sink.pending, sink.done = 0, None
+            sink.pending, sink.done, sink.progress_at = 0, None, time.monotonic()
             sink.task = asyncio.get_running_loop().create_task(self._worker(sink), name=f"notify-{sink.name}")
         self._active = True
         log.info("notifications: sending from audit entry %s on", self._position)
@@ -256,30 +267,36 @@ class Notifier:
             await self._activate()
         for _ in range(20):  # bounded per round: a long backlog is read over several rounds
             entries = await self.store.read_audit_after(self._position, 200)
+            taken = 0
             for entry in entries:
-                self._dispatch(entry)
-            if len(entries) < 200:
+                if not self._dispatch(entry):
+                    break
+                taken += 1
+            if taken < 200:
                 break
         await self._save_cursor()
 
-    def _dispatch(self, entry: AuditEntry) -> None:
+    def _dispatch(self, entry: AuditEntry) -> bool:
+        """Queue ``entry`` for the sinks that want it; False (nothing done) while a sink that wants it has a full
+        queue and is still making progress: the entry is read again next round."""
         assert entry.id is not None
         kind = event_type(entry)
+        wanting = [s for s in self.sinks if kind is not None and s.config.wants(kind)]
+        if any(s.queue.full() and not s.stuck() for s in wanting):
+            return False
         before = self._position
         self._position = entry.id
-        if kind is None:
-            return
-        for sink in self.sinks:
-            if not sink.config.wants(kind):
+        assert kind is not None or not wanting
+        for sink in wanting:
+            if sink.queue.full():  # stuck: its overflow is dropped, the others go on
+                self._outcome(sink, entry, str(kind), "dropped", 0, None,
+                              f"queue full ({self.queue_size}) and no progress for over {sink.config.timeout_s:g}s")
                 continue
-            try:
-                sink.queue.put_nowait((entry, kind))
-            except asyncio.QueueFull:
-                self._outcome(sink, entry, kind, "dropped", 0, None, f"queue full ({self.queue_size})")
-                continue
+            sink.queue.put_nowait((entry, str(kind)))
             if sink.pending == 0:
                 sink.done = before
             sink.pending += 1
+        return True
 
     async def _save_cursor(self) -> None:
         """The shared cursor: the earliest place any sink still needs (a new holder resumes there)."""
@@ -296,9 +313,16 @@ class Notifier:
     async def _worker(self, sink: Sink) -> None:
         while True:
             entry, kind = await sink.queue.get()
-            await self._deliver(sink, entry, kind)
-            sink.done = entry.id
-            sink.pending -= 1
+            sink.progress_at = time.monotonic()
+            try:
+                await self._deliver(sink, entry, kind)
+            except Exception as exc:  # a bug must cost one event, never the sink (its cursor would stay pinned)
+                log.exception("notification %s to %s failed unexpectedly", entry.id, sink.name)
+                self._outcome(sink, entry, kind, "failed", 0, None, f"{type(exc).__name__}: {exc}"[:200])
+            finally:
+                sink.done = entry.id
+                sink.pending -= 1
+                sink.progress_at = time.monotonic()
 
     async def _deliver(self, sink: Sink, entry: AuditEntry, kind: str) -> None:
         body, content_type = render(sink.config, entry, kind)
