@@ -7,8 +7,11 @@ within ``confirm_timeout_s``, a refused connection — holds it, and the control
 interval. Which gates a decision needs (``gates``) is pure, and so is the hold a refusal turns into
 (``canary.held_at_gate``): the state machine itself does no I/O, so simulations of it stay free of any.
 
-The call never raises: a gate that cannot be reached is a refusal with the reason, logged, and the controller's
-round goes on with the next model. The timeout bounds how long one model's gate can delay the others'.
+The call never raises: a gate that cannot be reached is a refusal with the reason, logged. The timeout bounds how
+long a model's decision waits for its gate; other models' decisions never wait for it (the controller analyses
+each model in a task of its own). The HTTP client is one for the controller's life (:func:`client`): building an
+``httpx.AsyncClient`` loads the TLS context, tens of milliseconds of blocking work on the loop that also serves
+predictions, so it is not built per ask.
 """
 
 from __future__ import annotations
@@ -50,15 +53,21 @@ def body(model: str, gate: str, before: Status, after: Status) -> dict[str, Any]
             "time": decision.time if decision else None}
 
 
-async def ask(url: str, doc: dict[str, Any], timeout_s: float) -> str | None:
-    """POST ``doc`` to the gate at ``url``: None when it answers 2xx (go on), else why not, in words that end up
-    in the rollout's last decision (``http://... answered 503``). Redirects are not followed: a 3xx is a no."""
+def client() -> httpx.AsyncClient:
+    """The client to ask gates with, built once by its owner (the controller) and closed by it. Redirects are not
+    followed: a 3xx is a no."""
+    return httpx.AsyncClient(follow_redirects=False, headers={"user-agent": USER_AGENT})
+
+
+async def ask(http: httpx.AsyncClient, url: str, doc: dict[str, Any], timeout_s: float) -> str | None:
+    """POST ``doc`` to the gate at ``url`` with ``http`` (from :func:`client`): None when it answers 2xx (go on),
+    else why not, in words that end up in the rollout's last decision (``http://... answered 503``)."""
     try:
         # httpx's timeout is per phase (connect, each read...): a gate dripping its answer byte by byte would
         # outlast it, so the whole exchange is bounded too.
-        async with asyncio.timeout(timeout_s), httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
-            response = await client.post(url, content=orjson.dumps(doc),
-                                         headers={"content-type": "application/json", "user-agent": USER_AGENT})
+        async with asyncio.timeout(timeout_s):
+            response = await http.post(url, content=orjson.dumps(doc), timeout=timeout_s,
+                                       headers={"content-type": "application/json"})
     except (httpx.TimeoutException, TimeoutError):
         why = f"{url} timed out after {timeout_s:g}s"
     except httpx.ConnectError:

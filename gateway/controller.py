@@ -9,6 +9,11 @@ second controller, an operator's write in between — is dropped, never applied 
 past the promotion's) is applied only once the gate answers 2xx (``gateway/confirm.py``); otherwise it becomes
 a hold, and the gate is asked again at the next interval.
 
+Each round reads every model's counters at once, then analyses each due model in a task of its own, and does not
+wait for them: a gate that takes its whole ``confirm_timeout_s`` to answer delays only its own model's decision,
+never another model's (a rollback above all) nor the next rounds. A model whose analysis is still under way is
+not analysed again until it ends (its readings are still recorded), so one decision is never made twice at once.
+
 A stage's counts are the counters now minus the last reading taken *before the stage started*; the requests
 "since the previous analysis" likewise start at the reading before ``last_analysis``. The controller keeps a
 minute of readings, so a stage or rollout started by anyone (an operator on another replica included) is
@@ -21,11 +26,14 @@ merged.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import httpx
 
 from gateway import canary, confirm
 from gateway.canary import ACTIVE, ColorSample, Snapshot, Status
@@ -123,6 +131,10 @@ class Controller:
         (pub/sub, else the state refresh), so a minute leaves a wide margin to find the reading before it."""
         self._history: dict[str, deque[Reading]] = {}
         self._tallies: dict[str, Tally] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
+        """Each model's analysis under way (it may be waiting for a confirm gate)."""
+        self._http: httpx.AsyncClient | None = None
+        """The confirm gates' client, built at the first ask and kept until :meth:`stop`."""
         self._loop = Periodic("canary-controller", tick_s, self._round, first_after_s=0.0)
 
     def start(self) -> None:
@@ -130,27 +142,52 @@ class Controller:
 
     async def stop(self) -> None:
         await self._loop.stop()
+        running = list(self._running.values())
+        for task in running:  # a decision waiting for a gate is dropped: the next leader asks again
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
     async def _round(self) -> None:
         if self.is_leader():
-            await self.tick()
+            await self.tick(wait=False)
 
-    async def tick(self) -> None:
+    async def tick(self, *, wait: bool = True) -> None:
         """Read every model's counters (idle ones too: a rollout an operator starts next is measured from the
-        reading before its start) and analyse the rollouts that are due. One model's failure is logged and
-        never stops the others'."""
+        reading before its start) and analyse each model in a task of its own, except one whose previous
+        analysis is still under way. One model's failure is logged and never stops the others'. ``wait``: return
+        once the analyses started here end (the periodic loop does not wait, so a model waiting for its confirm
+        gate holds up no other model nor the next rounds)."""
         await self.source.refresh()
         now = self.clock()
+        started = []
         for name in list(self.store.models):
             try:
-                await self._model(name, now)
+                state = self.store.get(name)
+                reading = self._record(state, now)
             except Exception:
                 log.exception("canary round for %s failed; its state is left as it was", name)
+                continue
+            if name not in self._running:
+                task = asyncio.get_running_loop().create_task(self._guarded(name, state, reading),
+                                                              name=f"canary-controller:{name}")
+                self._running[name] = task
+                started.append(task)
+        if wait and started:
+            await asyncio.wait(started)
 
-    async def _model(self, name: str, now: float) -> None:
-        state = self.store.get(name)
-        status = state.canary
-        reading = self._record(state, now)
+    async def _guarded(self, name: str, state: ModelState, reading: Reading) -> None:
+        try:
+            await self._model(state, reading)
+        except Exception:
+            log.exception("canary round for %s failed; its state is left as it was", name)
+        finally:
+            self._running.pop(name, None)
+
+    async def _model(self, state: ModelState, reading: Reading) -> None:
+        name, now, status = state.name, reading.time, state.canary
         if status.phase not in ACTIVE or status.candidate is None:
             self._tallies.pop(name, None)
             return
@@ -226,7 +263,9 @@ class Controller:
             return
         for gate, url in confirm.gates(status.policy, status, new):  # none for a rollback: it never waits
             doc = confirm.body(state.name, gate, status, new)
-            refused = await confirm.ask(url, doc, status.policy.confirm_timeout_s)
+            if self._http is None:
+                self._http = confirm.client()
+            refused = await confirm.ask(self._http, url, doc, status.policy.confirm_timeout_s)
             if refused is not None:
                 new, actions = canary.held_at_gate(status, new, gate, refused), []
                 break

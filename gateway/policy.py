@@ -56,6 +56,9 @@ def _confirm_url(value: Any) -> str:
         raise ValueError("must be an http or https URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http or https URL with a host")
+    if "@" in parts.netloc:  # the URL is shown to every viewer of the rollout's status
+        raise ValueError("must not carry a user name or password (user:pass@): the URL is shown in the rollout's "
+                         "status")
     return value
 
 

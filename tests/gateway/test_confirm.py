@@ -7,11 +7,13 @@ plane as in ``test_controller.py`` (whose rig these tests reuse).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from gateway import canary, confirm
@@ -54,8 +56,17 @@ def reason(rig: Rig) -> str:
 
 
 @pytest.fixture
-def rig(clock: FakeClock) -> Rig:
-    return Rig(clock)
+async def rig(clock: FakeClock) -> AsyncIterator[Rig]:
+    rig = Rig(clock)
+    yield rig
+    await rig.controller.stop()  # closes the gates' client
+
+
+async def eventually(predicate: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout_s}s: {what}"
+        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -91,6 +102,64 @@ async def test_a_gate_answering_503_holds_the_stage_and_a_200_lets_it_advance(ri
     assert rig.store.get(MODEL).weights == {"blue": 50, "green": 50}
     await intervals(rig, 2)  # stage 2 has no gate: nothing more is sent to it
     assert rig.status().phase == "promoting" and len(receiver.received()) == 3
+
+
+async def test_the_controller_asks_every_gate_with_one_client_and_closes_it_when_it_stops(
+        rig: Rig, receiver: ConfirmReceiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building an httpx client loads the TLS context (tens of ms of blocking work on the serving loop): once."""
+    built: list[httpx.AsyncClient] = []
+
+    def client() -> httpx.AsyncClient:
+        built.append(http := real())
+        return http
+
+    real = confirm.client
+    monkeypatch.setattr(confirm, "client", client)
+    await to_stage_end(rig, gated(receiver.url()))
+    await intervals(rig, 2)
+    assert len(receiver.received()) == 3 and reason(rig).startswith("hold: waiting for the confirm gate")
+    [http] = built
+    assert not http.is_closed
+    await rig.controller.stop()
+    assert http.is_closed and len(built) == 1
+
+
+async def test_a_gate_that_hangs_delays_neither_another_models_rollback_nor_the_next_rounds(
+        clock: FakeClock, receiver: ConfirmReceiver) -> None:
+    """Model A's gate takes 10 s to answer (30 s allowed); model B's candidate fails meanwhile: B is rolled back at
+    its next analysis, by the controller's own periodic loop, while A's decision still waits for its gate."""
+    a, b = MODEL, "iris"
+    rig = Rig(clock, models=(a, b))
+    receiver.status, receiver.delay_s = 200, 10.0
+    await rig.controller.tick()
+    rig.clock.advance(0.25)
+    await rig.start(gated(receiver.url(), confirm_timeout_s=30.0), model=a)
+    await rig.start(POLICY, model=b)
+    rig.controller.start()  # the real loop, a round every 0.25 s; the fake clock moves only when the test says
+    try:
+        async def interval(b_errors: int = 0) -> None:
+            for model, errors in ((a, 0), (b, b_errors)):
+                rig.serve("green", 100, errors=errors, model=model)
+                rig.serve("blue", 100, model=model)
+            rig.clock.advance(POLICY.interval_s)
+
+        await interval()
+        await eventually(lambda: all(rig.status(m).last_analysis == rig.clock() for m in (a, b)), "1st analyses")
+        await interval()  # A's stage 1 passes: its gate is asked, and hangs
+        await eventually(lambda: len(receiver.received()) == 1, "A's gate asked")
+        asked = time.monotonic()
+        await eventually(lambda: rig.status(b).last_analysis == rig.clock(), "B's 2nd analysis")
+        assert rig.status(b).phase == "progressing"
+        await interval(b_errors=20)  # 20% errors on B's candidate
+        await eventually(lambda: rig.status(b).phase == "rolled_back", "B rolled back", timeout_s=5.0)
+        assert time.monotonic() - asked < 8.0  # well before A's gate answers (10 s)
+        assert rig.store.get(b).weights == {"blue": 100, "green": 0}
+        status = rig.status(a)  # A still waits: neither advanced nor held, and its gate was asked only once
+        assert (status.phase, status.stage) == ("progressing", 1) and len(receiver.received()) == 1
+        assert status.last_decision is not None and status.last_decision.reason.startswith("holding stage 1")
+        assert rig.store.get(a).weights == {"blue": 80, "green": 20}
+    finally:
+        await rig.controller.stop()
 
 
 async def test_a_failing_candidate_held_at_a_gate_is_rolled_back_at_once_without_asking(
@@ -157,12 +226,13 @@ async def test_a_gate_that_answers_too_late_or_not_at_all_holds_within_the_timeo
 async def test_a_gate_dripping_its_answer_is_cut_off_at_the_timeout(receiver: ConfirmReceiver) -> None:
     """httpx's timeout is per read: a byte every 0.1 s never trips a 0.4 s one, but the whole exchange is bounded."""
     receiver.status, receiver.drip_s = 200, 0.1
-    t0 = time.monotonic()
-    answer = await confirm.ask(receiver.url(), {"gate": STAGE_1}, 0.4)
-    assert answer == f"{receiver.url()} timed out after 0.4s"
-    assert 0.3 < time.monotonic() - t0 < 3.0  # the whole answer would take 6 s
-    receiver.drip_s = 0.0
-    assert await confirm.ask(receiver.url(), {"gate": STAGE_1}, 0.4) is None
+    async with confirm.client() as http:
+        t0 = time.monotonic()
+        answer = await confirm.ask(http, receiver.url(), {"gate": STAGE_1}, 0.4)
+        assert answer == f"{receiver.url()} timed out after 0.4s"
+        assert 0.3 < time.monotonic() - t0 < 3.0  # the whole answer would take 6 s
+        receiver.drip_s = 0.0
+        assert await confirm.ask(http, receiver.url(), {"gate": STAGE_1}, 0.4) is None  # the client is still good
 
 
 async def test_an_operators_promote_is_not_sent_to_the_gates_and_says_so(rig: Rig,
@@ -184,7 +254,10 @@ def test_a_confirm_url_must_be_http_or_https_with_a_host_and_round_trips() -> No
     assert policy.as_json()["stages"][0]["confirm_url"] == "http://127.0.0.1:9000/confirm"
     for bad, why in [("ftp://gate.example.com/", "http or https URL"), ("http:///confirm", "with a host"),
                      ("gate.example.com/confirm", "http or https URL"), ("http://h:port/", "http or https URL"),
-                     ("http://gate example/", "spaces"), ("http://h/" + "a" * 2048, "2,048"), (5, "a string")]:
+                     ("http://gate example/", "spaces"), ("http://h/" + "a" * 2048, "2,048"), (5, "a string"),
+                     ("http://user:pass@gate.example.com/", "user name or password"),
+                     ("https://token@gate.example.com/", "user name or password"),
+                     ("http://@gate.example.com/", "user name or password")]:
         with pytest.raises(ValueError, match=f"promote_confirm_url: .*{why}"):
             Policy.from_json({"promote_confirm_url": bad})
     with pytest.raises(ValueError, match=r"stages\.0\.confirm_url: .*http or https"):
@@ -203,6 +276,13 @@ async def test_a_start_with_a_bad_confirm_url_is_a_400_naming_it_and_changes_not
     async with client(gateway.admin_app()) as admin:
         r = await admin.post(start, headers=headers, json={"policy": {"promote_confirm_url": "file:///etc/passwd"}})
         assert r.status_code == 400 and "promote_confirm_url: must be an http or https URL" in r.json()["error"]
+        assert gateway.store.get("digits").revision == before.revision
+        secret = "http://ci:s3cr3t-t0ken@gate.example.com/confirm"
+        for policy in ({"promote_confirm_url": secret}, {"stages": [{"weight": 10, "confirm_url": secret}]}):
+            r = await admin.post(start, headers=headers, json={"policy": policy})
+            assert r.status_code == 400 and "confirm_url: must not carry a user name or password" in r.json()["error"]
+            assert "s3cr3t" not in r.text and "gate.example.com" not in r.text  # the URL is not echoed
+        assert "stages.0.confirm_url" in r.json()["error"]
         assert gateway.store.get("digits").revision == before.revision
         good = {"stages": [{"weight": 10, "confirm_url": "http://127.0.0.1:9/confirm"}], "confirm_timeout_s": 1}
         r = await admin.post(start, headers=headers, json={"force": True, "policy": good})

@@ -35,28 +35,32 @@ POLICY = Policy(stages=(Stage(20, 10.0), Stage(50, 10.0)), interval_s=5.0, min_r
 
 
 class Rig:
-    def __init__(self, clock: FakeClock) -> None:
+    def __init__(self, clock: FakeClock, models: tuple[str, ...] = (MODEL,)) -> None:
+        """``models``: each a copy of ``digits`` (blue 1 at 100%, green 2 at 0%)."""
         self.clock = clock
-        self.store = MemoryStateStore.from_routing(RoutingFile.model_validate(routing_doc()))
+        doc = routing_doc()
+        doc["models"] = {name: doc["models"][MODEL] for name in models}
+        self.store = MemoryStateStore.from_routing(RoutingFile.model_validate(doc))
         self.plane = DataPlane(GatewaySettings(), self.store)
-        for version in ("1", "2"):  # known up front, so a state change schedules no call to a backend
-            self.plane.signatures[(MODEL, version)] = DIGITS
+        for name in models:
+            for version in ("1", "2"):  # known up front, so a state change schedules no call to a backend
+                self.plane.signatures[(name, version)] = DIGITS
         self.release = Release(self.store)
         self.controller = Controller(self.release, LocalMetrics(self.plane), clock=clock)
 
-    def serve(self, color: Color, requests: int, errors: int = 0) -> None:
+    def serve(self, color: Color, requests: int, errors: int = 0, model: str = MODEL) -> None:
         """What the data plane records for each attempt: the cumulative totals and the recent window."""
-        rt = self.plane.runtime(MODEL, color)
+        rt = self.plane.runtime(model, color)
         for i in range(requests):
             rt.record(0.01, i >= errors)
 
-    async def start(self, policy: Policy = POLICY) -> None:
+    async def start(self, policy: Policy = POLICY, model: str = MODEL) -> None:
         """An operator's start, as the admin API applies it (at the clock's time, between two ticks)."""
         status, actions = canary.start(policy, "green", self.clock())
-        await self.release.apply(self.store.get(MODEL), status, actions, actor=ALICE, audit=True)
+        await self.release.apply(self.store.get(model), status, actions, actor=ALICE, audit=True)
 
-    def status(self) -> Status:
-        return self.store.get(MODEL).canary
+    def status(self, model: str = MODEL) -> Status:
+        return self.store.get(model).canary
 
     def evidence(self) -> dict[str, Any]:
         decision = self.status().last_decision
