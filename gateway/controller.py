@@ -4,8 +4,10 @@ Every ``tick_s`` the leader reads every model's cumulative counters (one :class:
 model with an active rollout whose policy interval has passed, builds a :class:`~gateway.canary.Snapshot`, calls
 ``step`` and applies the result with one compare-and-set write of the model's state (weights, canary status,
 candidate). The write names the revision the decision was based on, so a decision made on stale state — a
-second controller, an operator's write in between — is dropped, never applied twice. Decisions other than
-"hold" are audited with their evidence. A decision to leave a stage that has a confirm gate (or to move to 100%
+second controller, an operator's write in between — is dropped, never applied twice; one the release core
+refuses (an advance while releases are frozen) is logged and dropped too: the rollout holds, its status (the
+last decision included) unchanged, and the next interval decides again. Decisions other than "hold" are
+audited with their evidence. A decision to leave a stage that has a confirm gate (or to move to 100%
 past the promotion's) is applied only once the gate answers 2xx (``gateway/confirm.py``); otherwise it becomes
 a hold, and the gate is asked again at the next interval.
 
@@ -37,7 +39,7 @@ import httpx
 
 from gateway import canary, confirm
 from gateway.canary import ACTIVE, ColorSample, Snapshot, Status
-from gateway.errors import PreconditionFailed
+from gateway.errors import Conflict, PreconditionFailed
 from gateway.release import Release
 from gateway.settings import COLORS, Color, other
 from gateway.sources import Counts, MetricsSource
@@ -276,3 +278,7 @@ class Controller:
             await self.release.apply(state, new, actions, fenced=True)
         except PreconditionFailed:
             log.info("canary decision for %s dropped: the state changed meanwhile", state.name)
+        except Conflict as exc:
+            # The release core refused the decision (an advance while releases are frozen): the rollout holds
+            # where it is, its status unchanged, and the next interval decides again.
+            log.warning("canary decision for %s refused: %s", state.name, exc)

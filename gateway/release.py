@@ -7,8 +7,10 @@ signals) call these methods and nothing else to change routing state, so a rule 
 - a color is re-pointed to another version only while it carries no traffic, unless forced (audited as such);
 - a rollout starts only when none is active, on a candidate that does not already carry everything, and — with
   the validation gate on — only for a version whose report passed, unless forced (audited with the reason);
-- while an incident's freeze stands (``ModelState.frozen``, ``gateway/signals.py``) no rollout starts and a split
-  may only move traffic back to the stable color;
+- while an incident's freeze stands (``ModelState.frozen``, ``gateway/signals.py``) no rollout starts, no split
+  and no canary write (the controller's decision, a resume, promote or approval) raises the candidate's weight,
+  and no color carrying traffic is re-pointed, even with force; a split back to the stable color, a rollback, an
+  abort, a pause or a hold still passes, and so does re-pointing an idle color (how a fix is deployed);
 - an operator's pause / resume / promote / abort is judged by the pure ``canary.operator``, a named approval by
   ``canary.approve``;
 - the controller's decision (``canary.step``) is applied with the weights and candidate it implies;
@@ -168,6 +170,10 @@ class Release:
             if s.weights[color] > 0 and not body.force:
                 raise Conflict(f"{color} carries {s.weights[color]}% of {model!r}; move its traffic away first, "
                                "or re-point it anyway with force")
+            if s.weights[color] > 0 and s.frozen is not None:
+                raise Conflict(f"{frozen_message(s.frozen)} (while frozen a color carrying traffic is not re-pointed, "
+                               f"even with force: {color} carries {s.weights[color]}% of {model!r}; re-pointing "
+                               "the idle color stays allowed)")
             return dataclasses.replace(s, colors={**s.colors, color: new_color})
 
         return await self._write(model, if_revision, change, actor,
@@ -268,16 +274,27 @@ class Release:
                     action: str | None = None, fenced: bool = False) -> ModelState:
         """Write a canary decision — the status and the weights and candidate it implies — in one compare-and-set
         on the revision the decision was based on (a decision made on stale state is refused with 412, never
-        applied twice). Audited when ``audit`` or whenever the decision is not a plain "hold"."""
+        applied twice). Audited when ``audit`` or whenever the decision is not a plain "hold".
+
+        While the model is frozen, a write raising the candidate's weight (a start, an advance, a promotion, an
+        approval or resume that advances) is refused with 409, judged on the state the write applies to; a
+        rollback, an abort, a pause or a hold passes (a rollback is never held)."""
         def change(s: ModelState) -> ModelState:
             weights = dict(s.weights)
             candidate = s.candidate_override
+            raised: list[Color] = []
             for act in actions:
                 if isinstance(act, canary.SetWeight):
                     weights = {act.candidate: act.weight, other(act.candidate): 100 - act.weight}
                     candidate = act.candidate
+                    raised.append(act.candidate)
                 elif isinstance(act, canary.Promoted):
                     candidate = act.next_candidate
+            up = next((c for c in raised if weights[c] > s.weights[c]), None)
+            if s.frozen is not None and up is not None:
+                raise Conflict(f"{frozen_message(s.frozen)} (while frozen a rollout may not raise its candidate's "
+                               f"weight: {up} would go from {s.weights[up]}% to {weights[up]}%; a rollback, abort "
+                               "or pause still passes)")
             return dataclasses.replace(s, weights=weights, candidate_override=candidate, canary=status)
 
         decision = status.last_decision

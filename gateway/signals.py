@@ -9,19 +9,24 @@ apply to (a concurrent change is re-judged, never overwritten):
 - a complaint (``{"kind": "complaint", "color": "green", "count": 3}``) is counted in the active rollout's status
   (``signal_complaint``); the controller's next analysis judges it (``complaints.complaint_trigger``). With no
   rollout active it is only recorded: there is nothing to judge it against.
-- an incident (``{"kind": "incident", "reason": "..."}``) freezes releases of every model (``freeze_set``) and
-  rolls back every active rollout (``canary_rollback``, reason ``incident: ...``), at once and by the caller.
-  Frozen first, then rolled back: no rollout can start in between. The freeze is per model (each model's state
-  carries it, so every replica sees it with the rest of that state) but one incident writes it on all of them:
-  during an incident nobody knows yet which release is to blame.
+- an incident (``{"kind": "incident", "reason": "..."}``) freezes releases of every model and rolls back every
+  active rollout, at once and by the caller: one compare-and-set write per model sets the freeze and, when a
+  rollout is active, rolls it back (candidate at 0%), so no model is ever left frozen with its rollout still
+  active, whatever fails or races. That write is audited as ``freeze_set`` (reason ``incident: ...``); when it
+  rolled a rollout back, an entry ``canary_rollback`` follows it (same reason, the rollout as the write left it),
+  so both notifications go out, freeze first. The freeze is per model (each model's state carries it, so every
+  replica sees it with the rest of that state) but one incident writes it on all of them: during an incident
+  nobody knows yet which release is to blame.
 
-While frozen ``release.Release`` refuses a rollout's start and any split that moves traffic toward the candidate;
-an admin lifts the freeze on every model at once (``DELETE /admin/v1/freeze``, audited as ``freeze_lifted``).
+While frozen ``release.Release`` refuses a rollout's start, any split or canary write that raises the candidate's
+weight, and re-pointing a color that carries traffic (even forced); an admin lifts the freeze on every model at
+once (``DELETE /admin/v1/freeze``, audited as ``freeze_lifted``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -34,7 +39,9 @@ from gateway.canary import ACTIVE, Decision
 from gateway.errors import Conflict, PreconditionFailed
 from gateway.release import Reason, Release
 from gateway.settings import Color, other
-from gateway.state import AuditEntry, Freeze, ModelState
+from gateway.state import AuditEntry, Freeze, ModelState, changes, rollout_summary
+
+log = logging.getLogger(__name__)
 
 MAX_COMPLAINTS = 100_000
 """The most complaints one signal may carry: a larger count is a client's mistake, not a burst of users."""
@@ -119,22 +126,23 @@ class Signals:
                 "complaints": state.canary.complaints.as_json()}
 
     async def incident(self, body: IncidentBody, actor: Principal) -> dict[str, Any]:
-        """Freeze every model, then roll back every active rollout; one model's failure does not stop the rest."""
+        """Freeze every model and roll back its active rollout, in one write per model (a model is frozen and
+        rolled back, or left as it was: never frozen with its rollout still active); one model's failure does
+        not stop the rest."""
         now = self.release.clock()
         freeze = Freeze(actor.name, now, body.reason)
         why = f"incident: {body.reason}"
+        evidence = {"incident": body.reason}
+        seen: dict[str, ModelState] = {}  # the state each model's write applied to (its last try's)
 
         def freezing(s: ModelState) -> ModelState:
-            return dataclasses.replace(s, frozen=freeze)
-
-        def rolling_back(s: ModelState) -> ModelState:
+            seen[s.name] = s
             st = s.canary
             if st.phase not in ACTIVE or st.candidate is None:
-                raise _Nothing
+                return dataclasses.replace(s, frozen=freeze)
             status, _ = canary.operator("abort", st, now, actor.name)
-            status = dataclasses.replace(status, last_decision=Decision(now, "rollback", why,
-                                                                        {"incident": body.reason}))
-            return dataclasses.replace(s, weights={st.candidate: 0, other(st.candidate): 100},
+            status = dataclasses.replace(status, last_decision=Decision(now, "rollback", why, evidence))
+            return dataclasses.replace(s, frozen=freeze, weights={st.candidate: 0, other(st.candidate): 100},
                                        candidate_override=st.candidate, canary=status)
 
         frozen: list[str] = []
@@ -142,13 +150,26 @@ class Signals:
         failed: dict[str, str] = {}
         for name in list(self.release.store.models):
             try:
-                await self._write(name, freezing, actor, "freeze_set", why)
-                frozen.append(name)
-                if await self._write(name, rolling_back, actor, "canary_rollback", why,
-                                     {"incident": body.reason}) is not None:
-                    rolled_back.append(name)
+                state = await self._write(name, freezing, actor, "freeze_set", why)
             except PreconditionFailed as exc:
                 failed[name] = str(exc)
+                continue
+            assert state is not None
+            frozen.append(name)
+            before = seen[name]
+            if before.canary == state.canary:
+                continue
+            rolled_back.append(name)
+            old, new = changes(before, state)
+            old.pop("frozen", None)
+            new.pop("frozen", None)
+            try:  # the rollback is written already (with the freeze): this entry tells it as a rollback
+                await self.release.store.append_audit(AuditEntry(
+                    self.release.clock(), actor.name, "canary_rollback", name, old, new, why, evidence,
+                    actor.role_list, rollout=rollout_summary(before, state)))
+            except Exception:
+                log.exception("the rollback of %s is written (audited with its freeze_set), but its "
+                              "canary_rollback entry was not", name)
         return {"kind": "incident", "reason": body.reason, "frozen": frozen, "rolled_back": rolled_back,
                 "failed": failed}
 

@@ -44,7 +44,8 @@ class ColorState:
 @dataclass(frozen=True, slots=True)
 class Freeze:
     """Releases of a model frozen by an incident (``gateway/signals.py``): who froze them, when and why. While it
-    stands no rollout starts and no split moves traffic toward the candidate; an admin lifts it."""
+    stands no write raises the candidate's weight (a start, a split, an advance or promotion) and no color carrying
+    traffic is re-pointed (``gateway/release.py``); an admin lifts it."""
 
     by: str
     time: float

@@ -6,6 +6,7 @@ entry naming who, what and why. The HTTP tests of the admin API only check authe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from gateway.canary import Phase, Policy, Stage
 from gateway.errors import BadRequest, Conflict, PreconditionFailed, ServingError
 from gateway.release import ApproveBody, ColorBody, CommandBody, Release, ShadowBody, SplitBody, StartBody
 from gateway.settings import RoutingFile
-from gateway.state import MemoryStateStore, ModelState
+from gateway.state import Freeze, MemoryStateStore, ModelState
 from tests.gateway.support import FakeClock, routing_doc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -433,3 +434,98 @@ async def test_a_forced_promote_waives_the_evidence_minimum_and_is_audited_as_fo
     few = canary.Snapshot(canary.ColorSample(10, timed=10), canary.ColorSample(), new_candidate_requests=10)
     promoted, actions = canary.step(state.canary.policy, state.canary, few, 5000.0)
     assert promoted.phase == Phase.PROMOTED and actions == [canary.Promoted("blue")]
+
+
+# ---------------------------------------------------------------------------------------------- the release freeze
+
+
+async def frozen(r: Release) -> ModelState:
+    """Freeze the model as it stands, rollout and all, with a real write (an incident's single write rolls the
+    rollout back too: this is the state that write rules out, which the release core must still hold)."""
+    freeze = Freeze("pager", 900.0, "checkout is down")
+    return await r.store.update(M, None, lambda s: dataclasses.replace(s, frozen=freeze), who="pager",
+                                action="freeze_set")
+
+
+async def test_while_frozen_no_canary_write_raises_the_candidates_weight() -> None:
+    r = release()
+    await started(r)
+    state = await frozen(r)
+    assert state.canary.phase == Phase.PROGRESSING and state.weights == {"blue": 90, "green": 10}
+    why = r"^releases are frozen since .* by pager: checkout is down; .*\(while frozen a rollout may not raise " \
+          r"its candidate's weight: green would go from 10% to "
+    advanced, actions = canary.advance(QUICK, state.canary, 2.0, {}, "stage 1 passed")
+    await refused(r, Conflict, why + "50%", r.apply(state, advanced, actions, fenced=True))  # the controller's
+    await refused(r, Conflict, why + "100%", r.command(M, "promote", CommandBody(), actor=ALICE))
+    await refused(r, Conflict, why + "100%", r.command(M, "promote", CommandBody(force=True), actor=ALICE))
+    # A hold, a pause and a resume move no traffic: they pass.
+    held = dataclasses.replace(state.canary, last_decision=canary.Decision(4.0, "hold", "waiting"))
+    state = await r.apply(state, held, [], fenced=True)
+    assert state.canary.last_decision == held.last_decision
+    assert (await r.command(M, "pause", CommandBody(), actor=OPERATOR)).canary.phase == Phase.PAUSED
+    state = await r.command(M, "resume", CommandBody(), actor=OPERATOR)
+    assert state.canary.phase == Phase.PROGRESSING and state.weights == {"blue": 90, "green": 10}
+    assert state.frozen is not None
+
+
+async def test_while_frozen_a_start_is_refused_by_the_write_itself() -> None:
+    """Not only by ``start``'s look at the state it read: the write applying a start refuses too."""
+    r = release()
+    state = await frozen(r)
+    await refused(r, Conflict, "releases are frozen", r.start(M, StartBody(force=True), actor=ALICE))
+    status, actions = canary.start(QUICK, "green", 3.0)
+    await refused(r, Conflict, "green would go from 0% to 10%", r.apply(state, status, actions, actor=ALICE))
+
+
+@pytest.mark.parametrize("how", ["abort", "rollback"])
+async def test_while_frozen_an_abort_or_a_rollback_still_passes(how: str) -> None:
+    r = release()
+    await started(r)
+    state = await frozen(r)
+    if how == "abort":
+        state = await r.command(M, "abort", CommandBody(reason="incident"), actor=OPERATOR)
+    else:
+        failing = canary.Snapshot(canary.ColorSample(1000, 200), canary.ColorSample(1000),
+                                  new_candidate_requests=100)
+        new, actions = canary.step(state.canary.policy, state.canary, failing, 5000.0)
+        state = await r.apply(state, new, actions, fenced=True)
+    assert state.canary.phase == Phase.ROLLED_BACK and state.weights == {"blue": 100, "green": 0}
+    assert state.frozen is not None and (await last_audit(r))["action"] == f"canary_{how}"
+
+
+async def test_while_frozen_neither_an_approval_nor_a_resume_advances_past_a_gate() -> None:
+    r = release()
+    await waiting_at_gate(r)
+    await r.approve(M, ApproveBody(gate="security"), actor=SECURITY)
+    await frozen(r)
+    await refused(r, Conflict, "green would go from 50% to 100%",
+                  r.approve(M, ApproveBody(gate="product-owner"), actor=OWNER))
+    assert r.get(M).canary.pending_gates() == ["product-owner"]
+    r = release()
+    bare = Policy(stages=(Stage(10, 0), Stage(50, 0, approve=True)), interval_s=1, min_requests=0,
+                  detect_error_rate=None, detect_slow_share=None)  # a gate without names: a resume approves it
+    state = await started(r, policy=bare.as_json())
+    clean = canary.Snapshot(canary.ColorSample(10), canary.ColorSample(10), new_candidate_requests=10)
+    for now in (2000.0, 3000.0):
+        new, actions = canary.step(state.canary.policy, state.canary, clean, now)
+        state = await r.apply(state, new, actions)
+    assert (state.canary.phase, state.canary.paused_by, state.weights["green"]) == (Phase.PAUSED, "approval", 50)
+    await frozen(r)
+    await refused(r, Conflict, "green would go from 50% to 100%", r.command(M, "resume", CommandBody(), actor=ALICE))
+
+
+async def test_while_frozen_a_color_carrying_traffic_is_not_re_pointed_even_forced() -> None:
+    r = release()
+    await r.set_split(M, SplitBody(blue=90, green=10), actor=ALICE, if_revision=None)
+    await frozen(r)
+    body = ColorBody(version="9", backends=["http://127.0.0.1:9009"], force=True)
+    for color in ("blue", "green"):
+        await refused(r, Conflict, rf"^releases are frozen since .*\(while frozen a color carrying traffic is not "
+                      rf"re-pointed, even with force: {color} carries", r.set_color(M, color, body, actor=ALICE,
+                                                                                     if_revision=None))
+    await r.set_split(M, SplitBody(blue=100, green=0), actor=ALICE, if_revision=None)  # back to stable: allowed
+    for force in (False, True):  # the idle color is how a fix is deployed
+        state = await r.set_color(M, "green", ColorBody(version=f"fix{force}", backends=["http://127.0.0.1:9009"],
+                                                        force=force), actor=ALICE, if_revision=None)
+        assert state.colors["green"].version == f"fix{force}" and state.frozen is not None
+    await refused(r, Conflict, "blue carries 100%", r.set_color(M, "blue", body, actor=ALICE, if_revision=None))

@@ -6,7 +6,8 @@ Every refusal is checked to change nothing: same revisions, no new audit entry.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import dataclasses
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,11 @@ from gateway.admin import create_admin_app
 from gateway.app import Gateway
 from gateway.auth import Authenticator, Principal
 from gateway.canary import Phase, Policy, Stage
-from gateway.errors import Conflict, Forbidden, ServingError
+from gateway.errors import Conflict, Forbidden, PreconditionFailed, ServingError
 from gateway.release import Release, SplitBody, StartBody
 from gateway.settings import RoutingFile
 from gateway.signals import ComplaintBody, IncidentBody, LiftBody, SignalBody, Signals
-from gateway.state import MemoryStateStore
+from gateway.state import MemoryStateStore, ModelState
 from tests.gateway.support import ALICE, FakeClock, client, routing_doc
 
 ADMIN = Principal("alice", frozenset({"admin"}))
@@ -123,6 +124,127 @@ async def test_while_frozen_a_split_back_to_stable_is_allowed() -> None:
     assert s.release.get("digits").candidate == "green"  # the last named, as both carry traffic
     await s.release.set_split("digits", SplitBody(blue=100, green=0), actor=OPERATOR, if_revision=None)
     assert s.release.get("digits").weights == {"blue": 100, "green": 0}
+
+
+class Racing(MemoryStateStore):
+    """A real in-memory store where, once ``wins`` more writes to ``digits`` went through, every further write to
+    it loses its compare-and-set race (what a store that keeps changing, or Redis failing, looks like)."""
+
+    wins: int | None = None
+
+    async def update(self, name: str, if_revision: int | None, change: Callable[[ModelState], ModelState],
+                     **kwargs: Any) -> ModelState:
+        if name == "digits" and self.wins is not None:
+            if self.wins == 0:
+                raise PreconditionFailed(f"model {name!r} kept changing; try again")
+            self.wins -= 1
+        return await super().update(name, if_revision, change, **kwargs)
+
+
+@pytest.mark.parametrize("wins", [0, 1])
+async def test_an_incident_never_leaves_a_model_frozen_with_its_rollout_active(wins: int) -> None:
+    """One write per model freezes it and rolls its rollout back: the write is refused (nothing changes, the model
+    is named as failed) or it is applied (frozen and rolled back) — with one write allowed, there is no second
+    write (a rollback after the freeze) that could be lost."""
+    doc = routing_doc()
+    doc["models"]["iris"] = {**doc["models"]["digits"], "weights": {"blue": 100, "green": 0}}
+    store = Racing.from_routing(RoutingFile.model_validate(doc))
+    assert isinstance(store, Racing)
+    s = Signals(Release(store, None, {"digits": QUICK, "iris": QUICK}, clock=FakeClock()))
+    for m in ("digits", "iris"):
+        await s.release.start(m, StartBody(), actor=ADMIN)
+    before = {m: s.release.get(m) for m in ("digits", "iris")}
+    store.wins = wins
+    doc = await s.receive("digits", signal({"kind": "incident", "reason": "pager"}), actor=DESK)
+    digits, iris = s.release.get("digits"), s.release.get("iris")
+    assert iris.frozen is not None and iris.canary.phase == Phase.ROLLED_BACK
+    assert iris.revision == before["iris"].revision + 1  # one write
+    if wins == 0:
+        assert digits is before["digits"] and digits.frozen is None and digits.canary.phase == Phase.PROGRESSING
+        assert list(doc["failed"]) == ["digits"] and "kept changing" in doc["failed"]["digits"]
+        assert doc["frozen"] == doc["rolled_back"] == ["iris"]
+    else:
+        assert digits.frozen is not None and digits.canary.phase == Phase.ROLLED_BACK
+        assert digits.weights == {"blue": 100, "green": 0} and digits.revision == before["digits"].revision + 1
+        assert doc["frozen"] == doc["rolled_back"] == ["digits", "iris"] and not doc["failed"]
+
+
+async def test_an_incidents_one_write_is_audited_as_the_freeze_then_told_as_a_rollback() -> None:
+    """The write is ``freeze_set`` (with everything it changed); the ``canary_rollback`` entry after it carries the
+    rollout, so the notifier sends both events, freeze first. A model without a rollout gets the freeze alone."""
+    from gateway.notify import event_type
+
+    s = two_models()
+    await s.release.start("digits", StartBody(), actor=ADMIN)
+    await s.receive("digits", signal({"kind": "incident", "reason": "pager"}), actor=DESK)
+    entries = list(reversed(await s.release.store.read_audit(100)))[1:]  # after the start
+    assert [(e.action, e.model) for e in entries] == [("signal_received", "digits"), ("freeze_set", "digits"),
+                                                      ("canary_rollback", "digits"), ("freeze_set", "iris")]
+    assert [event_type(e) for e in entries] == ["bluegreen.signal.received", "bluegreen.freeze.set",
+                                                "bluegreen.rollout.rolled_back", "bluegreen.freeze.set"]
+    frozen, rolled = entries[1], entries[2]
+    assert frozen.old == {"weights": {"blue": 90, "green": 10}, "frozen": None}
+    assert frozen.new is not None and frozen.new["weights"] == {"blue": 100, "green": 0}
+    assert frozen.new["frozen"]["reason"] == "pager"
+    assert (rolled.old, rolled.new) == ({"weights": {"blue": 90, "green": 10}}, {"weights": {"blue": 100,
+                                                                                             "green": 0}})
+    assert rolled.rollout is not None and (rolled.rollout["result"], rolled.rollout["phase"]) == ("rollback",
+                                                                                                  "rolled_back")
+    assert (rolled.reason, rolled.evidence, rolled.who) == ("incident: pager", {"incident": "pager"}, "support-desk")
+    assert entries[3].old == {"frozen": None} and entries[3].rollout is None
+
+
+async def test_the_controller_holds_a_frozen_rollout_yet_still_rolls_it_back(caplog: pytest.LogCaptureFixture) -> None:
+    """A rollout active on a frozen model (a state an incident's write rules out; an older gateway's, say): the
+    controller's advance is refused, logged and dropped (the round goes on, the status stays as it was), and
+    its rollback still goes through."""
+    from gateway import canary
+    from gateway.controller import Controller
+    from gateway.dataplane import DataPlane
+    from gateway.settings import GatewaySettings
+    from gateway.sources import LocalMetrics
+    from gateway.state import Freeze
+    from tests.gateway.support import DIGITS
+
+    clock = FakeClock()
+    store = MemoryStateStore.from_routing(RoutingFile.model_validate(routing_doc()))
+    plane = DataPlane(GatewaySettings(), store)
+    for version in ("1", "2"):
+        plane.signatures[("digits", version)] = DIGITS
+    release = Release(store, clock=clock)
+    controller = Controller(release, LocalMetrics(plane), clock=clock)
+    policy = Policy(stages=(Stage(20, 10.0), Stage(50, 10.0)), interval_s=5.0, min_requests=100,
+                    detect_error_rate=None, detect_slow_share=None)
+
+    def serve(color: str, requests: int, errors: int = 0) -> None:
+        rt = plane.runtime("digits", color)  # type: ignore[arg-type]
+        for i in range(requests):
+            rt.record(0.01, i >= errors)
+
+    await controller.tick()
+    clock.advance(0.25)
+    status, actions = canary.start(policy, "green", clock())
+    await release.apply(store.get("digits"), status, actions, actor=ADMIN, audit=True)
+    await store.update("digits", None, lambda s: dataclasses.replace(s, frozen=Freeze("old", 1.0, "pager")),
+                       who="old", action="freeze_set")
+    serve("green", 100)
+    clock.advance(5.0)
+    await controller.tick()  # stage 1 holds 10 s: a hold
+    held = store.get("digits")
+    assert held.canary.last_decision is not None and held.canary.last_decision.result == "hold"
+    serve("green", 100)
+    clock.advance(5.0)
+    with caplog.at_level("WARNING", logger="gateway.controller"):
+        await controller.tick()  # stage 1 passed: the advance is refused
+    assert store.get("digits") is held and held.weights == {"blue": 80, "green": 20}
+    assert "canary decision for digits refused: releases are frozen since" in caplog.text
+    assert "green would go from 20% to 50%" in caplog.text and "Traceback" not in caplog.text
+    serve("green", 100, errors=100)
+    clock.advance(5.0)
+    await controller.tick()
+    state = store.get("digits")
+    assert state.canary.phase == Phase.ROLLED_BACK and state.weights == {"blue": 100, "green": 0}
+    assert state.frozen is not None
 
 
 async def test_roles_a_viewer_cannot_signal_and_the_signals_role_grants_nothing_else() -> None:
