@@ -323,6 +323,12 @@ class Notifier:
                 sink.done = entry.id
                 sink.pending -= 1
                 sink.progress_at = time.monotonic()
+            # Record the progress at once, not at the reader's next round: a holder that loses the lease between
+            # the two would leave its successor to send this event again.
+            try:
+                await self._save_cursor()
+            except Exception as exc:  # Redis away: the reader's next round saves it
+                log.warning("notifications: cursor not saved: %s", exc)
 
     async def _deliver(self, sink: Sink, entry: AuditEntry, kind: str) -> None:
         body, content_type = render(sink.config, entry, kind)

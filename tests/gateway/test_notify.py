@@ -337,6 +337,11 @@ async def test_one_sender_among_replicas_and_the_next_resumes_where_it_stopped(r
         await set_split(r1, 10)
         await set_split(r2, 20)  # written through the other replica: still sent once, by the leader
         await receiver.wait_for(2)
+        delivered = receiver.events()[-1]["id"]
+        deadline = time.monotonic() + 5
+        while (await stores[0].redis.get(CURSOR) or b"").decode() != delivered:  # the holder records its progress
+            assert time.monotonic() < deadline, "the cursor never reached the last delivered event"
+            await asyncio.sleep(0.01)
         leader.update(r1=False)  # the lease lapses; the stream goes on while nobody sends
         deadline = time.monotonic() + 5
         while (await notifiers[0].status())["sending"]:
