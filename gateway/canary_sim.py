@@ -316,6 +316,31 @@ def table(rollouts: int = 1000, seed: int = 2026) -> str:
     return "\n".join(lines)
 
 
+def complaint_table(rollouts: int = 400, seed: int = 1, base: float = 0.001) -> str:
+    """The complaint trigger's table of docs/architecture.md: the candidate at 10% of the traffic, the stable
+    color at ``base`` complaints per request, the candidate at a multiple of it; the trigger judged every 100
+    candidate requests (and 900 stable ones) up to 20,000 candidate requests, at the release plan's policy."""
+    from gateway.complaints import ComplaintSample, complaint_trigger
+
+    policy, rng = Policy(), np.random.default_rng(seed)
+    lines = [f"Complaints: stable {base * 1000:g} per 1,000 requests, the candidate at 10% of the traffic, a look "
+             "every 100 candidate requests", "", "| candidate's rate | rollouts | rolled back within 20,000 "
+             "candidate requests | median candidate requests to the rollback |", "|---|---|---|---|"]
+    for mult in (1, 2, 3, 5, 10):
+        needed = []
+        for _ in range(rollouts):
+            c = s = 0
+            for look in range(1, 201):
+                c += int(rng.binomial(100, base * mult))
+                s += int(rng.binomial(900, base))
+                if complaint_trigger(policy, ComplaintSample(c, s, 100 * look, 900 * look)).verdict == "rollback":
+                    needed.append(100 * look)
+                    break
+        median = f"{int(np.median(needed)):,}" if needed else "–"
+        lines.append(f"| {mult}x stable's | {rollouts} | {len(needed) / rollouts:.1%} | {median} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Print the canary power tables of docs/architecture.md.")
     parser.add_argument("--rollouts", type=int, default=1000)
@@ -324,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(table(args.rollouts, args.seed))
     print()
     print(outcome_table(args.rollouts, args.seed))
+    print()
+    print(complaint_table())
 
 
 if __name__ == "__main__":
