@@ -1,4 +1,4 @@
-"""Issue 20's "must show" table: seeded Monte Carlo rollouts of the pure canary machine (gateway/canary_sim.py, the
+"""The canary statistics table: seeded Monte Carlo rollouts of the pure canary machine (gateway/canary_sim.py, the
 simulation the docs' power table is printed from), fed the way the controller feeds it.
 
 Rollout counts: 1,000 where a row's rollouts end early (a bad candidate is rolled back within a few thousand

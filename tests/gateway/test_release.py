@@ -422,7 +422,7 @@ def test_gate_names_are_checked() -> None:
 
 
 async def test_a_forced_promote_waives_the_evidence_minimum_and_is_audited_as_forced(tmp_path: Path) -> None:
-    """Issue 20: only ``promote`` with ``force`` skips the wait for evidence at 100%; a resume cannot."""
+    """Only ``promote`` with ``force`` skips the wait for evidence at 100%; a resume cannot."""
     r = release(tmp_path)
     strict = Policy(stages=(Stage(10, 0),), interval_s=1)  # the power-derived minimum: 1,441 requests
     state = await started(r, policy=strict.as_json())
