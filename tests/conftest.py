@@ -19,6 +19,8 @@ from models.build import DEFAULT_REPOSITORY, build_all
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _send_turns(session.config)
+    for turns in _TURNS.values():
+        turns.close()
     if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
@@ -86,6 +88,12 @@ class _Turns:
         self._alone_since = time.monotonic()
         self.waited_s += self._alone_since - started
         self.held = mode
+
+    def close(self) -> None:
+        """At the worker's end: the lock files closed (after the last unlock)."""
+        self.release()
+        self.gate.close()
+        self.main.close()
 
     def release(self) -> None:
         if self.held is not None:
