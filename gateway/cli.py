@@ -8,6 +8,7 @@ is also its ``--help`` description (:func:`_add`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from gateway.app import run
+    from gateway.notify import sink_secrets
     from gateway.policy import describe
     from gateway.settings import GatewaySettings
 
@@ -55,8 +57,9 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         print(f"error: settings (BLUEGREEN_* variables): {describe(exc)}", file=sys.stderr)
         return 2
     try:
-        settings.routing()  # fail fast, before binding anything
+        routing = settings.routing()  # fail fast, before binding anything
         settings.tokens()
+        sink_secrets(routing.notifications, os.environ)
     except ValidationError as exc:  # one line per field, never the input (a routing file may hold secrets)
         print(f"error: routing file {settings.config}: {describe(exc)}", file=sys.stderr)
         return 2

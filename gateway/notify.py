@@ -37,7 +37,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -142,6 +142,19 @@ def sink_names(sinks: list[NotificationSink]) -> list[str]:
     return names
 
 
+def sink_secrets(sinks: list[NotificationSink], env: Mapping[str, str]) -> list[bytes | None]:
+    """Each sink's HMAC key from the environment variable it names (None: unsigned). ValueError for a variable
+    that is unset or empty: a sink meant to be signed must not go out unsigned (``bluegreen gateway`` exits 2)."""
+    keys: list[bytes | None] = []
+    for name, s in zip(sink_names(sinks), sinks, strict=True):
+        value = env.get(s.secret_env) if s.secret_env else None
+        if s.secret_env and not value:
+            raise ValueError(f"notifications: sink {name!r} names secret_env {s.secret_env}, which is not set "
+                             "(or empty)")
+        keys.append(value.encode() if value else None)
+    return keys
+
+
 def shown_url(url: str) -> str:
     """A sink's URL without its path or query, which may carry a secret (a Slack webhook's path does)."""
     parts = urlsplit(url)
@@ -191,16 +204,9 @@ class Notifier:
     _sharing: set[asyncio.Task[None]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
-        self.sinks = []
-        for name, cfg in zip(sink_names(self.sinks_config), self.sinks_config, strict=True):
-            secret = None
-            if cfg.secret_env:
-                value = self.env.get(cfg.secret_env)
-                if not value:
-                    raise ValueError(f"notifications: sink {name!r} names secret_env {cfg.secret_env}, which is "
-                                     "not set (or empty)")
-                secret = value.encode()
-            self.sinks.append(Sink(name, cfg, secret, asyncio.Queue(self.queue_size)))
+        names, secrets = sink_names(self.sinks_config), sink_secrets(self.sinks_config, self.env)
+        self.sinks = [Sink(name, cfg, secret, asyncio.Queue(self.queue_size))
+                      for name, cfg, secret in zip(names, self.sinks_config, secrets, strict=True)]
         self._client = httpx.AsyncClient(follow_redirects=False, headers={"user-agent": "bluegreen-notify"})
         self._loop = Periodic("notifications", self.poll_s, self._round, first_after_s=0.0)
 

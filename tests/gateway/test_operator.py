@@ -418,3 +418,18 @@ def test_a_bad_routing_file_is_one_line_per_field(tmp_path: Path, capsys: pytest
     assert line.startswith(f"error: routing file {path}: ")
     assert "models.digits.canary.intervall_s: unknown field" in line
     assert "models.digits.canary.min_requests" in line and "many" not in line and "http" not in line
+
+
+def test_a_sink_whose_secret_is_not_set_stops_the_gateway(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sink meant to be signed must not go out unsigned: its secret's variable unset stops ``bluegreen gateway``
+    before anything is bound (exit 2), naming the sink and the variable."""
+    doc = {**routing(["http://127.0.0.1:1"], ["http://127.0.0.1:2"]),
+           "notifications": [{"url": "https://hooks.example/T0/SECRETPATH", "secret_env": "HOOK_SECRET_UNSET"}]}
+    path = tmp_path / "routing.json"
+    path.write_text(json.dumps(doc))
+    monkeypatch.delenv("HOOK_SECRET_UNSET", raising=False)
+    assert main(["gateway", "--config", str(path)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == ("error: notifications: sink 'hooks.example' names secret_env HOOK_SECRET_UNSET, which is not "
+                    "set (or empty)")
