@@ -250,6 +250,9 @@ def test_every_kind_of_decision_and_event_reaches_the_receiver_in_order(blue: st
         gw.stop()
         green.stop()
         receiver.stop()
+    # A webhook's path may be its secret (Slack's is): no request line of the HTTP client logs it.
+    log = (tmp_path / "gateway.log").read_text()
+    assert f"127.0.0.1:{port}/ce" not in log and f"127.0.0.1:{port}/slack" not in log
     # What `bluegreen notifications` prints: both sinks (URLs without their path), the newest deliveries.
     assert f"ce  http://127.0.0.1:{port}/…  cloudevents  signed  queued 0" in shown
     assert f"chat  http://127.0.0.1:{port}/…  slack  unsigned" in shown
