@@ -158,10 +158,10 @@ class Controller:
 
     async def tick(self, *, wait: bool = True) -> None:
         """Read every model's counters (idle ones too: a rollout an operator starts next is measured from the
-        reading before its start) and analyse each model in a task of its own, except one whose previous
-        analysis is still under way. One model's failure is logged and never stops the others'. ``wait``: return
-        once the analyses started here end (the periodic loop does not wait, so a model waiting for its confirm
-        gate holds up no other model nor the next rounds)."""
+        reading before its start) and analyse each model with an active rollout in a task of its own, except one
+        whose previous analysis is still under way. One model's failure is logged and never stops the others'.
+        ``wait``: return once the analyses started here end (the periodic loop does not wait, so a model waiting
+        for its confirm gate holds up no other model nor the next rounds)."""
         await self.source.refresh()
         now = self.clock()
         started = []
@@ -171,6 +171,9 @@ class Controller:
                 reading = self._record(state, now)
             except Exception:
                 log.exception("canary round for %s failed; its state is left as it was", name)
+                continue
+            if state.canary.phase not in ACTIVE or state.canary.candidate is None:
+                self._tallies.pop(name, None)  # idle: read (above), nothing to analyse, no task
                 continue
             if name not in self._running:
                 task = asyncio.get_running_loop().create_task(self._guarded(name, state, reading),
@@ -190,9 +193,6 @@ class Controller:
 
     async def _model(self, state: ModelState, reading: Reading) -> None:
         name, now, status = state.name, reading.time, state.canary
-        if status.phase not in ACTIVE or status.candidate is None:
-            self._tallies.pop(name, None)
-            return
         tally = self._tally(name, status)
         tally.observe(reading)
         # Without a reading from before the last analysis (a new leader), watch one interval first: judged
