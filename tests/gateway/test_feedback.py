@@ -6,6 +6,7 @@ servers), then two replicas' stores sharing a real redis-server: feedback lands 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -115,14 +116,21 @@ def redis_server(tmp_path: Path) -> Iterator[tuple[Proc, str]]:
     proc.stop()
 
 
-@pytest.fixture
-async def replicas(redis_server: tuple[Proc, str]) -> AsyncIterator[tuple[FeedbackStore, FeedbackStore]]:
-    clients = [Redis.from_url(redis_server[1], socket_timeout=1.0) for _ in range(2)]
+@contextlib.asynccontextmanager
+async def feedback_replicas(url: str) -> AsyncIterator[tuple[FeedbackStore, FeedbackStore]]:
+    """Two replicas' feedback stores, each with its own client of the Redis at ``url``."""
+    clients = [Redis.from_url(url, socket_timeout=1.0) for _ in range(2)]
     stores = (FeedbackStore(redis=clients[0]), FeedbackStore(redis=clients[1]))
     yield stores
     for s, c in zip(stores, clients, strict=True):
         await s.close()
         await c.aclose()
+
+
+@pytest.fixture
+async def replicas(redis_server: tuple[Proc, str]) -> AsyncIterator[tuple[FeedbackStore, FeedbackStore]]:
+    async with feedback_replicas(redis_server[1]) as stores:
+        yield stores
 
 
 async def test_feedback_lands_on_another_replica_once(replicas: tuple[FeedbackStore, FeedbackStore]) -> None:

@@ -12,7 +12,6 @@ from typing import Any
 
 import orjson
 import pytest
-from redis.asyncio import Redis
 
 from gateway.app import DataApp
 from gateway.controller import Reading, Tally
@@ -22,7 +21,7 @@ from gateway.sources import Counts, LocalMetrics, MergedMetrics, MetricsPublishe
 from gateway.state_redis import RedisStateStore
 from tests.gateway.support import client
 from tests.gateway.test_dataplane import MODEL, body, rig
-from tests.gateway.test_feedback import answer, redis_server
+from tests.gateway.test_feedback import answer, feedback_replicas, redis_server
 from tests.gateway.test_redis_logic import plane_with, redis_url, replicas
 
 __all__ = ["redis_server", "redis_url", "replicas"]  # fixtures used here
@@ -113,12 +112,8 @@ async def test_outcomes_through_the_data_listener_reach_the_controllers_counts()
 
 @pytest.fixture
 async def two_stores(redis_server: Any) -> AsyncIterator[tuple[FeedbackStore, FeedbackStore]]:
-    clients = [Redis.from_url(redis_server[1], socket_timeout=1.0) for _ in range(2)]
-    stores = (FeedbackStore(redis=clients[0]), FeedbackStore(redis=clients[1]))
-    yield stores
-    for s, c in zip(stores, clients, strict=True):
-        await s.close()
-        await c.aclose()
+    async with feedback_replicas(redis_server[1]) as stores:
+        yield stores
 
 
 async def test_an_outcome_lands_on_another_replica_once_and_apart_from_the_label(
