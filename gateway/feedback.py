@@ -23,7 +23,6 @@ once. Each replica counts what it receives; the controller sums every replica's 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -34,6 +33,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import BadRequest
+from serving.lifecycle import Background
 
 log = logging.getLogger(__name__)
 ANSWER_PREFIX = "bluegreen:answer:"
@@ -107,7 +107,7 @@ class FeedbackStore:
         self._clock = clock
         self.redis = redis
         self.max_pending_writes = max_pending_writes
-        self._writes: set[asyncio.Task[Any]] = set()
+        self._writes = Background("remembering an answer in Redis failed", logging.DEBUG, log)
         self._answers: OrderedDict[str, Answered] = OrderedDict()
         self.accuracy: dict[tuple[str, str], list[int]] = {}  # (model, version) -> [labelled, correct]
         self.outcomes: dict[tuple[str, str], tuple[int, float, float]] = {}  # (model, version) -> (n, sum, squares)
@@ -123,15 +123,8 @@ class FeedbackStore:
             self._answers.popitem(last=False)
         if shared:
             doc = orjson.dumps({"v": version, "c": color, "l": predicted_label(body, header_length)})
-            task = asyncio.get_running_loop().create_task(
-                self.redis.set(f"{ANSWER_PREFIX}{model}:{request_id}", doc, px=int(self.ttl_s * 1000)))
-            self._writes.add(task)
-            task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._writes.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("remembering an answer in Redis failed: %s", task.exception())
+            self._writes.spawn(self.redis.set(f"{ANSWER_PREFIX}{model}:{request_id}", doc,
+                                              px=int(self.ttl_s * 1000)))
 
     async def _claim(self, model: str, kind: str, ids: list[str]) -> dict[str, tuple[str, int | None]] | None:
         """Claim the answers with these ids in Redis for one feedback kind (atomically: one label and one outcome
@@ -139,8 +132,7 @@ class FeedbackStore:
         (use local memory)."""
         if self.redis is None:
             return None
-        if self._writes:  # this replica's own recent answers must be in Redis before we look
-            await asyncio.wait(list(self._writes), timeout=1.0)
+        await self._writes.wait(1.0)  # this replica's own recent answers must be in Redis before we look
         other = next(k for k in KINDS if k != kind)
         keys = []
         for i in ids:
@@ -229,8 +221,7 @@ class FeedbackStore:
             self._answers[key] = (*answered[:6], given)
 
     async def close(self) -> None:
-        if self._writes:
-            await asyncio.wait(list(self._writes), timeout=1.0)
+        await self._writes.wait(1.0)
 
     def counts(self, model: str, version: str) -> tuple[int, int]:
         labelled, correct = self.accuracy.get((model, version), (0, 0))

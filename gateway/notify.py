@@ -47,7 +47,7 @@ import orjson
 
 from gateway.settings import NotificationSink
 from gateway.state import AuditEntry, StateStore, id_key
-from serving.lifecycle import Periodic
+from serving.lifecycle import Background, Periodic
 from serving.metrics import Counters
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,8 @@ class Notifier:
     _position: str | None = field(init=False, default=None)
     _saved: str | None = field(init=False, default=None)
     _active: bool = field(init=False, default=False)
-    _sharing: set[asyncio.Task[None]] = field(init=False, default_factory=set)
+    _sharing: Background = field(init=False, default_factory=lambda: Background(
+        "notifications: delivery record not shared through Redis", logging.WARNING, log))
 
     def __post_init__(self) -> None:
         names, secrets = sink_names(self.sinks_config), sink_secrets(self.sinks_config, self.env)
@@ -227,8 +228,7 @@ class Notifier:
     async def stop(self) -> None:
         await self._loop.stop()
         await self._deactivate()
-        if self._sharing:
-            await asyncio.wait(set(self._sharing), timeout=2.0)
+        await self._sharing.wait(2.0)
         await self._client.aclose()
 
     async def _latest(self) -> str | None:
@@ -396,14 +396,7 @@ class Notifier:
             log.warning("notification %s %s to %s: %s", entry.id, outcome, sink.name, error)
         self._log.appendleft(record)
         if self.redis is not None and len(self._sharing) < 100:  # bounded: Redis away must not pile up tasks
-            task = asyncio.get_running_loop().create_task(self._share(record))
-            self._sharing.add(task)
-            task.add_done_callback(self._shared)
-
-    def _shared(self, task: asyncio.Task[None]) -> None:
-        self._sharing.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("notifications: delivery record not shared through Redis: %s", task.exception())
+            self._sharing.spawn(self._share(record))
 
     async def _share(self, record: dict[str, Any]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:

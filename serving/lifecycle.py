@@ -91,6 +91,36 @@ def tune_gc() -> None:
     gc.set_threshold(10_000, 50, 100)
 
 
+class Background:
+    """Fire-and-forget tasks (writes to Redis off a request's path): each kept until it ends — a task nobody
+    holds may be collected mid-flight — and its failure logged with ``what`` at ``level``. The caller bounds
+    them (``len``) and may wait for the ones under way."""
+
+    def __init__(self, what: str, level: int = logging.WARNING, logger: logging.Logger = log) -> None:
+        self.what = what
+        self.level = level
+        self.logger = logger
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def spawn(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.logger.log(self.level, "%s: %s", self.what, task.exception())
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until the tasks under way now end, for ``timeout_s`` at most."""
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=timeout_s)
+
+
 class FailureStreak:
     """Logs the failures of one repeated task as streaks: the first failure of a streak with its traceback,
     then nothing per failure — only a one-line reminder every ``remind_s`` while it lasts — and one line with

@@ -1,4 +1,5 @@
-"""serving/lifecycle.py ``Periodic`` and ``FailureStreak``: one traceback per failure streak, not one per round."""
+"""serving/lifecycle.py ``Periodic`` and ``FailureStreak`` (one traceback per failure streak, not one per round), and
+``Background`` (fire-and-forget tasks held until they end)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 
 import pytest
 
-from serving.lifecycle import FailureStreak, Periodic
+from serving.lifecycle import Background, FailureStreak, Periodic
 from tests.gateway.support import FakeClock
 
 
@@ -66,3 +67,21 @@ def test_a_long_streak_reminds_without_a_traceback_and_a_new_streak_starts_with_
     assert [r.exc_info is not None for r in lines] == [True, False]
     assert "lease failed: OSError" in lines[0].getMessage()
     assert lines[1].getMessage() == "lease recovered after 1 failure in 0.0 s"
+
+
+async def test_background_tasks_are_kept_until_they_end_and_their_failures_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def fail() -> None:
+        raise RuntimeError("redis away")
+
+    gate = asyncio.Event()
+    tasks = Background("a background write failed", logging.WARNING)
+    tasks.spawn(gate.wait())
+    tasks.spawn(fail())
+    assert len(tasks) == 2
+    await tasks.wait(0.05)  # bounded: returns with the waiter still under way
+    assert len(tasks) == 1, "the failed one ended; the waiting one is still held"
+    assert "a background write failed: redis away" in caplog.text
+    gate.set()
+    await tasks.wait(1.0)
+    assert len(tasks) == 0
