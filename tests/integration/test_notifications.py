@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import orjson
 import pytest
 
 from gateway.cli import main
+from loadtests.bench.variants import HungReceiver
 from tests.integration.expect import expect
 from tests.integration.test_canary import FAST, INFER, NO_CACHE, Load, audit, body, canary
 from tests.procs import (
@@ -72,33 +72,6 @@ class Receiver:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
-
-
-class Blackhole:
-    """A sink that accepts connections and never answers (held open until the end of the test)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.1)
-        self.port = self.sock.getsockname()[1]
-        self.held: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + 120
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            try:
-                self.held.append(self.sock.accept()[0])
-            except TimeoutError:
-                continue
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        for s in [*self.held, self.sock]:
-            s.close()
 
 
 def verified(headers: dict[str, str], raw: bytes) -> bool:
@@ -175,9 +148,9 @@ def test_a_sink_that_never_answers_slows_neither_predictions_nor_the_rollout(blu
     """A healthy rollout with a sink that accepts connections and never answers (each attempt waits out its 2 s):
     the rollout promotes, and a probe of the gateway every 50 ms never waits anywhere near an attempt's 2 s — the
     event loop that serves predictions and runs the controller is never held by the sink."""
-    hole = Blackhole()
+    hole = HungReceiver()  # the bench's sink that never answers
     green, green_url = start_model_server(tmp_path, ["digits:2"])
-    sinks = [{"url": f"http://127.0.0.1:{hole.port}/", "timeout_s": 2, "retry_for_s": 3}]
+    sinks = [{"url": hole.url, "timeout_s": 2, "retry_for_s": 3}]
     gw, data, admin = start_gateway(tmp_path, {**routing([blue], [green_url]), "notifications": sinks})
     load = Load(data, 2)
     probes: list[float] = []
@@ -195,10 +168,10 @@ def test_a_sink_that_never_answers_slows_neither_predictions_nor_the_rollout(blu
         load.stop()
         gw.stop()
         green.stop()
-        hole.stop()
+        hole.close()
     load.assert_no_failures("while the sink hung")
     assert status["phase"] == "promoted", status["last_decision"]
-    assert len(hole.held) >= 1, "the gateway did try the hung sink"
+    assert hole.accepted >= 1, "the gateway did try the hung sink"
     assert told["sinks"][0]["last_error"] is not None and "no answer within 2s" in told["sinks"][0]["last_error"]
     assert len(probes) >= 20 and max(probes) < 1.0, f"slowest probe {max(probes) * 1000:.0f} ms of {len(probes)}"
 
