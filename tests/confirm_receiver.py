@@ -20,14 +20,19 @@ import orjson
 
 
 class ConfirmReceiver:
-    def __init__(self, status: int = 503) -> None:
+    """Also the webhook receiver of the notification tests: ``got`` keeps each request's headers (lower-cased)
+    and raw body, what a signature is checked over; ``port`` binds a chosen port (one a sink was pointed at
+    before the receiver came up)."""
+
+    def __init__(self, status: int = 503, port: int = 0) -> None:
         self.status = status
         self.delay_s = 0.0
         self.drip_s = 0.0
         self.bodies: list[dict[str, Any]] = []
         self.paths: list[str] = []
+        self.got: list[tuple[dict[str, str], bytes]] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
@@ -48,6 +53,7 @@ class ConfirmReceiver:
                 with receiver._lock:
                     receiver.bodies.append(orjson.loads(raw))
                     receiver.paths.append(self.path)
+                    receiver.got.append(({k.lower(): v for k, v in self.headers.items()}, raw))
                     status, delay, drip = receiver.status, receiver.delay_s, receiver.drip_s
                 if delay:
                     time.sleep(delay)

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import pytest
 
 from gateway.cli import main
 from loadtests.bench.variants import HungReceiver
+from tests.confirm_receiver import ConfirmReceiver
 from tests.integration.expect import expect
 from tests.integration.test_canary import FAST, INFER, NO_CACHE, Load, audit, body, canary
 from tests.procs import (
@@ -34,44 +33,6 @@ from tests.procs import (
 
 pytestmark = pytest.mark.usefixtures("model_repo")
 SECRET = "hook-secret-for-the-test"
-ROLLOUT = {"bluegreen.rollout.started", "bluegreen.rollout.advanced", "bluegreen.rollout.rolled_back",
-           "bluegreen.rollout.promoted", "bluegreen.rollout.paused", "bluegreen.rollout.resumed"}
-
-
-class Receiver:
-    """A webhook receiver in a thread of the test: keeps every request's headers and raw body, answers 200."""
-
-    def __init__(self, port: int) -> None:
-        self.got: list[tuple[dict[str, str], bytes]] = []
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("content-length", "0")))
-                with receiver._lock:
-                    receiver.got.append(({k.lower(): v for k, v in self.headers.items()}, raw))
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-        self._thread.start()
-
-    def events(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [orjson.loads(b) for _, b in self.got]
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
 
 
 def verified(headers: dict[str, str], raw: bytes) -> bool:
@@ -108,11 +69,11 @@ def test_a_faulty_rollout_is_told_once_in_order_signed_through_a_receiver_outage
         canary(admin_b, "start", {"force": True, "policy": FAST})
         wait_until(lambda: canary(admin_a)["phase"] == "rolled_back", 30, interval=0.1, what="the rollback")
         time.sleep(max(0.0, 5.0 - (time.monotonic() - down_since)))  # the receiver stays down 5 s in all
-        receiver = Receiver(hook_port)
-        wait_until(lambda: any(e["type"] == "bluegreen.rollout.rolled_back" for e in receiver.events()), 30,
+        receiver = ConfirmReceiver(200, port=hook_port).start()
+        wait_until(lambda: any(e["type"] == "bluegreen.rollout.rolled_back" for e in receiver.received()), 30,
                    interval=0.1, what="the rolled-back event after the receiver came up")
         time.sleep(1.0)  # time for a duplicate, if a second replica were sending
-        events, got = receiver.events(), list(receiver.got)
+        events, got = receiver.received(), list(receiver.got)
         told = [e for e in audit(admin_a) if e["action"].startswith("canary_")][::-1]
         status_a, status_b = notifications(admin_a), notifications(admin_b)
     finally:
@@ -184,7 +145,7 @@ def test_every_kind_of_decision_and_event_reaches_the_receiver_in_order(blue: st
     color and a breaker opening on a dead green — each arrives as its event, in the order it happened."""
     green, green_url = start_model_server(tmp_path, ["digits:2"])
     port = free_port()
-    receiver = Receiver(port)
+    receiver = ConfirmReceiver(200, port=port).start()
     sinks = [{"url": f"http://127.0.0.1:{port}/ce", "secret_env": "HOOK_SECRET", "name": "ce"},
              {"url": f"http://127.0.0.1:{port}/slack", "format": "slack", "name": "chat",
               "events": ["bluegreen.rollout.*", "bluegreen.freeze.*"]}]
@@ -209,7 +170,7 @@ def test_every_kind_of_decision_and_event_reaches_the_receiver_in_order(blue: st
         with httpx.Client(base_url=data, timeout=10) as c:
             for i in range(60):
                 c.post(INFER, content=body(i), headers=NO_CACHE)
-        wait_until(lambda: any(e.get("type") == "bluegreen.breaker.opened" for e in receiver.events()), 15,
+        wait_until(lambda: any(e.get("type") == "bluegreen.breaker.opened" for e in receiver.received()), 15,
                    interval=0.1, what="the breaker's event")
         wait_until(lambda: len([h for h, _ in receiver.got if h.get("content-type") == "application/json"]) >= 4,
                    10, interval=0.1, what="the chat sink's messages")
